@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The main job in miniature: a cold job fills a disk and commits it; the next job mounts it warm.
+set -euo pipefail
+work=$(mktemp -d)
+trap 'stickyci disk unmount "$work/ws" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+key="quickstart-$(date +%s)"
+
+echo "== job 1: cold; build the dependencies and commit them"
+stickyci disk mount "$key" "$work/ws"
+mkdir -p "$work/ws/deps"
+for i in $(seq 1 200); do
+  printf 'int dep_%d(void) { return %d; }\n' "$i" "$i" > "$work/ws/deps/dep_$i.c"
+done
+cc -c -o "$work/ws/deps/dep_1.o" "$work/ws/deps/dep_1.c"
+stickyci disk commit "$work/ws"
+
+echo "== job 2: warm; the dependencies are already there"
+stickyci disk mount "$key" "$work/ws"
+ls "$work/ws/deps" | wc -l | xargs echo "files on the warm disk:"
+echo "// service change" >> "$work/ws/deps/dep_7.c"
+stickyci disk commit "$work/ws"
+
+echo "== what changed between the two generations"
+stickyci disk diff "$key"
+stickyci disk show "$key"
+stickyci disk rm "$key"

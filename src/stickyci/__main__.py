@@ -1,0 +1,5 @@
+"""``python -m stickyci``."""
+
+from .cli.main import main
+
+main()

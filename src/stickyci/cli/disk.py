@@ -1,0 +1,203 @@
+"""``stickyci disk …``: mount, commit, unmount, ls, show, diff, rm, evict, gc."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import disks
+from ..disks import gc as gc_
+from ..disks.policy import DEFAULT_TTL, parse_duration
+from ..disks.strategies import CHOICES
+
+F = Callable[..., Any]
+
+
+def store_option(f: F) -> F:
+    """``--store URL`` (or ``STICKYCI_STORE``)."""
+    return click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
+                        help="Store URL (default: file:// under the user cache dir).")(f)
+
+
+def json_option(f: F) -> F:
+    """``--json``: print one JSON document instead of text."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+def emit(as_json: bool, data: Any, text: Callable[[Any], str]) -> None:
+    """Print ``data`` as JSON or through ``text``."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text(data))
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+@click.group()
+def disk() -> None:
+    """Sticky disks: named trees mounted as clones and committed back."""
+
+
+@disk.command()
+@click.argument("key")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--strategy", type=click.Choice(CHOICES), default="auto", show_default=True)
+@store_option
+@json_option
+def mount(key: str, path: Path, strategy: str, store_url: str | None, as_json: bool) -> None:
+    """Mount a clone of disk KEY's latest snapshot at PATH."""
+    r = disks.mount(key, path, strategy=strategy, store_url=store_url)
+
+    def text(_: Any) -> str:
+        if r.fresh:
+            return f"mounted new empty disk {r.key} at {r.path} ({r.strategy}, {r.seconds:.3f}s)"
+        cache = "base cached" if r.base_cached else "base materialised"
+        return (f"mounted {r.key} generation {r.generation} at {r.path} "
+                f"({r.strategy}, {cache}, {r.seconds:.3f}s)")
+
+    emit(as_json, r.as_dict(), text)
+
+
+@disk.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(disks.api.COMMIT_MODES), default="on-change",
+              show_default=True, help="When to store a new generation.")
+@click.option("--on-conflict", type=click.Choice(disks.api.CONFLICT_MODES), default="lww",
+              show_default=True, help="lww: win a race and report it; fail: refuse.")
+@click.option("--kill-holders", is_flag=True, help="Terminate processes holding PATH.")
+@json_option
+def commit(path: Path, mode: str, on_conflict: str, kill_holders: bool, as_json: bool) -> None:
+    """Store the changes at mount PATH as a new generation, then unmount."""
+    r = disks.commit(path, mode=mode, on_conflict=on_conflict, kill_holders=kill_holders)
+
+    def text(_: Any) -> str:
+        if not r.committed:
+            return f"not committed: {r.reason}; {r.path} unmounted"
+        lines = [f"committed {r.key} generation {r.generation}: +{r.added} -{r.removed} "
+                 f"~{r.modified}, {r.files} files, {_size(r.size)}, stored "
+                 f"{_size(r.stored_bytes)} new in {r.seconds:.2f}s"]
+        lines += [f"raced with generation {g['gen']} by {g['committer']} (last write wins)"
+                  for g in r.raced_with]
+        return "\n".join(lines)
+
+    emit(as_json, r.as_dict(), text)
+
+
+@disk.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--kill-holders", is_flag=True, help="Terminate processes holding PATH.")
+@json_option
+def unmount(path: Path, kill_holders: bool, as_json: bool) -> None:
+    """Discard the mount at PATH without committing."""
+    emit(as_json, disks.unmount(path, kill_holders=kill_holders),
+         lambda d: f"unmounted {d['path']} (disk {d['key']}), changes discarded")
+
+
+@disk.command("ls")
+@store_option
+@json_option
+def ls(store_url: str | None, as_json: bool) -> None:
+    """List disks."""
+
+    def text(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return "no disks"
+        out = [f"{'KEY':40} {'GEN':>4} {'SIZE':>10} {'FILES':>7}  LAST USED"]
+        out += [f"{r['key']:40} {r['generation']:>4} {_size(r['size']):>10} {r['files']:>7}  "
+                f"{_when(r['last_used'])}" for r in rows]
+        return "\n".join(out)
+
+    emit(as_json, disks.list_disks(store_url), text)
+
+
+@disk.command()
+@click.argument("key")
+@store_option
+@json_option
+def show(key: str, store_url: str | None, as_json: bool) -> None:
+    """Show a disk's generations, sizes and last use."""
+
+    def text(d: dict[str, Any]) -> str:
+        out = [f"disk {d['key']}: created {_when(d['created'])}, last used "
+               f"{_when(d['last_used'])}"]
+        out += [f"  generation {g['gen']}: {_size(g['size'])} in {g['files']} files, "
+                f"{_size(g['stored_bytes'])} new, committed {_when(g['committed_at'])} by "
+                f"{g['committer']}, snapshot {g['snapshot'][:16]}" for g in d["generations"]]
+        return "\n".join(out)
+
+    emit(as_json, disks.show(key, store_url), text)
+
+
+@disk.command()
+@click.argument("key")
+@click.argument("gen_a", type=int, required=False)
+@click.argument("gen_b", type=int, required=False)
+@store_option
+@json_option
+def diff(key: str, gen_a: int | None, gen_b: int | None, store_url: str | None,
+         as_json: bool) -> None:
+    """Show what changed between two generations (default: the last two)."""
+
+    def text(d: dict[str, Any]) -> str:
+        out = [f"disk {d['key']}: generation {d['from']} → {d['to']}"]
+        for sign, name in (("+", "added"), ("-", "removed"), ("M", "modified"),
+                           ("m", "metadata")):
+            out += [f"{sign} {p}" for p in d[name]]
+        return "\n".join(out)
+
+    emit(as_json, disks.diff_disk(key, gen_a, gen_b, store_url), text)
+
+
+@disk.command()
+@click.argument("key")
+@store_option
+@json_option
+def rm(key: str, store_url: str | None, as_json: bool) -> None:
+    """Remove a disk (its data goes at the next gc)."""
+    emit(as_json, disks.remove(key, store_url), lambda d: f"removed disk {d['key']}")
+
+
+@disk.command()
+@click.option("--unused-for", default=f"{DEFAULT_TTL // 86400}d", show_default=True,
+              help="Evict disks not mounted or committed for this long (e.g. 12h, 7d).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be evicted.")
+@store_option
+@json_option
+def evict(unused_for: str, dry_run: bool, store_url: str | None, as_json: bool) -> None:
+    """Remove disks unused for a while."""
+    d = disks.evict(parse_duration(unused_for), dry_run=dry_run, store_url=store_url)
+    verb = "would evict" if dry_run else "evicted"
+    emit(as_json, d, lambda d: f"{verb} {len(d['evicted'])} disk(s)"
+         + "".join(f"\n  {k}" for k in d["evicted"]))
+
+
+@disk.command()
+@click.option("--grace", default="1h", show_default=True,
+              help="Leave objects younger than this (commits in flight).")
+@click.option("--dry-run", is_flag=True, help="Only report what would be freed.")
+@store_option
+@json_option
+def gc(grace: str, dry_run: bool, store_url: str | None, as_json: bool) -> None:
+    """Delete objects no disk references."""
+    r = gc_.gc(store_url, grace=parse_duration(grace), dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    emit(as_json, r.as_dict(), lambda d: (
+        f"{verb} {_size(d['bytes_freed'])}: {d['packs_deleted']} packs deleted, "
+        f"{d['packs_repacked']} repacked, {d['orphans_deleted']} orphans; "
+        f"{d['live_objects']} live objects"))
+

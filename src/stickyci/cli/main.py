@@ -1,0 +1,53 @@
+"""The ``stickyci`` command: turns ``StickyError`` into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ..errors import StickyError
+from .disk import disk
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"stickyci: {record.levelname.lower()}: {record.getMessage()}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="stickyci")
+@click.option("-v", "--verbose", is_flag=True, help="Also print informational messages.")
+def cli(verbose: bool) -> None:
+    """Sticky disks and a content-addressed store for CI that starts warm."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log = logging.getLogger("stickyci")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+cli.add_command(disk)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    try:
+        cli.main(standalone_mode=False)
+    except StickyError as exc:
+        click.echo(f"stickyci: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("stickyci: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("stickyci: interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        name = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"stickyci: error:{name}: {exc.strerror or exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,82 @@
+"""Mount strategies, and ``auto``: the first that works here, in order overlay → reflink → copy.
+
+A strategy falls through only on the errno values that mean "not supported here"; any other
+failure is a real error and is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from ...errors import StickyError, UsageError
+from ...fsutil import empty_dir, remove_tree
+from ...snapshot import Manifest, Scan
+from .clone import Clone
+from .overlay import Overlay
+
+log = logging.getLogger("stickyci")
+
+
+class Strategy(Protocol):
+    """How a base becomes a writable tree at a path, and how changes are read back."""
+
+    name: str
+    unsupported: frozenset[int]
+
+    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest]) -> None:
+        """Make ``path`` a writable view of ``base``; ``manifest()`` loads its description."""
+
+    def is_mounted(self, path: Path) -> bool:
+        """True if the mount is still in place."""
+
+    def unmount(self, path: Path, sdir: Path) -> None:
+        """Discard the view, leaving ``path`` an empty directory."""
+
+    def changes(self, path: Path, sdir: Path, base: Manifest) -> tuple[Scan, str]:
+        """The tree now at ``path``, and the directory to read new file content from."""
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "overlay": Overlay(),
+    "reflink": Clone("reflink"),
+    "copy": Clone("copy"),
+}
+AUTO_ORDER = ("overlay", "reflink", "copy")
+CHOICES = ("auto", *AUTO_ORDER)
+
+
+def get(name: str) -> Strategy:
+    """A strategy by name."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise UsageError(f"unknown strategy {name!r}: use one of {', '.join(CHOICES)}") from None
+
+
+def mount(choice: str, base: Path, path: Path, sdir: Path,
+          manifest: Callable[[], Manifest]) -> str:
+    """Mount with ``choice`` (or the first working one for ``auto``); return the one used."""
+    names = AUTO_ORDER if choice == "auto" else (get(choice).name,)
+    for name in names:
+        strategy = STRATEGIES[name]
+        try:
+            strategy.mount(base, path, sdir, manifest)
+            return name
+        except OSError as exc:
+            _cleanup(path, sdir)
+            if choice == "auto" and exc.errno in strategy.unsupported:
+                log.info("strategy %s not available here (%s); trying the next", name,
+                         exc.strerror)
+                continue
+            raise StickyError(f"{name} mount of {path} failed: {exc.strerror}"
+                              + ("; try --strategy auto" if choice != "auto" else "")) from exc
+    raise StickyError(f"no mount strategy works for {path}")  # copy never reports unsupported
+
+
+def _cleanup(path: Path, sdir: Path) -> None:
+    # The failed strategy mounted nothing; clear what it wrote so the next one starts clean.
+    empty_dir(path)
+    remove_tree(sdir)

@@ -1,0 +1,104 @@
+"""The reflink and copy strategies: a private clone of the base; commit rescans by stat.
+
+Right after cloning, every file's (inode, size, mtime, ctime) is recorded; at commit a file
+whose stat still matches keeps the base's chunk list unread. ctime cannot be set from user
+space, so a tool that restores an old mtime after writing is still caught.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import stat as st_
+from collections.abc import Callable
+from pathlib import Path
+
+from ...errors import UsageError
+from ...fsutil import empty_dir
+from ...snapshot import Entry, Manifest, Scan, materialize, scan_tree
+from ...snapshot.scan import StatKey, walk
+
+FICLONE = 0x40049409
+
+
+def _reflink(src: int, dst: int) -> None:
+    fcntl.ioctl(dst, FICLONE, src)
+
+
+def _copy(src: int, dst: int) -> None:
+    size = os.fstat(src).st_size
+    done = 0
+    while done < size:
+        n = os.copy_file_range(src, dst, size - done)
+        if n == 0:
+            break
+        done += n
+
+
+class Clone:
+    """A full clone of the base at the mount path, file data by reflink or by copy."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._clone = _reflink if name == "reflink" else _copy
+        self.unsupported = frozenset(
+            {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
+            if name == "reflink" else set())
+
+    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest]) -> None:
+        """Clone the base tree into ``path`` and record the stat of every file."""
+        sdir.mkdir(parents=True, exist_ok=True)
+        if self.name == "reflink":
+            self._probe(base, path)
+
+        def write(e: Entry, fd: int) -> None:
+            src = os.open(base / e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self._clone(src, fd)
+            finally:
+                os.close(src)
+
+        try:
+            materialize(manifest(), str(path), write)
+        except OSError:
+            empty_dir(path)
+            raise
+        stats = {p: list(StatKey.of(s)) for p, s in walk(str(path)) if st_.S_ISREG(s.st_mode)}
+        (sdir / "stat.json").write_text(json.dumps(stats))
+
+    def _probe(self, base: Path, path: Path) -> None:
+        # One clone up front, so an unsupported filesystem falls through before any work.
+        src_path, dst_path = base.parent / f".probe-{os.getpid()}", path / ".stickyci-probe"
+        src_path.write_bytes(b"x")
+        try:
+            with open(src_path, "rb") as s, open(dst_path, "wb") as d:
+                _reflink(s.fileno(), d.fileno())
+        finally:
+            src_path.unlink()
+            dst_path.unlink(missing_ok=True)
+
+    def is_mounted(self, path: Path) -> bool:
+        """A clone is a plain directory; the mount record alone says it is one."""
+        return path.is_dir()
+
+    def unmount(self, path: Path, sdir: Path) -> None:
+        """Discard the clone, leaving ``path`` empty."""
+        if path.is_dir():
+            empty_dir(path)
+
+    def changes(self, path: Path, sdir: Path, base: Manifest) -> tuple[Scan, str]:
+        """Rescan the clone; files whose stat is unchanged since the clone keep their chunks."""
+        try:
+            recorded = json.loads((sdir / "stat.json").read_text())
+            stats = {p: StatKey(*v) for p, v in recorded.items()}
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"the mount record of {path} is damaged ({exc}); unmount it") from exc
+
+        def reuse(e: Entry, st: os.stat_result) -> Entry | None:
+            if stats.get(e.path) == StatKey.of(st):
+                return base.entries.get(e.path)
+            return None
+
+        return scan_tree(str(path), reuse), str(path)

@@ -1,0 +1,97 @@
+"""Restoring a snapshot into an empty directory: bytes, modes, times, links and ownership."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ..digest import Digest
+from ..errors import UsageError
+from ..store import ObjectStore
+from .build import WORKERS
+from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
+
+_ROOT = os.geteuid() == 0
+
+
+WriteContent = Callable[[Entry, int], None]
+
+
+def restore(store: ObjectStore, m: Manifest, root: str) -> None:
+    """Write the tree ``m`` describes into ``root`` (existing, empty), content from the store."""
+
+    def write(e: Entry, fd: int) -> None:
+        for hexd, _ in e.chunks:
+            data = memoryview(store.get(Digest(bytes.fromhex(hexd)), whole_pack=True))
+            while data:
+                data = data[os.write(fd, data):]
+
+    materialize(m, root, write)
+
+
+def materialize(m: Manifest, root: str, write_content: WriteContent) -> None:
+    """Write the tree ``m`` describes into ``root``, which must exist and be empty.
+
+    ``write_content`` fills each regular file (once per hardlink group) through an open fd.
+
+    The manifest is validated first, so an unsafe entry is refused before anything is written.
+    Directories get their final modes and times last, since writing into them changes both.
+    """
+    validate(m)
+    if os.listdir(root):
+        raise UsageError(f"{root} is not empty; restore needs an empty directory")
+    entries = m.sorted_entries()
+    dirs = [e for e in entries if e.kind == DIR]
+    for e in dirs:
+        os.mkdir(os.path.join(root, e.path), 0o700)
+
+    leaders: dict[int, str] = {}
+    files: list[Entry] = []
+    links: list[Entry] = []
+    for e in entries:
+        if e.kind != FILE:
+            continue
+        if e.link and e.link in leaders:
+            links.append(e)
+            continue
+        if e.link:
+            leaders[e.link] = e.path
+        files.append(e)
+
+    def write(e: Entry) -> None:
+        _write_file(root, e, write_content)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for _ in pool.map(write, files):
+            pass
+    for e in links:
+        os.link(os.path.join(root, leaders[e.link]), os.path.join(root, e.path))
+    for e in entries:
+        if e.kind == SYMLINK:
+            path = os.path.join(root, e.path)
+            os.symlink(e.target, path)
+            _finish(path, e, follow=False)
+    for e in reversed(dirs):
+        _finish(os.path.join(root, e.path), e, follow=True)
+
+
+def _write_file(root: str, e: Entry, write_content: WriteContent) -> None:
+    path = os.path.join(root, e.path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        write_content(e, fd)
+        if _ROOT:
+            os.fchown(fd, e.uid, e.gid)
+        os.fchmod(fd, e.mode)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def _finish(path: str, e: Entry, *, follow: bool) -> None:
+    if _ROOT:
+        os.chown(path, e.uid, e.gid, follow_symlinks=follow)
+    if follow:
+        os.chmod(path, e.mode)
+    os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=follow)

@@ -1,0 +1,42 @@
+"""The content-addressed store: backends, packs of objects, and opening a store by URL."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import UsageError
+from .backend import Backend, Stat
+from .local import LocalBackend
+from .objects import ObjectStore
+
+__all__ = ["Backend", "LocalBackend", "ObjectStore", "Stat", "cache_home", "open_backend"]
+
+
+def cache_home() -> Path:
+    """stickyci's directory under the user's cache directory (``STICKYCI_CACHE_DIR`` wins)."""
+    explicit = os.environ.get("STICKYCI_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stickyci"
+
+
+def default_store_url() -> str:
+    """``STICKYCI_STORE``, else a ``file://`` store under the cache directory."""
+    return os.environ.get("STICKYCI_STORE") or f"file://{cache_home() / 'store'}"
+
+
+def open_backend(url: str | None = None) -> Backend:
+    """Open the backend a URL names: ``file:///path`` or a plain path."""
+    url = url or default_store_url()
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme else url
+        if not path:
+            raise UsageError(f"store URL {url!r} has no path; use file:///absolute/path")
+        return LocalBackend(Path(path).expanduser().absolute())
+    raise UsageError(
+        f"store URL {url!r}: unsupported scheme {parsed.scheme!r}; use file:///path"
+    )

@@ -1,0 +1,131 @@
+"""The ``file://`` backend: one file per blob in a directory, written temp → fsync → rename."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..digest import Digest
+from ..errors import BackendError, NotFound, StorageFull
+from .backend import Stat, check_name
+
+
+def _translate(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"the store is full while writing {what}; free space and retry")
+    return BackendError(f"store I/O failed on {what}: {exc.strerror}")
+
+
+class LocalBackend:
+    """Blobs as files under ``root``; temp files live in ``root/tmp`` until renamed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = f"file://{root}"
+        try:
+            (root / "tmp").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create the store at {root}: {exc.strerror}") from exc
+
+    def _path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        """Write to a temp file, fsync it, rename it into place, fsync the directory."""
+        target = self._path(name)
+        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.tmp"
+        try:
+            target.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _translate(exc, name) from exc
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read a byte range of a blob."""
+        path = self._path(name)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if length is None:
+                    f.seek(offset)
+                    return f.read()
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError as exc:
+            raise NotFound(f"store object {name} is missing") from exc
+        except OSError as exc:
+            raise _translate(exc, name) from exc
+
+    def stat(self, name: str) -> Stat | None:
+        """Size and mtime, or None."""
+        try:
+            st = self._path(name).stat()
+        except FileNotFoundError:
+            return None
+        return Stat(st.st_size, st.st_mtime)
+
+    def list(self, namespace: str) -> list[str]:
+        """Names under a namespace; lock files are private and not listed."""
+        try:
+            return [
+                f"{namespace}/{e.name}"
+                for e in os.scandir(self.root / namespace)
+                if not e.name.startswith(".")
+            ]
+        except FileNotFoundError:
+            return []
+
+    def delete(self, name: str) -> None:
+        """Remove a blob if present."""
+        with contextlib.suppress(FileNotFoundError):
+            self._path(name).unlink()
+
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None:
+        """Content and etag (the BLAKE3 of the content)."""
+        try:
+            data = self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, Digest.of(data).hex
+
+    def put_if(self, name: str, data: bytes, etag: str | None) -> bool:
+        """Compare-and-swap under an exclusive lock on a sibling lock file."""
+        path = self._path(name)
+        with self._locked(path):
+            current = self.read_versioned(name)
+            if (current[1] if current else None) != etag:
+                return False
+            self.put(name, data)
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        path.parent.mkdir(exist_ok=True)
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,199 @@
+"""Content-addressed objects, grouped into pack files so a tree of 50k files is a few dozen writes.
+
+A pack ``packs/<id>`` is a run of object envelopes; its index ``index/<id>`` lists, for each
+object, its digest, offset and length, and ends with the BLAKE3 of the listing. A pack is
+written before its index, so an object is visible only once its bytes are durable; a pack
+without an index (a writer killed mid-commit) is garbage for ``gc``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .. import codec
+from ..digest import Digest
+from ..errors import IntegrityError, NotFound
+from .backend import Backend
+
+PACK_TARGET = 16 << 20
+INDEX_MAGIC = b"SCX1"
+_ENTRY = struct.Struct("<32sQI")
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where an object's envelope lives."""
+
+    pack: str
+    offset: int
+    length: int
+
+
+def encode_index(entries: Iterable[tuple[Digest, int, int]]) -> bytes:
+    """Serialise a pack index: magic, entries, then the BLAKE3 of everything before it."""
+    body = INDEX_MAGIC + b"".join(_ENTRY.pack(d.raw, off, ln) for d, off, ln in entries)
+    return body + Digest.of(body).raw
+
+
+def decode_index(name: str, data: bytes) -> list[tuple[Digest, int, int]]:
+    """Parse a pack index, raising ``IntegrityError`` if it was damaged."""
+    body, check = data[:-32], data[-32:]
+    if not body.startswith(INDEX_MAGIC) or Digest.of(body).raw != check:
+        raise IntegrityError(f"pack index {name} is corrupt; restore it from a backup")
+    raw = body[len(INDEX_MAGIC) :]
+    return [(Digest(d), off, ln) for d, off, ln in _ENTRY.iter_unpack(raw)]
+
+
+class ObjectStore:
+    """Objects by digest over a backend. Thread-safe: workers may ``put`` concurrently."""
+
+    def __init__(self, backend: Backend, *, load_index: bool = True) -> None:
+        self.backend = backend
+        self._index: dict[Digest, Location] = {}
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._pending: dict[Digest, tuple[int, int]] = {}
+        self._pending_plain: dict[Digest, bytes] = {}
+        self._spans: OrderedDict[str, bytes] = OrderedDict()
+        self._span_locks: dict[str, threading.Lock] = {}
+        self.bytes_written = 0
+        self.objects_written = 0
+        if load_index:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Load the indexes of packs written since the last refresh (by anyone)."""
+        for name in self.backend.list("index"):
+            if name in self._loaded:
+                continue
+            pack = "packs/" + name.split("/", 1)[1]
+            try:
+                entries = decode_index(name, self.backend.get(name))
+            except NotFound:
+                continue
+            with self._lock:
+                for d, off, ln in entries:
+                    self._index.setdefault(d, Location(pack, off, ln))
+                self._loaded.add(name)
+
+    def has(self, digest: Digest) -> bool:
+        """True if the object is stored or waiting in the current pack."""
+        return digest in self._index or digest in self._pending
+
+    def locate(self, digest: Digest) -> Location | None:
+        """The pack location of a stored object."""
+        return self._index.get(digest)
+
+    def check_present(self, digests: Iterable[Digest]) -> None:
+        """Raise unless every object is in a pack that still exists (a gc may have swept it)."""
+        packs = set()
+        for d in digests:
+            loc = self._index.get(d)
+            if loc is None:
+                raise NotFound(f"object {d} is missing from the store")
+            packs.add(loc.pack)
+        for pack in packs:
+            if self.backend.stat(pack) is None:
+                raise NotFound(f"{pack} was removed by a concurrent gc; retry the commit")
+
+    def put(self, plain: bytes | memoryview, digest: Digest | None = None) -> Digest:
+        """Store ``plain`` unless an object with its digest exists; return the digest."""
+        d = digest or Digest.of(plain)
+        if self.has(d):
+            return d
+        self.put_envelope(d, codec.encode(plain))
+        return d
+
+    def put_envelope(self, digest: Digest, envelope: bytes) -> None:
+        """Append an already encoded object to the current pack."""
+        flush = None
+        with self._lock:
+            if digest in self._index or digest in self._pending:
+                return
+            self._pending[digest] = (len(self._buf), len(envelope))
+            self._buf += envelope
+            self.bytes_written += len(envelope)
+            self.objects_written += 1
+            if len(self._buf) >= PACK_TARGET:
+                flush = self._take_pack()
+        if flush:
+            self._write_pack(*flush)
+
+    def flush(self) -> None:
+        """Write the pack being filled, if any. Objects are durable once this returns."""
+        with self._lock:
+            taken = self._take_pack() if self._pending else None
+        if taken:
+            self._write_pack(*taken)
+
+    def _take_pack(self) -> tuple[bytes, dict[Digest, tuple[int, int]]]:
+        data, entries = bytes(self._buf), self._pending
+        self._buf, self._pending = bytearray(), {}
+        # Keep the pack readable in memory until it is published, so a reader never misses it.
+        for d, (off, ln) in entries.items():
+            self._pending_plain[d] = data[off : off + ln]
+        return data, entries
+
+    def _write_pack(self, data: bytes, entries: dict[Digest, tuple[int, int]]) -> None:
+        pack_id = Digest.of(data).hex
+        try:
+            self.backend.put(f"packs/{pack_id}", data)
+            self.backend.put(
+                f"index/{pack_id}",
+                encode_index((d, off, ln) for d, (off, ln) in sorted(entries.items())),
+            )
+        finally:
+            with self._lock:
+                for d in entries:
+                    self._pending_plain.pop(d, None)
+        with self._lock:
+            for d, (off, ln) in entries.items():
+                self._index.setdefault(d, Location(f"packs/{pack_id}", off, ln))
+            self._loaded.add(f"index/{pack_id}")
+
+    def get(self, digest: Digest, *, whole_pack: bool = False) -> bytes:
+        """Read and verify an object. ``whole_pack`` caches its pack for sequential readers."""
+        envelope = self._envelope(digest, whole_pack)
+        return codec.decode(envelope, digest)
+
+    def _envelope(self, digest: Digest, whole_pack: bool) -> bytes | memoryview:
+        loc = self._index.get(digest)
+        if loc is None:
+            with self._lock:
+                pending = self._pending_plain.get(digest)
+                if pending is None and digest in self._pending:
+                    off, ln = self._pending[digest]
+                    pending = bytes(self._buf[off : off + ln])
+            if pending is not None:
+                return pending
+            raise NotFound(f"object {digest} is missing from the store")
+        if not whole_pack:
+            data = self.backend.get(loc.pack, loc.offset, loc.length)
+        else:
+            data = self._span(loc.pack)
+            return memoryview(data)[loc.offset : loc.offset + loc.length]
+        if len(data) != loc.length:
+            raise IntegrityError(f"object {digest} is truncated in {loc.pack}")
+        return data
+
+    def _span(self, pack: str) -> bytes:
+        with self._lock:
+            lock = self._span_locks.setdefault(pack, threading.Lock())
+        with lock:
+            with self._lock:
+                cached = self._spans.get(pack)
+                if cached is not None:
+                    self._spans.move_to_end(pack)
+                    return cached
+            data = self.backend.get(pack)
+            with self._lock:
+                self._spans[pack] = data
+                # A few packs cover what restore threads read at once; keep memory bounded.
+                while len(self._spans) > 6:
+                    self._spans.popitem(last=False)
+            return data

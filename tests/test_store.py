@@ -1,0 +1,102 @@
+"""The object store: envelopes, packs, integrity on read, atomic local writes, CAS refs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stickyci import codec
+from stickyci.digest import Digest
+from stickyci.errors import IntegrityError, NotFound, UsageError
+from stickyci.store import LocalBackend, ObjectStore, open_backend
+from stickyci.store.objects import decode_index
+
+
+def test_roundtrip_through_a_pack(tmp_path: Path) -> None:
+    store = ObjectStore(LocalBackend(tmp_path))
+    blobs = [os.urandom(100), b"a" * 100_000, b""]
+    digests = [store.put(b) for b in blobs]
+    store.flush()
+    again = ObjectStore(LocalBackend(tmp_path))
+    assert [again.get(d) for d in digests] == blobs
+    assert len(LocalBackend(tmp_path).list("packs")) == 1
+
+
+def test_duplicate_put_stores_once(tmp_path: Path) -> None:
+    store = ObjectStore(LocalBackend(tmp_path))
+    store.put(b"same")
+    store.put(b"same")
+    store.flush()
+    assert store.objects_written == 1
+    store2 = ObjectStore(LocalBackend(tmp_path))
+    store2.put(b"same")
+    store2.flush()
+    assert store2.objects_written == 0
+
+
+def test_compressible_data_is_compressed_and_random_is_not() -> None:
+    assert len(codec.encode(b"x" * 10_000)) < 100
+    noise = os.urandom(10_000)
+    assert len(codec.encode(noise)) == len(noise) + codec.HEADER_SIZE
+
+
+def test_corrupt_object_is_detected_on_read(tmp_path: Path) -> None:
+    store = ObjectStore(LocalBackend(tmp_path))
+    d = store.put(os.urandom(5000))
+    store.flush()
+    (pack,) = (tmp_path / "packs").iterdir()
+    os.chmod(pack, 0o644)
+    raw = bytearray(pack.read_bytes())
+    raw[100] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match=str(d)):
+        ObjectStore(LocalBackend(tmp_path)).get(d)
+
+
+def test_damaged_index_is_detected(tmp_path: Path) -> None:
+    store = ObjectStore(LocalBackend(tmp_path))
+    store.put(b"hello")
+    store.flush()
+    (index,) = (tmp_path / "index").iterdir()
+    data = bytearray(index.read_bytes())
+    data[5] ^= 1
+    with pytest.raises(IntegrityError, match="pack index"):
+        decode_index("index/x", bytes(data))
+
+
+def test_missing_object_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        ObjectStore(LocalBackend(tmp_path)).get(Digest.of(b"never stored"))
+
+
+def test_put_leaves_no_temp_files_and_is_read_only(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path)
+    b.put("packs/abc", b"data")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert (tmp_path / "packs" / "abc").stat().st_mode & 0o222 == 0
+    assert b.get("packs/abc", 1, 2) == b"at"
+
+
+def test_compare_and_swap(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path)
+    assert b.put_if("refs/k", b"one", None)
+    assert not b.put_if("refs/k", b"two", None)
+    got = b.read_versioned("refs/k")
+    assert got is not None
+    assert not b.put_if("refs/k", b"two", "stale-etag")
+    assert b.put_if("refs/k", b"two", got[1])
+    assert b.get("refs/k") == b"two"
+
+
+@pytest.mark.parametrize("name", ["../x", "refs/../../etc", "/abs", "refs/", "refs/a/b", "x"])
+def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(UsageError):
+        LocalBackend(tmp_path).put(name, b"")
+
+
+def test_store_url_schemes(tmp_path: Path) -> None:
+    assert open_backend(f"file://{tmp_path}").url == f"file://{tmp_path}"
+    with pytest.raises(UsageError, match="unsupported scheme"):
+        open_backend("ftp://host/x")
