@@ -103,16 +103,16 @@ def mount(key: str, path: Path, *, strategy: str = "auto",
     ref = refs.read_ref(backend, key)
     latest = ref.latest if ref else None
     snapshot = latest.snapshot if latest else ""
-    store = ObjectStore(backend)
-    base, cached = basecache.ensure(store, snapshot)
+    store = ObjectStore(backend, load_index=False)
 
     def manifest() -> Manifest:
         return load_manifest(store, Digest.parse(snapshot)) if snapshot else Manifest()
 
     state = mounts.MountState(key, str(path), backend.url, "", snapshot,
                               latest.gen if latest else 0, time.time())
-    state.strategy = strategies.mount(strategy, base, path, state.dir, manifest)
-    state.save()
+    with basecache.pinned(store, snapshot) as (base, cached):
+        state.strategy = strategies.mount(strategy, base, path, state.dir, manifest)
+        state.save()
     if ref:
         refs.touch(backend, key)
     if not cached:

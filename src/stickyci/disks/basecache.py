@@ -43,19 +43,34 @@ def base_path(snapshot: str) -> Path:
 
 
 @contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
+def _lock(name: str, kind: str = "lock", how: int = fcntl.LOCK_EX) -> Iterator[bool]:
+    """Hold a flock on ``.<name>.<kind>``; yields False if ``how`` has LOCK_NB and it is taken."""
     root = bases_root()
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    fd = os.open(root / f".{name}.{kind}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, how)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
 
-def ensure(store: ObjectStore, snapshot: str) -> tuple[Path, bool]:
-    """The base tree of ``snapshot``, materialised if needed; returns (path, was it cached)."""
+@contextlib.contextmanager
+def pinned(store: ObjectStore, snapshot: str) -> Iterator[tuple[Path, bool]]:
+    """The base tree of ``snapshot`` (materialised if needed) and whether it was cached.
+
+    The base cannot be evicted while the block runs: a mount pins its base this way until its
+    record, which protects the base from then on, is saved.
+    """
+    with _lock(snapshot or EMPTY, "pin", fcntl.LOCK_SH):
+        yield _ensure(store, snapshot)
+
+
+def _ensure(store: ObjectStore, snapshot: str) -> tuple[Path, bool]:
     path = base_path(snapshot)
     if path.is_dir():
         _touch(path)
@@ -119,8 +134,8 @@ def evict(budget: int | None = None) -> list[str]:
     in_use = {m.base or EMPTY for m in mounts.all_mounts()}
     drop = over_budget(entries(), limit() if budget is None else budget, in_use)
     for name in drop:
-        with _lock(name):
-            if name in {m.base or EMPTY for m in mounts.all_mounts()}:
+        with _lock(name, "pin", fcntl.LOCK_EX | fcntl.LOCK_NB) as free, _lock(name):
+            if not free or name in {m.base or EMPTY for m in mounts.all_mounts()}:
                 continue
             path = bases_root() / name
             # Rename first so a half-deleted tree is never taken for a base.

@@ -27,13 +27,20 @@ def restore(store: ObjectStore, m: Manifest, root: str) -> None:
             while data:
                 data = data[os.write(fd, data):]
 
-    materialize(m, root, write)
+    def where(e: Entry) -> tuple[str, int]:
+        loc = store.locate(Digest(bytes.fromhex(e.chunks[0][0]))) if e.chunks else None
+        return (loc.pack, loc.offset) if loc else ("", 0)
+
+    # In pack order, each pack is read once, front to back, however the tree was walked.
+    materialize(m, root, write, order=where)
 
 
-def materialize(m: Manifest, root: str, write_content: WriteContent) -> None:
+def materialize(m: Manifest, root: str, write_content: WriteContent,
+                order: Callable[[Entry], tuple[str, int]] | None = None) -> None:
     """Write the tree ``m`` describes into ``root``, which must exist and be empty.
 
-    ``write_content`` fills each regular file (once per hardlink group) through an open fd.
+    ``write_content`` fills each regular file (once per hardlink group) through an open fd;
+    ``order`` may sort the files for the content source's sake.
 
     The manifest is validated first, so an unsafe entry is refused before anything is written.
     Directories get their final modes and times last, since writing into them changes both.
@@ -62,6 +69,8 @@ def materialize(m: Manifest, root: str, write_content: WriteContent) -> None:
     def write(e: Entry) -> None:
         _write_file(root, e, write_content)
 
+    if order:
+        files.sort(key=order)
     with ThreadPoolExecutor(WORKERS) as pool:
         for _ in pool.map(write, files):
             pass

@@ -52,13 +52,14 @@ class ObjectStore:
     """Objects by digest over a backend. Thread-safe: workers may ``put`` concurrently."""
 
     def __init__(self, backend: Backend, *, load_index: bool = True) -> None:
+        """``load_index=False`` defers reading the pack indexes to the first ``get`` miss."""
         self.backend = backend
         self._index: dict[Digest, Location] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._pending: dict[Digest, tuple[int, int]] = {}
-        self._pending_plain: dict[Digest, bytes] = {}
+        self._publishing: dict[Digest, tuple[bytes, int, int]] = {}
         self._spans: OrderedDict[str, bytes] = OrderedDict()
         self._span_locks: dict[str, threading.Lock] = {}
         self.bytes_written = 0
@@ -82,8 +83,8 @@ class ObjectStore:
                 self._loaded.add(name)
 
     def has(self, digest: Digest) -> bool:
-        """True if the object is stored or waiting in the current pack."""
-        return digest in self._index or digest in self._pending
+        """True if the object is stored or on its way into a pack."""
+        return digest in self._index or digest in self._pending or digest in self._publishing
 
     def locate(self, digest: Digest) -> Location | None:
         """The pack location of a stored object."""
@@ -113,7 +114,7 @@ class ObjectStore:
         """Append an already encoded object to the current pack."""
         flush = None
         with self._lock:
-            if digest in self._index or digest in self._pending:
+            if self.has(digest):
                 return
             self._pending[digest] = (len(self._buf), len(envelope))
             self._buf += envelope
@@ -136,7 +137,7 @@ class ObjectStore:
         self._buf, self._pending = bytearray(), {}
         # Keep the pack readable in memory until it is published, so a reader never misses it.
         for d, (off, ln) in entries.items():
-            self._pending_plain[d] = data[off : off + ln]
+            self._publishing[d] = (data, off, ln)
         return data, entries
 
     def _write_pack(self, data: bytes, entries: dict[Digest, tuple[int, int]]) -> None:
@@ -147,13 +148,15 @@ class ObjectStore:
                 f"index/{pack_id}",
                 encode_index((d, off, ln) for d, (off, ln) in sorted(entries.items())),
             )
-        finally:
+        except BaseException:
             with self._lock:
                 for d in entries:
-                    self._pending_plain.pop(d, None)
+                    self._publishing.pop(d, None)
+            raise
         with self._lock:
             for d, (off, ln) in entries.items():
                 self._index.setdefault(d, Location(f"packs/{pack_id}", off, ln))
+                self._publishing.pop(d, None)
             self._loaded.add(f"index/{pack_id}")
 
     def get(self, digest: Digest, *, whole_pack: bool = False) -> bytes:
@@ -164,13 +167,17 @@ class ObjectStore:
     def _envelope(self, digest: Digest, whole_pack: bool) -> bytes | memoryview:
         loc = self._index.get(digest)
         if loc is None:
+            # Another writer may have published it since the index was (or was not) loaded.
+            self.refresh()
+            loc = self._index.get(digest)
+        if loc is None:
             with self._lock:
-                pending = self._pending_plain.get(digest)
-                if pending is None and digest in self._pending:
+                if digest in self._publishing:
+                    data, off, ln = self._publishing[digest]
+                    return data[off : off + ln]
+                if digest in self._pending:
                     off, ln = self._pending[digest]
-                    pending = bytes(self._buf[off : off + ln])
-            if pending is not None:
-                return pending
+                    return bytes(self._buf[off : off + ln])
             raise NotFound(f"object {digest} is missing from the store")
         if not whole_pack:
             data = self.backend.get(loc.pack, loc.offset, loc.length)
