@@ -6,6 +6,8 @@ import contextlib
 import os
 import shutil
 import stat
+import subprocess
+import uuid
 from pathlib import Path
 
 
@@ -38,3 +40,23 @@ def empty_dir(path: Path | str) -> None:
                 shutil.rmtree(de.path, ignore_errors=True)
             else:
                 os.unlink(de.path)
+
+
+def remove_later(path: Path, trash: Path) -> None:
+    """Move ``path`` into ``trash`` (same filesystem) now, and delete it in the background.
+
+    Deleting an overlay upper dir full of copied-up files takes longer than the rest of a small
+    commit; nobody waits for it, so a detached ``rm`` does it.
+    """
+    trash.mkdir(parents=True, exist_ok=True)
+    doomed = trash / uuid.uuid4().hex
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    except OSError:
+        remove_tree(path)
+        return
+    subprocess.Popen(["rm", "-rf", "--", str(doomed)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)

@@ -157,7 +157,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     base = load_manifest(store, Digest.parse(state.base)) if state.base else Manifest()
     scan, content_root = strategy.changes(path, state.dir, base)
     fill_content(store, content_root, scan.todo)
-    changes = diff(base, scan.manifest)
+    changes = diff(base, scan.manifest, scan.touched)
     result.added, result.removed = len(changes.added), len(changes.removed)
     result.modified = len(changes.modified) + len(changes.metadata)
     if mode == "on-change" and changes.empty:
@@ -167,8 +167,12 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         return result
 
     snapshot = save_manifest(store, scan.manifest)
-    store.check_present([snapshot, *(Digest(bytes.fromhex(h))
-                                     for h in scan.manifest.chunk_digests())])
+    # Objects the base generation references stay live while its ref keeps it, so only new
+    # content can have been deduplicated against garbage a concurrent gc is sweeping.
+    base_kept = not state.base or any(g.snapshot == state.base
+                                      for g in (current.generations if current else []))
+    fresh = scan.todo if base_kept else scan.manifest.entries.values()
+    store.check_present([snapshot.raw, *(bytes.fromhex(h) for e in fresh for h, _ in e.chunks)])
     files = sum(1 for e in scan.manifest.entries.values() if e.kind == "file")
     size = scan.manifest.size
     raced: list[Generation] = []

@@ -33,7 +33,8 @@ def _command(pid: str) -> str:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:120] or "?"
+    # Arguments may hold newlines (python -c SCRIPT); the error naming holders is one line.
+    return " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split())[:120] or "?"
 
 
 def find(path: Path) -> list[Holder]:

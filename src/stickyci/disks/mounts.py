@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..digest import Digest
 from ..errors import NotAMount
+from ..fsutil import remove_later
 from ..store import cache_home
 
 
@@ -48,8 +48,8 @@ class MountState:
         os.replace(tmp, self.dir / "state.json")
 
     def forget(self) -> None:
-        """Remove the record and everything in its directory."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove the record and everything in its directory (the upper dir, for overlay)."""
+        remove_later(self.dir, mounts_root() / ".trash")
 
 
 def load(path: Path) -> MountState:
@@ -68,6 +68,8 @@ def all_mounts() -> list[MountState]:
     root = mounts_root()
     if root.is_dir():
         for d in root.iterdir():
+            if d.name.startswith("."):
+                continue
             try:
                 out.append(MountState(**json.loads((d / "state.json").read_text())))
             except (FileNotFoundError, ValueError, TypeError):

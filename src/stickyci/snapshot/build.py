@@ -9,16 +9,18 @@ packs; the parent then reloads the index.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .. import chunking
 from ..digest import Digest
 from ..store import ObjectStore
-from .model import FILE, Entry, Manifest
+from .model import FILE, ChunkRef, Entry, Manifest
 from .scan import is_special, skip_special, to_entry, walk
 
 # Reading small files whole is cheaper than mapping them; big ones are mapped to bound memory.
@@ -27,11 +29,12 @@ WORKERS = (os.cpu_count() or 1) + 1  # one more than cores, to cover reads that 
 # Below this much content a fork costs more than it saves.
 _PARALLEL_MIN_BYTES = 64 << 20
 _BATCH_BYTES = 32 << 20
+_PR_SET_PDEATHSIG = 1
 
 Reuse = Callable[[Entry, os.stat_result], Entry | None]
 
 
-def store_file(store: ObjectStore, path: str) -> tuple[int, list[tuple[str, int]]]:
+def store_file(store: ObjectStore, path: str) -> tuple[int, list[ChunkRef]]:
     """Chunk one file into the store; return its size and chunk list."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -48,7 +51,7 @@ def store_file(store: ObjectStore, path: str) -> tuple[int, list[tuple[str, int]
             mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
             view = memoryview(mapped)
         try:
-            chunks = [(store.put(piece).hex, len(piece)) for piece in chunking.cut(view)]
+            chunks = [[store.put(piece).hex, len(piece)] for piece in chunking.cut(view)]
             return len(view), chunks
         finally:
             view.release()
@@ -90,18 +93,30 @@ def fill_content(store: ObjectStore, root: str, entries: Iterable[Entry]) -> Non
 
 @dataclass(slots=True)
 class Scan:
-    """A described tree, the file entries whose content must still be read, and what was skipped."""
+    """A described tree, the file entries whose content must still be read, what was skipped,
+    and, when the scanner knows it, the only paths that can differ from the base.
+    """
 
     manifest: Manifest = field(default_factory=Manifest)
     todo: list[Entry] = field(default_factory=list)
     skipped: int = 0
+    touched: set[str] | None = None
 
 
 _Job = tuple[ObjectStore, str, list[list[Entry]]]
 _job: _Job | None = None
 
 
-def _work(i: int) -> tuple[int, list[tuple[int, list[tuple[str, int]]]], int, int]:
+def _die_with_parent() -> None:
+    # A committer killed with SIGKILL cannot stop its workers; the kernel does it for us, so no
+    # pack is published for a commit that is already dead.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int]:
     assert _job is not None
     store, root, batches = _job
     before = store.bytes_written, store.objects_written
@@ -116,7 +131,7 @@ def _fill_forked(store: ObjectStore, root: str, todo: list[Entry]) -> None:
     batches = list(_batches(todo, _BATCH_BYTES))
     _job = (store, root, batches)
     try:
-        with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+        with multiprocessing.get_context("fork").Pool(WORKERS, _die_with_parent) as pool:
             for i, out, nbytes, nobjects in pool.imap_unordered(_work, range(len(batches))):
                 for e, (size, chunks) in zip(batches[i], out, strict=True):
                     e.size, e.chunks = size, chunks

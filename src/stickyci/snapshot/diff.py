@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .model import Manifest
@@ -27,17 +28,38 @@ class Diff:
                 "metadata": self.metadata}
 
 
-def diff(a: Manifest, b: Manifest) -> Diff:
-    """What changed from ``a`` to ``b``."""
+def diff(a: Manifest, b: Manifest, candidates: Iterable[str] | None = None) -> Diff:
+    """What changed from ``a`` to ``b``; only ``candidates`` are compared when given.
+
+    A strategy that knows which paths it touched (overlay: the upper dir) passes them, so an
+    incremental commit of a large tree costs in proportion to its changes.
+    """
     out = Diff()
-    for path in sorted(a.entries.keys() | b.entries.keys()):
+    paths = a.entries.keys() | b.entries.keys() if candidates is None else set(candidates)
+    links_a, links_b = _link_leaders(a), _link_leaders(b)
+    for path in sorted(paths):
         old, new = a.entries.get(path), b.entries.get(path)
+        if old is None and new is None:
+            continue
         if old is None:
             out.added.append(path)
         elif new is None:
             out.removed.append(path)
         elif not old.same_content(new):
             out.modified.append(path)
-        elif not old.same_meta(new):
+        elif not old.same_meta(new) or links_a.get(path) != links_b.get(path):
             out.metadata.append(path)
     return out
+
+
+def _link_leaders(m: Manifest) -> dict[str, str]:
+    """Each hardlinked path mapped to the first path of its group.
+
+    Group numbers differ between manifests (they are renumbered on save), so groups are
+    compared by membership instead.
+    """
+    groups: dict[int, list[str]] = {}
+    for e in m.entries.values():
+        if e.link:
+            groups.setdefault(e.link, []).append(e.path)
+    return {p: min(members) for members in groups.values() for p in members}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .. import codec
@@ -41,11 +41,14 @@ def encode_index(entries: Iterable[tuple[Digest, int, int]]) -> bytes:
 
 def decode_index(name: str, data: bytes) -> list[tuple[Digest, int, int]]:
     """Parse a pack index, raising ``IntegrityError`` if it was damaged."""
+    return [(Digest(d), off, ln) for d, off, ln in _decode_index_raw(name, data)]
+
+
+def _decode_index_raw(name: str, data: bytes) -> Iterator[tuple[bytes, int, int]]:
     body, check = data[:-32], data[-32:]
     if not body.startswith(INDEX_MAGIC) or Digest.of(body).raw != check:
         raise IntegrityError(f"pack index {name} is corrupt; restore it from a backup")
-    raw = body[len(INDEX_MAGIC) :]
-    return [(Digest(d), off, ln) for d, off, ln in _ENTRY.iter_unpack(raw)]
+    return _ENTRY.iter_unpack(body[len(INDEX_MAGIC) :])
 
 
 class ObjectStore:
@@ -54,7 +57,9 @@ class ObjectStore:
     def __init__(self, backend: Backend, *, load_index: bool = True) -> None:
         """``load_index=False`` defers reading the pack indexes to the first ``get`` miss."""
         self.backend = backend
-        self._index: dict[Digest, Location] = {}
+        # Keyed by raw digest bytes: hashing bytes is much cheaper than hashing a Digest, and
+        # loading the index is on the path of every commit.
+        self._index: dict[bytes, tuple[str, int, int]] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
         self._buf = bytearray()
@@ -74,30 +79,37 @@ class ObjectStore:
                 continue
             pack = "packs/" + name.split("/", 1)[1]
             try:
-                entries = decode_index(name, self.backend.get(name))
+                entries = _decode_index_raw(name, self.backend.get(name))
             except NotFound:
                 continue
             with self._lock:
+                index = self._index
                 for d, off, ln in entries:
-                    self._index.setdefault(d, Location(pack, off, ln))
+                    if d not in index:
+                        index[d] = (pack, off, ln)
                 self._loaded.add(name)
 
     def has(self, digest: Digest) -> bool:
         """True if the object is stored or on its way into a pack."""
-        return digest in self._index or digest in self._pending or digest in self._publishing
+        return (digest.raw in self._index or digest in self._pending
+                or digest in self._publishing)
 
     def locate(self, digest: Digest) -> Location | None:
         """The pack location of a stored object."""
-        return self._index.get(digest)
+        loc = self._index.get(digest.raw)
+        return Location(*loc) if loc else None
 
-    def check_present(self, digests: Iterable[Digest]) -> None:
-        """Raise unless every object is in a pack that still exists (a gc may have swept it)."""
+    def check_present(self, digests: Iterable[bytes]) -> None:
+        """Raise unless every object (raw digest) is in a pack that still exists.
+
+        A gc may have swept a pack holding an old object this commit deduplicated against.
+        """
         packs = set()
         for d in digests:
             loc = self._index.get(d)
             if loc is None:
-                raise NotFound(f"object {d} is missing from the store")
-            packs.add(loc.pack)
+                raise NotFound(f"object {Digest(d)} is missing from the store")
+            packs.add(loc[0])
         for pack in packs:
             if self.backend.stat(pack) is None:
                 raise NotFound(f"{pack} was removed by a concurrent gc; retry the commit")
@@ -155,7 +167,7 @@ class ObjectStore:
             raise
         with self._lock:
             for d, (off, ln) in entries.items():
-                self._index.setdefault(d, Location(f"packs/{pack_id}", off, ln))
+                self._index.setdefault(d.raw, (f"packs/{pack_id}", off, ln))
                 self._publishing.pop(d, None)
             self._loaded.add(f"index/{pack_id}")
 
@@ -165,11 +177,11 @@ class ObjectStore:
         return codec.decode(envelope, digest)
 
     def _envelope(self, digest: Digest, whole_pack: bool) -> bytes | memoryview:
-        loc = self._index.get(digest)
+        loc = self.locate(digest)
         if loc is None:
             # Another writer may have published it since the index was (or was not) loaded.
             self.refresh()
-            loc = self._index.get(digest)
+            loc = self.locate(digest)
         if loc is None:
             with self._lock:
                 if digest in self._publishing:

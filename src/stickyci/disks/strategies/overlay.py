@@ -18,6 +18,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Fixed features, so the upper dir always has the layout this module reads: no redirects or
 # metadata-only copy-ups, which would need the lower layer to interpret.
 _OPTIONS = "redirect_dir=off,metacopy=off,index=off"
+# The upper dir is scratch: a commit reads it and writes the store durably itself. Without
+# "volatile", unmounting syncs every copied-up byte to disk first (about 1 s for a 1% change
+# of a 1.2 GB tree here) only for the upper dir to be deleted.
+_VOLATILE = ",volatile"
 _OPAQUE = "trusted.overlay.opaque"
 
 
@@ -44,8 +48,10 @@ class Overlay:
                 raise UsageError(f"overlay cannot use {p}: its path has ',', ':' or '\\'; "
                                  "set STICKYCI_CACHE_DIR to a plainer path")
         opts = f"lowerdir={base},upperdir={upper},workdir={work},{_OPTIONS}"
-        _check(_libc.mount(b"overlay", str(path).encode(), b"overlay", 0, opts.encode()),
-               str(path))
+        target = str(path).encode()
+        if _libc.mount(b"overlay", target, b"overlay", 0, (opts + _VOLATILE).encode()) != 0:
+            # Kernels before 5.10 lack "volatile"; the mount works without it, only slower.
+            _check(_libc.mount(b"overlay", target, b"overlay", 0, opts.encode()), str(path))
 
     def is_mounted(self, path: Path) -> bool:
         """True if an overlay is mounted at ``path``."""
@@ -73,19 +79,22 @@ class Overlay:
                 scan.skipped += 1
                 continue
             e = to_entry(upper, rel, st)
-            if e.kind == DIR and _is_opaque(os.path.join(upper, rel)):
+            # A non-dir in the upper layer hides everything under its path in the lower one
+            # (a directory replaced by a file leaves no whiteouts for its children).
+            if e.kind != DIR or _is_opaque(os.path.join(upper, rel)):
                 opaque.add(rel)
             if e.kind == FILE:
                 if st.st_nlink > 1:
                     e.link = groups.setdefault(st.st_ino, -(len(groups) + 1))
                 scan.todo.append(e)
             up[rel] = e
-        entries = base.entries
-        if gone or opaque:
-            entries = {p: e for p, e in entries.items() if not _hidden(p, gone, opaque)}
-        merged = dict(entries)
+        merged = dict(base.entries)
+        hidden = [p for p in merged if _hidden(p, gone, opaque)] if gone or opaque else []
+        for p in hidden:
+            del merged[p]
         merged.update(up)
         scan.manifest = Manifest(merged)
+        scan.touched = {*up, *hidden}
         return scan, upper
 
 
@@ -97,7 +106,8 @@ def _is_opaque(path: str) -> bool:
 
 
 def _hidden(path: str, gone: set[str], opaque: set[str]) -> bool:
-    """True if a lower path is deleted by a whiteout on it or an ancestor, or an opaque ancestor."""
+    """True if a lower path is deleted by a whiteout on it or an ancestor, or is under an
+    opaque directory or an upper non-directory."""
     if path in gone:
         return True
     parent = path
