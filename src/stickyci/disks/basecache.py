@@ -79,7 +79,7 @@ def _ensure(store: ObjectStore, snapshot: str) -> tuple[Path, bool]:
         if path.is_dir():
             _touch(path)
             return path, True
-        tmp = bases_root() / f".tmp-{uuid.uuid4().hex}"
+        tmp = bases_root() / f".tmp-{snapshot}-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
             size = 0
@@ -144,4 +144,14 @@ def evict(budget: int | None = None) -> list[str]:
                 os.unlink(f"{path}.json")
                 os.rename(path, doomed)
             remove_tree(doomed)
+    _sweep_abandoned()
     return drop
+
+
+def _sweep_abandoned() -> None:
+    """Remove half-materialised bases whose writer died (its snapshot lock is free)."""
+    for tmp in bases_root().glob(".tmp-*"):
+        snapshot = tmp.name.split("-")[1]
+        with _lock(snapshot, "lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
+            if free:
+                remove_tree(tmp)

@@ -16,6 +16,7 @@ import os
 import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import chunking
 from ..digest import Digest
@@ -103,7 +104,7 @@ class Scan:
     touched: set[str] | None = None
 
 
-_Job = tuple[ObjectStore, str, list[list[Entry]]]
+_Job = tuple[ObjectStore, str, list[list[Entry]], Any]
 _job: _Job | None = None
 
 
@@ -118,9 +119,13 @@ def _die_with_parent() -> None:
 
 def _work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int]:
     assert _job is not None
-    store, root, batches = _job
+    store, root, batches, abort = _job
     before = store.bytes_written, store.objects_written
-    out = [store_file(store, os.path.join(root, e.path)) for e in batches[i]]
+    out = []
+    for e in batches[i]:
+        if abort.is_set():  # another batch failed: the commit is over, publish nothing more
+            return i, [], 0, 0
+        out.append(store_file(store, os.path.join(root, e.path)))
     store.flush()  # each batch ends in a published pack: the parent only sees published packs
     return i, out, store.bytes_written - before[0], store.objects_written - before[1]
 
@@ -129,15 +134,23 @@ def _fill_forked(store: ObjectStore, root: str, todo: list[Entry]) -> None:
     global _job
     store.flush()
     batches = list(_batches(todo, _BATCH_BYTES))
-    _job = (store, root, batches)
+    ctx = multiprocessing.get_context("fork")
+    abort = ctx.Event()
+    _job = (store, root, batches, abort)
+    pool = ctx.Pool(WORKERS, _die_with_parent)
     try:
-        with multiprocessing.get_context("fork").Pool(WORKERS, _die_with_parent) as pool:
-            for i, out, nbytes, nobjects in pool.imap_unordered(_work, range(len(batches))):
-                for e, (size, chunks) in zip(batches[i], out, strict=True):
-                    e.size, e.chunks = size, chunks
-                store.bytes_written += nbytes
-                store.objects_written += nobjects
+        for i, out, nbytes, nobjects in pool.imap_unordered(_work, range(len(batches))):
+            for e, (size, chunks) in zip(batches[i], out, strict=True):
+                e.size, e.chunks = size, chunks
+            store.bytes_written += nbytes
+            store.objects_written += nobjects
+    except BaseException:
+        # Let workers stop at a file boundary, so none is killed halfway through a write.
+        abort.set()
+        raise
     finally:
+        pool.close()
+        pool.join()
         _job = None
     store.refresh()
 
