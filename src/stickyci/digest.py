@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import blake3
 
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-# Hashing below this size is faster on one thread than handing work to blake3's pool.
-_THREADED_MIN = 4 << 20
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -32,9 +30,13 @@ class Digest:
 
     @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> Digest:
-        """Hash ``data``."""
-        threads = blake3.blake3.AUTO if len(data) >= _THREADED_MIN else 1
-        return cls(blake3.blake3(data, max_threads=threads).digest())
+        """Hash ``data`` on the calling thread.
+
+        blake3's own thread pool is never used: commits fork worker processes, and a child
+        forked after the pool started deadlocks on its first threaded hash. Parallelism comes
+        from the workers instead.
+        """
+        return cls(blake3.blake3(data).digest())
 
     @classmethod
     def parse(cls, text: str) -> Digest:

@@ -9,6 +9,8 @@ import click
 
 from ..errors import StickyError
 from .disk import disk
+from .run import bench, run
+from .runs import runs
 
 
 class _Formatter(logging.Formatter):
@@ -29,6 +31,9 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(disk)
+cli.add_command(run)
+cli.add_command(bench)
+cli.add_command(runs)
 
 
 def main() -> None:

@@ -1,0 +1,146 @@
+"""``stickyci run PIPELINE.yml``: plan, execute locally, report, record in history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..pipeline import plan as plan_
+from ..pipeline import spec as spec_
+from ..pipeline.compare import chart, compare, table
+from ..pipeline.executor import LocalExecutor, Options
+from ..pipeline.record import CANCELLED, FAILURE, SUCCESS, JobRecord, RunRecord
+from ..pipeline.summary import write_reports
+from ..runs.history import History
+from ..store import cache_home
+
+EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}
+
+
+def git_sha(where: Path) -> str:
+    """``git rev-parse HEAD`` in ``where``, or ``local`` outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "local"
+    return out.stdout.strip() if out.returncode == 0 else "local"
+
+
+def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs from ``--set``."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--set {pair!r}: use NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def _progress(start: float) -> Callable[[JobRecord, str], None]:
+    def report(rec: JobRecord, event: str) -> None:
+        extra = f" ({rec.run_seconds:.1f}s)" if event not in ("running",) else ""
+        reason = f": {rec.reason}" if rec.reason and event != "running" else ""
+        click.echo(f"[{time.time() - start:7.1f}s] {rec.id:40} {event}{extra}{reason}",
+                   err=True)
+    return report
+
+
+def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None = None,
+            only: str | None = None, cold: bool = False, max_parallel: int | None = None,
+            quiet: bool = False) -> RunRecord:
+    """Plan and run a pipeline locally; write its reports and record it in the history."""
+    spec = spec_.load(file)
+    plan = plan_.build(spec, file, sha=sha or git_sha(file.resolve().parent), overrides=sets,
+                       only=only)
+    for warning in plan.warnings:
+        click.echo(f"stickyci: warning: {warning}", err=True)
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    run_dir = cache_home() / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    run = RunRecord(run_id, spec.name, str(plan.file), plan.sha, cold, started_at=time.time(),
+                    run_dir=str(run_dir),
+                    jobs=[JobRecord(i.id, i.job, i.matrix, i.needs)
+                          for i in plan.instances.values()])
+    history = History()
+    history.record(run)
+    progress = None if quiet else _progress(run.started_at)
+    opts = Options(run_dir, cold=cold, max_parallel=max_parallel, progress=progress)
+    try:
+        asyncio.run(LocalExecutor(plan, run, opts).execute())
+    finally:
+        run.finished_at = time.time()
+        write_reports(run)
+        history.record(run)
+    return run
+
+
+@click.command()
+@click.argument("pipeline", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--sha", help="Commit id for ${{ sha }} (default: git rev-parse HEAD).")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Override a var.")
+@click.option("--only", metavar="JOB", help="Run only JOB and the jobs it needs.")
+@click.option("--cold", is_flag=True, help="Mount every disk empty and commit nothing.")
+@click.option("--max-parallel", type=click.IntRange(min=1), help="Jobs running at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None, cold: bool,
+        max_parallel: int | None, as_json: bool) -> None:
+    """Run a pipeline; exit 0 only if every job that had to run succeeded."""
+    record = execute(pipeline, sha=sha, sets=parse_sets(sets), only=only, cold=cold,
+                     max_parallel=max_parallel, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(record.to_dict(), indent=2))
+    else:
+        summary = Path(record.run_dir) / "summary.md"
+        failed = [j for j in record.jobs if j.state in (FAILURE, "timed_out")]
+        click.echo(f"run {record.id}: {record.state} in {record.seconds:.1f}s, "
+                   f"{len(record.jobs)} jobs, {len(failed)} failed; summary: {summary}")
+        for j in failed:
+            click.echo(f"  FAILED {j.id}: {j.reason}")
+    sys.exit(EXIT_CODES.get(record.state, 1))
+
+
+@click.command()
+@click.argument("pipeline", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Pairs of cold and warm runs.")
+@click.option("--sha", help="Commit id for ${{ sha }} (default: git rev-parse HEAD).")
+@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Override a var.")
+@click.option("--chart", "chart_path", type=click.Path(path_type=Path),
+              help="Where to write the PNG chart (default: bench.png in the last run dir).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
+          chart_path: Path | None, as_json: bool) -> None:
+    """Alternate cold and warm runs of a pipeline; compare per-job medians."""
+    overrides = parse_sets(sets)
+    cold: list[RunRecord] = []
+    warm: list[RunRecord] = []
+    # One warm-up run first, so the first warm run finds its disks committed.
+    execute(pipeline, sha=sha, sets=overrides, quiet=True)
+    for _ in range(runs):
+        for is_cold, bucket in ((True, cold), (False, warm)):
+            record = execute(pipeline, sha=sha, sets=overrides, cold=is_cold, quiet=True)
+            if record.state != SUCCESS:
+                raise UsageError(f"{'cold' if is_cold else 'warm'} run {record.id} ended "
+                                 f"{record.state}; see {record.run_dir}/summary.md")
+            bucket.append(record)
+    rows = compare(cold, warm)
+    out = chart_path or Path(warm[-1].run_dir) / "bench.png"
+    chart(rows, out, f"{cold[0].pipeline}: cold vs warm ({runs} runs each)")
+    if as_json:
+        click.echo(json.dumps({"runs": runs, "chart": str(out), "rows": [
+            {"job": r.name, "cold": r.cold, "warm": r.warm, "ratio": r.ratio} for r in rows]},
+            indent=2))
+    else:
+        click.echo(table(rows, runs))
+        click.echo(f"chart: {out}")

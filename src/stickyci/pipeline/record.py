@@ -1,0 +1,107 @@
+"""What a run produced: the state and timings of every job, step and disk operation.
+
+The executor fills these in as it goes; summaries, run history and benchmarks read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Job and step states.
+PENDING, QUEUED, RUNNING = "pending", "queued", "running"
+SUCCESS, FAILURE, SKIPPED, CANCELLED, TIMED_OUT = (
+    "success", "failure", "skipped", "cancelled", "timed_out")
+FINISHED = frozenset({SUCCESS, FAILURE, SKIPPED, CANCELLED, TIMED_OUT})
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One step of one job."""
+
+    name: str
+    state: str = PENDING
+    exit_code: int | None = None
+    seconds: float = 0.0
+    log: str = ""  # path of the step's log, relative to the run directory
+    always: bool = False  # a teardown step (``if: always()``)
+
+
+@dataclass(slots=True)
+class DiskRecord:
+    """One disk of one job: its mount and its commit."""
+
+    key: str
+    path: str
+    strategy: str = ""
+    mount_seconds: float = 0.0
+    base_cached: bool = False
+    fresh: bool = False
+    commit_mode: str = "on-success"
+    committed: bool = False
+    commit_reason: str = ""
+    commit_seconds: float = 0.0
+    stored_bytes: int = 0
+    size: int = 0
+    generation: int = 0
+    raced_with: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """One job instance (a matrix job has one per combination)."""
+
+    id: str  # e.g. "build[api]"
+    job: str  # the job's name in the pipeline file
+    matrix: dict[str, Any] = field(default_factory=dict)
+    needs: list[str] = field(default_factory=list)  # ids of the instances it waited for
+    state: str = PENDING
+    reason: str = ""  # why it failed or was skipped, one line
+    queued_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+    disks: list[DiskRecord] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    worker: str = ""  # where it ran ("local" for the local executor)
+
+    @property
+    def queue_seconds(self) -> float:
+        """Time between becoming ready and starting."""
+        return max(0.0, self.started_at - self.queued_at) if self.started_at else 0.0
+
+    @property
+    def run_seconds(self) -> float:
+        """Time from start to finish."""
+        return max(0.0, self.finished_at - self.started_at) if self.started_at else 0.0
+
+
+@dataclass(slots=True)
+class RunRecord:
+    """A whole run of a pipeline."""
+
+    id: str
+    pipeline: str  # name from the file
+    file: str  # path of the pipeline file
+    sha: str
+    cold: bool
+    state: str = RUNNING  # success, failure or cancelled once finished
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    run_dir: str = ""
+    jobs: list[JobRecord] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the run."""
+        return max(0.0, self.finished_at - self.started_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, with the derived timings included."""
+        doc = asdict(self)
+        doc["seconds"] = self.seconds
+        for job, jd in zip(self.jobs, doc["jobs"], strict=True):
+            jd["queue_seconds"] = job.queue_seconds
+            jd["run_seconds"] = job.run_seconds
+        return doc

@@ -1,0 +1,51 @@
+"""The canonical example, end to end: a cold run builds the deps once, a warm run rebuilds none."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from conftest import Env
+
+PIPELINE = Path(__file__).parent.parent / "examples" / "monorepo" / "pipeline.yml"
+
+
+def _run(env: Env, *args: str) -> dict[str, Any]:
+    proc = env.run("run", str(PIPELINE), "--json", "--sha", "t1",
+                   "--set", "services=services.small.json", *args, check=False)
+    record: dict[str, Any] = json.loads(proc.stdout)
+    assert proc.returncode == 0, (record["state"], [(j["id"], j["reason"]) for j in
+                                                    record["jobs"]])
+    return record
+
+
+def _compiled(record: dict[str, Any], job_id: str) -> int:
+    """Dependency objects compiled by a job, counted from its build log."""
+    job = next(j for j in record["jobs"] if j["id"] == job_id)
+    logs = "".join((Path(record["run_dir"]) / s["log"]).read_text()
+                   for s in job["steps"] if s["log"])
+    return len(re.findall(r"^CC obj/", logs, re.M))
+
+
+def test_cold_then_warm(env: Env) -> None:
+    cold = _run(env)
+    ids = [j["id"] for j in cold["jobs"]]
+    assert ids == ["warm-deps", "build[gateway,8080]", "build[auth,8081]",
+                   "build[inventory,8086]", "deploy[gateway,8080]", "deploy[auth,8081]",
+                   "deploy[inventory,8086]"]
+    assert _compiled(cold, "warm-deps") > 100
+    # The build matrix reused what warm-deps committed in the same run.
+    assert all(_compiled(cold, i) == 0 for i in ids if i.startswith("build"))
+
+    warm = _run(env)
+    assert all(_compiled(warm, i) == 0 for i in ids)
+    deps = next(j for j in warm["jobs"] if j["id"] == "warm-deps")["disks"][0]
+    assert not deps["fresh"] and not deps["committed"]  # nothing changed: no new generation
+    assert warm["seconds"] < cold["seconds"]
+    keys = {d["key"] for d in env.json("disk", "ls")}
+    assert "monorepo-example-deps" in keys
+    assert "monorepo-example-handoff-gateway-t1" in keys
+    summary = (Path(warm["run_dir"]) / "summary.md").read_text()
+    assert "warm-deps" in summary

@@ -1,0 +1,259 @@
+"""Running pipelines for real through ``stickyci run``: order, conditions, disks, signals."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import Env
+
+
+def write(env: Env, text: str, name: str = "p.yml") -> Path:
+    f = env.root / name
+    f.write_text(text)
+    return f
+
+
+def run(env: Env, pipeline: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    proc = env.run("run", str(pipeline), "--json", *args, check=False)
+    assert proc.stdout, proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def jobs(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {j["id"]: j for j in record["jobs"]}
+
+
+def log_text(record: dict[str, Any]) -> str:
+    root = Path(record["run_dir"])
+    return "".join(p.read_text() for p in sorted((root / "logs").rglob("*.log")))
+
+
+def test_needs_order_and_concurrent_siblings(env: Env) -> None:
+    # b and c each wait for the other's marker: they pass only if they really run together.
+    m = env.root / "m"
+    m.mkdir()
+    rendezvous = ("touch {m}/{me}; for i in $(seq 200); do [ -e {m}/{other} ] && exit 0; "
+                  "sleep 0.05; done; exit 1")
+    p = write(env, f"""
+jobs:
+  a: {{steps: [{{run: "touch {m}/a"}}]}}
+  b: {{needs: [a], steps: [{{run: "test -e {m}/a; {rendezvous.format(m=m, me='b', other='c')}"}}]}}
+  c: {{needs: [a], steps: [{{run: "test -e {m}/a; {rendezvous.format(m=m, me='c', other='b')}"}}]}}
+  d: {{needs: [b, c], steps: [{{run: "test -e {m}/b && test -e {m}/c"}}]}}
+""")
+    code, record = run(env, p)
+    assert code == 0, record
+    states = {k: j["state"] for k, j in jobs(record).items()}
+    assert states == dict.fromkeys("abcd", "success")
+    j = jobs(record)
+    assert j["d"]["started_at"] >= max(j["b"]["finished_at"], j["c"]["finished_at"])
+
+
+def test_max_parallel_one_never_overlaps(env: Env) -> None:
+    p = write(env, """
+jobs:
+  t:
+    matrix: {axes: {n: [1, 2, 3, 4]}}
+    max_parallel: 1
+    steps: [{run: "true"}]
+""")
+    code, record = run(env, p)
+    assert code == 0
+    spans = sorted((j["started_at"], j["finished_at"]) for j in record["jobs"])
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_failure_skips_dependents_runs_teardown_and_failure_jobs(env: Env) -> None:
+    p = write(env, """
+jobs:
+  build:
+    steps:
+      - {name: compile, run: "echo compiling; exit 3"}
+      - {name: never, run: "echo should not run"}
+      - {name: teardown, if: always(), run: "echo tearing down"}
+      - {name: on failure, if: failure(), run: "echo failure seen"}
+  deploy: {needs: [build], steps: [{run: "true"}]}
+  notify: {needs: [build], if: failure(), steps: [{run: "echo notify"}]}
+  cleanup: {needs: [deploy], if: always(), steps: [{run: "true"}]}
+""")
+    code, record = run(env, p)
+    assert code == 1 and record["state"] == "failure"
+    j = jobs(record)
+    assert j["build"]["state"] == "failure"
+    assert j["build"]["reason"] == "step 'compile' exited 3"
+    assert [(s["name"], s["state"]) for s in j["build"]["steps"]] == [
+        ("compile", "failure"), ("never", "skipped"), ("teardown", "success"),
+        ("on failure", "success")]
+    assert j["deploy"]["state"] == "skipped" and "build" in j["deploy"]["reason"]
+    assert j["notify"]["state"] == "success"
+    assert j["cleanup"]["state"] == "success"
+    assert "should not run" not in log_text(record)
+
+
+def test_continue_on_error_keeps_the_job_green(env: Env) -> None:
+    p = write(env, """
+jobs:
+  a:
+    steps:
+      - {run: "exit 1", continue_on_error: true}
+      - {name: after, run: "echo after"}
+""")
+    code, record = run(env, p)
+    assert code == 0
+    assert [s["state"] for s in record["jobs"][0]["steps"]] == ["failure", "success"]
+
+
+def test_step_timeout_kills_the_whole_process_group(env: Env) -> None:
+    pidfile = env.root / "child.pid"
+    p = write(env, f"""
+jobs:
+  slow:
+    steps:
+      - name: hang
+        timeout: 1s
+        run: "sleep 300 & echo $! > {pidfile}; wait"
+      - {{name: teardown, if: always(), run: "echo done"}}
+""")
+    code, record = run(env, p)
+    assert code == 1
+    job = record["jobs"][0]
+    assert job["state"] == "timed_out" and "timed out" in job["reason"]
+    assert job["steps"][1]["state"] == "success"
+    child = int(pidfile.read_text())
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
+
+
+def test_job_timeout(env: Env) -> None:
+    p = write(env, """
+jobs:
+  slow:
+    timeout: 1s
+    steps: [{run: "true"}, {run: "sleep 300"}, {run: "echo never"}]
+""")
+    code, record = run(env, p)
+    assert code == 1 and record["jobs"][0]["state"] == "timed_out"
+    assert [s["state"] for s in record["jobs"][0]["steps"]] == ["success", "timed_out", "skipped"]
+
+
+def test_secrets_are_masked_everywhere(env: Env) -> None:
+    env.environ["DEPLOY_TOKEN"] = "s3cr3t-value-42"
+    p = write(env, """
+secrets: [DEPLOY_TOKEN]
+jobs:
+  a:
+    outputs: [leak]
+    steps:
+      - run: 'echo "token=$DEPLOY_TOKEN"; echo "leak=$DEPLOY_TOKEN" >> $STICKYCI_OUTPUT; exit 1'
+""")
+    code, record = run(env, p)
+    assert code == 1
+    everything = log_text(record) + json.dumps(record)
+    everything += (Path(record["run_dir"]) / "summary.md").read_text()
+    assert "s3cr3t-value-42" not in everything
+    assert "token=***" in log_text(record)
+
+
+def test_disks_hand_off_between_jobs_and_cold_commits_nothing(env: Env) -> None:
+    p = write(env, """
+vars: {repo: r}
+jobs:
+  warm:
+    disks: [{key: "${{ vars.repo }}-deps", path: deps}]
+    steps: [{run: "test -e deps/lib || echo built > deps/lib; cat deps/lib"}]
+  build:
+    needs: [warm]
+    matrix: {axes: {svc: [x, y]}}
+    disks:
+      - {key: "${{ vars.repo }}-deps", path: deps, commit: never}
+      - {key: "${{ vars.repo }}-out-${{ matrix.svc }}-${{ sha }}", path: out}
+    steps: [{run: "cp deps/lib out/${{ matrix.svc }}.bin"}]
+  deploy:
+    needs: [build]
+    matrix: {axes: {svc: [x, y]}}
+    disks: [{key: "${{ vars.repo }}-out-${{ matrix.svc }}-${{ sha }}", path: a, commit: never}]
+    steps: [{run: "grep built a/${{ matrix.svc }}.bin"}]
+""")
+    code, record = run(env, p, "--sha", "c0ffee")
+    assert code == 0, record
+    warm = jobs(record)["warm"]["disks"][0]
+    assert warm["committed"] and warm["fresh"]
+    keys = {d["key"] for d in env.json("disk", "ls")}
+    assert keys == {"r-deps", "r-out-x-c0ffee", "r-out-y-c0ffee"}
+
+    code, again = run(env, p, "--sha", "c0ffee")
+    assert code == 0
+    assert not jobs(again)["warm"]["disks"][0]["fresh"]
+    assert jobs(again)["warm"]["disks"][0]["commit_reason"].startswith("nothing changed")
+
+    gens = {d["key"]: d["generation"] for d in env.json("disk", "ls")}
+    code, cold = run(env, p, "--sha", "c0ffee", "--cold")
+    assert code == 0, cold  # handoffs still work within a cold run
+    assert jobs(cold)["warm"]["disks"][0]["fresh"]  # but every disk started empty
+    assert jobs(cold)["warm"]["disks"][0]["committed"]
+    assert {d["key"]: d["generation"] for d in env.json("disk", "ls")} == gens
+
+
+def test_outputs_flow_to_dependents(env: Env) -> None:
+    p = write(env, """
+jobs:
+  a:
+    outputs: [version]
+    steps: [{run: "echo version=1.2.3 >> $STICKYCI_OUTPUT"}]
+  b:
+    needs: [a]
+    steps: [{run: "test '${{ needs.a.outputs.version }}' = 1.2.3"}]
+""")
+    code, record = run(env, p)
+    assert code == 0 and jobs(record)["a"]["outputs"] == {"version": "1.2.3"}
+
+
+def test_bad_pipeline_fails_before_running_anything(env: Env) -> None:
+    marker = env.root / "ran"
+    p = write(env, f"""
+jobs:
+  a: {{steps: [{{run: "touch {marker}"}}]}}
+  b: {{needs: [nope], steps: [{{run: "true"}}]}}
+""")
+    proc = env.run("run", str(p), check=False)
+    assert proc.returncode == 2
+    assert "unknown job 'nope'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_sigint_cancels_runs_teardown_and_discards_disks(env: Env) -> None:
+    started, torn = env.root / "started", env.root / "torn"
+    p = write(env, f"""
+jobs:
+  long:
+    disks: [{{key: cancelled-disk, path: d}}]
+    steps:
+      - {{name: work, run: "echo data > d/f; touch {started}; sleep 300"}}
+      - {{name: teardown, if: always(), run: "touch {torn}"}}
+  after: {{needs: [long], steps: [{{run: "true"}}]}}
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "stickyci", "run", str(p), "--json"],
+                            env=env.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    record = json.loads(out)
+    j = jobs(record)
+    assert record["state"] == "cancelled"
+    assert j["long"]["state"] == "cancelled"
+    assert [s["state"] for s in j["long"]["steps"]] == ["cancelled", "success"]
+    assert torn.exists()
+    assert j["after"]["state"] == "cancelled"
+    assert env.json("disk", "ls") == []  # the disk was discarded, not committed
