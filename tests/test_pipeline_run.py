@@ -257,3 +257,32 @@ jobs:
     assert torn.exists()
     assert j["after"]["state"] == "cancelled"
     assert env.json("disk", "ls") == []  # the disk was discarded, not committed
+
+
+def test_live_table_on_a_terminal(env: Env) -> None:
+    p = write(env, """
+name: live
+jobs:
+  first: {steps: [{name: say hello, run: "echo hi"}]}
+  second: {needs: [first], steps: [{run: "exit 4"}]}
+""")
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "stickyci", "run", str(p)], env=env.environ,
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    out, _ = proc.communicate(timeout=120)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    text = screen.decode(errors="replace")
+    assert proc.returncode == 1
+    assert "live · run" in text and "\x1b[" in text  # a table drawn with terminal codes
+    assert "first" in text and "second" in text and "failure" in text
+    assert "FAILED second: step 'exit 4' exited 4" in out

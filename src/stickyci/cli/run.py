@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -22,6 +22,7 @@ from ..pipeline.record import CANCELLED, FAILURE, SUCCESS, JobRecord, RunRecord
 from ..pipeline.summary import write_reports
 from ..runs.history import History
 from ..store import cache_home
+from .progress import LiveTable, lines
 
 EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}
 
@@ -47,15 +48,6 @@ def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _progress(start: float) -> Callable[[JobRecord, str], None]:
-    def report(rec: JobRecord, event: str) -> None:
-        extra = f" ({rec.run_seconds:.1f}s)" if event not in ("running",) else ""
-        reason = f": {rec.reason}" if rec.reason and event != "running" else ""
-        click.echo(f"[{time.time() - start:7.1f}s] {rec.id:40} {event}{extra}{reason}",
-                   err=True)
-    return report
-
-
 def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None = None,
             only: str | None = None, cold: bool = False, max_parallel: int | None = None,
             quiet: bool = False) -> RunRecord:
@@ -74,10 +66,12 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
                           for i in plan.instances.values()])
     history = History()
     history.record(run)
-    progress = None if quiet else _progress(run.started_at)
+    live = not quiet and sys.stderr.isatty()
+    progress = None if quiet or live else lines(run.started_at)
     opts = Options(run_dir, cold=cold, max_parallel=max_parallel, progress=progress)
     try:
-        asyncio.run(LocalExecutor(plan, run, opts).execute())
+        with LiveTable(run) if live else contextlib.nullcontext():
+            asyncio.run(LocalExecutor(plan, run, opts).execute())
     finally:
         run.finished_at = time.time()
         write_reports(run)
