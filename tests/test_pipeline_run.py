@@ -286,3 +286,24 @@ jobs:
     assert "live · run" in text and "\x1b[" in text  # a table drawn with terminal codes
     assert "first" in text and "second" in text and "failure" in text
     assert "FAILED second: step 'exit 4' exited 4" in out
+
+
+def test_bench_compares_cold_and_warm(env: Env) -> None:
+    # The "dependency build" runs only when the disk is empty, as a real one would.
+    p = write(env, """
+name: tiny
+jobs:
+  deps:
+    disks: [{key: tiny-deps, path: d}]
+    steps: [{run: "test -e d/built || { for i in $(seq 300); do echo $i > /dev/null; done;
+             python3 -c 'import time; time.sleep(0.5)'; touch d/built; }"}]
+  use: {needs: [deps], steps: [{run: "true"}]}
+""")
+    chart = env.root / "chart.png"
+    proc = env.run("bench", str(p), "--runs", "1", "--chart", str(chart), "--json")
+    doc = json.loads(proc.stdout)
+    rows = {r["job"]: r for r in doc["rows"]}
+    assert set(rows) == {"deps", "use", "total"}
+    assert rows["deps"]["cold"] > 0.5 > rows["deps"]["warm"]
+    assert rows["total"]["ratio"] < 1
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,15 +1,56 @@
-"""``stickyci runs ls`` and ``stickyci runs show RUN``."""
+"""``stickyci runs ls`` and ``stickyci runs show RUN``: the run history on this machine."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
-from ..pipeline.summary import render_markdown
+from ..pipeline.record import RunRecord
+from ..pipeline.summary import (
+    JOB_COLUMNS,
+    duration,
+    failing_step,
+    failures,
+    job_rows,
+    race_warnings,
+)
 from ..runs.history import History
+
+# Columns of numbers read best right-aligned.
+_RIGHT = frozenset({2, 3, 4, 5, 6})
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _columns(headers: list[str], rows: list[list[str]], right: frozenset[int]) -> list[str]:
+    """An aligned plain-text table."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                      for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+            for row in [headers, *rows]]
+
+
+def render_text(run: RunRecord) -> str:
+    """A run for the terminal: headline, failures and races first, then the job table."""
+    out = [f"run {run.id}: {run.pipeline} {run.state.upper()}, "
+           f"{'cold' if run.cold else 'warm'}, sha {run.sha[:12]}, {duration(run.seconds)} wall",
+           f"started {_when(run.started_at)}; summary: {Path(run.run_dir) / 'summary.md'}", ""]
+    for job in failures(run):
+        out.append(f"{job.state.upper()} {job.id}: {job.reason or 'no reason recorded'}")
+        step = failing_step(job)
+        if step is not None and step.log:
+            out.append(f"  step {step.name!r}, log {Path(run.run_dir) / step.log}")
+    out += [f"WARNING {line}" for line in race_warnings(run)]
+    if out[-1]:
+        out.append("")
+    out += _columns([c.upper() for c in JOB_COLUMNS], job_rows(run), _RIGHT)
+    return "\n".join(out)
 
 
 @click.group()
@@ -18,7 +59,8 @@ def runs() -> None:
 
 
 @runs.command("ls")
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many runs to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls(limit: int, as_json: bool) -> None:
     """List recent runs, newest first."""
@@ -29,20 +71,19 @@ def ls(limit: int, as_json: bool) -> None:
     if not rows:
         click.echo("no runs")
         return
-    click.echo(f"{'RUN':26} {'PIPELINE':16} {'STATE':10} {'KIND':5} {'JOBS':>5} {'FAILED':>6} "
-               f"{'SECONDS':>8}  STARTED")
-    for r in rows:
-        started = dt.datetime.fromtimestamp(r["started_at"]).strftime("%Y-%m-%d %H:%M:%S")
-        click.echo(f"{r['id']:26} {r['pipeline'][:16]:16} {r['state']:10} "
-                   f"{'cold' if r['cold'] else 'warm':5} {r['jobs']:>5} {r['failed']:>6} "
-                   f"{r['seconds']:>8.1f}  {started}")
+    table: list[list[str]] = [
+        [r["id"], r["pipeline"], r["state"], "cold" if r["cold"] else "warm", r["sha"][:12],
+         str(r["jobs"]), str(r["failed"]), duration(r["seconds"]), _when(r["started_at"])]
+        for r in rows]
+    headers = ["RUN", "PIPELINE", "STATE", "KIND", "SHA", "JOBS", "FAILED", "TIME", "STARTED"]
+    click.echo("\n".join(_columns(headers, table, frozenset({5, 6, 7}))))
 
 
 @runs.command()
 @click.argument("run_id", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def show(run_id: str, as_json: bool) -> None:
-    """Show a run (an id or a unique prefix): its summary."""
+    """Show a run (its id, or the start of it): failures first, then every job."""
     record = History().get(run_id)
-    doc: Any = record.to_dict()
-    click.echo(json.dumps(doc, indent=2) if as_json else render_markdown(record))
+    doc: dict[str, Any] = record.to_dict()
+    click.echo(json.dumps(doc, indent=2) if as_json else render_text(record))

@@ -1,106 +1,251 @@
-"""Run reports: ``summary.md`` (failures first) and ``summary.json``."""
+"""Run reports: ``summary.md`` (failures first, then races, jobs and disks) and ``summary.json``."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
-from .record import CANCELLED, FAILURE, SKIPPED, SUCCESS, TIMED_OUT, JobRecord, RunRecord
+from ..errors import UsageError
+from .record import (
+    CANCELLED,
+    FAILURE,
+    SKIPPED,
+    SUCCESS,
+    TIMED_OUT,
+    DiskRecord,
+    JobRecord,
+    RunRecord,
+    StepRecord,
+)
 
-_MARK = {SUCCESS: "ok", FAILURE: "FAIL", TIMED_OUT: "TIMEOUT", CANCELLED: "cancelled",
+# A job in one of these states did not do its work; it is listed before anything else.
+NOT_SUCCESSFUL = (FAILURE, TIMED_OUT, CANCELLED)
+MARKS = {SUCCESS: "ok", FAILURE: "FAIL", TIMED_OUT: "TIMEOUT", CANCELLED: "CANCEL",
          SKIPPED: "skip"}
-_TAIL = 20
+JOB_COLUMNS = ("job", "state", "queued", "ran", "mount", "commit", "stored", "cache")
+TAIL_LINES = 20
+# Read at most this much of a log's end: a runaway step can write gigabytes.
+_TAIL_BYTES = 64 * 1024
+_MAX_LINE = 1000
+# Colour codes render as junk in Markdown (GitHub's job page included).
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
-def _size(n: int) -> str:
+def duration(seconds: float) -> str:
+    """``0s``, ``35ms``, ``4.2s``, ``2m05s``, ``1h02m``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def size(n: int) -> str:
+    """``512 B``, ``2.0 KiB``, ``1.5 GiB``."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
+        if abs(value) < 1024:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.1f} TiB"
 
 
-def _secs(s: float) -> str:
-    return f"{s:.1f}s" if s < 120 else f"{int(s // 60)}m{int(s % 60):02d}s"
+def failures(run: RunRecord) -> list[JobRecord]:
+    """The jobs that failed, timed out or were cancelled, in run order."""
+    return [j for j in run.jobs if j.state in NOT_SUCCESSFUL]
 
 
-def _tail(run: RunRecord, job: JobRecord) -> tuple[str, str]:
-    """The name and last lines of the step that failed."""
-    for step in job.steps:
-        if step.state in (FAILURE, TIMED_OUT) and step.log:
-            try:
-                lines = (Path(run.run_dir) / step.log).read_text(errors="replace").splitlines()
-            except OSError:
-                lines = []
-            return step.name, "\n".join(lines[-_TAIL:])
-    return "", ""
+def failing_step(job: JobRecord) -> StepRecord | None:
+    """The step that made ``job`` fail, or None when it failed elsewhere (a disk, a template).
+
+    A ``continue_on_error`` step can fail before the one that counted, and teardown steps can
+    fail after it; the executor names the one that counted in the job's reason, so that wins.
+    """
+    bad = [s for s in job.steps if s.state in NOT_SUCCESSFUL]
+    for step in bad:
+        if job.reason.startswith(f"step {step.name!r} "):
+            return step
+    if job.state == CANCELLED:
+        # Steps the cancellation skipped have no log; the one it interrupted has.
+        ran = [s for s in bad if s.log]
+        return ran[0] if ran else None
+    return next((s for s in bad if not s.always), bad[0] if bad else None)
 
 
-def render_markdown(run: RunRecord) -> str:
-    """The run as Markdown: headline, failures (with log tails), jobs, disks, races."""
-    failed = [j for j in run.jobs if j.state in (FAILURE, TIMED_OUT, CANCELLED)]
-    kind = "cold" if run.cold else "warm"
-    out = [f"# {run.pipeline}: {run.state.upper()}",
-           "",
-           f"Run `{run.id}` at `{run.sha[:12]}` ({kind}), {_secs(run.seconds)} wall, "
-           f"{len(run.jobs)} jobs, {len(failed)} not successful.", ""]
-    if failed:
-        out += ["## Failures", ""]
-        for job in failed:
-            out.append(f"### {job.id}: {job.state}")
-            out.append(f"{job.reason or 'no reason recorded'}")
-            step, tail = _tail(run, job)
-            if tail:
-                out += ["", f"Last lines of step `{step}`:", "", "```", tail, "```"]
-            out.append("")
-    races = [(j, d) for j in run.jobs for d in j.disks if d.raced_with]
-    if races:
-        out += ["## Races", ""]
-        for job, disk in races:
-            others = ", ".join(f"generation {g['gen']} by {g['committer']}"
-                               for g in disk.raced_with)
-            out.append(f"- **{disk.key}**: {job.id} committed generation {disk.generation} "
-                       f"over {others}; last write wins. Give each committing chain its own "
-                       "disk.")
-        out.append("")
-    out += ["## Jobs", "", "| job | state | queued | ran | mount | commit | stored | base |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+def log_tail(run: RunRecord, step: StepRecord, lines: int = TAIL_LINES) -> list[str] | None:
+    """The last ``lines`` lines of a step's log, or None when there is no log to read."""
+    if not step.log or not run.run_dir:
+        return None
+    try:
+        with open(Path(run.run_dir) / step.log, "rb") as f:
+            start = max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES)
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return None
+    all_lines = _ANSI.sub("", data.decode(errors="replace")).splitlines()
+    if start and len(all_lines) > 1:
+        all_lines = all_lines[1:]  # we began reading mid-line
+    tail = all_lines[-lines:]
+    return [line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " …" for line in tail]
+
+
+def _base(d: DiskRecord) -> str:
+    return "cached" if d.base_cached else "fresh" if d.fresh else "restored"
+
+
+def job_rows(run: RunRecord) -> list[list[str]]:
+    """One row per job, in ``JOB_COLUMNS`` order, for the Markdown and the terminal tables."""
+    rows = []
     for job in run.jobs:
+        started = bool(job.started_at)
         mount = sum(d.mount_seconds for d in job.disks)
         commit = sum(d.commit_seconds for d in job.disks)
         stored = sum(d.stored_bytes for d in job.disks)
-        bases = ", ".join("cached" if d.base_cached else "fresh" if d.fresh else "restored"
-                          for d in job.disks) or "-"
-        out.append(f"| {job.id} | {_MARK.get(job.state, job.state)} | "
-                   f"{_secs(job.queue_seconds)} | {_secs(job.run_seconds)} | {mount:.2f}s | "
-                   f"{commit:.2f}s | {_size(stored)} | {bases} |")
+        rows.append([
+            job.id,
+            MARKS.get(job.state, job.state),
+            duration(job.queue_seconds) if started else "-",
+            duration(job.run_seconds) if started else "-",
+            duration(mount) if job.disks else "-",
+            duration(commit) if any(d.committed for d in job.disks) else "-",
+            size(stored) if job.disks else "-",
+            ", ".join(_base(d) for d in job.disks) or "-",
+        ])
+    return rows
+
+
+def race_warnings(run: RunRecord) -> list[str]:
+    """One line per commit that raced another commit of the same disk, naming both."""
+    # The other committer is a host:pid; when it was a job of this very run, say which.
+    by_gen = {(d.key, d.generation): j.id for j in run.jobs for d in j.disks if d.committed}
+    out = []
+    for job in run.jobs:
+        for d in job.disks:
+            if not d.raced_with:
+                continue
+            others = []
+            for g in d.raced_with:
+                gen = g.get("gen", "?")
+                here = by_gen.get((d.key, gen)) if isinstance(gen, int) else None
+                where = f" (job {here} of this run)" if here and here != job.id else ""
+                others.append(f"generation {gen} by {g.get('committer', 'unknown')}{where}")
+            out.append(f"disk {d.key}: job {job.id} committed generation {d.generation}, "
+                       f"racing with {' and '.join(others)}; last write wins; give each "
+                       "committing chain its own disk")
+    return out
+
+
+def _cell(text: str) -> str:
+    # A pipe or a newline inside a cell would end the cell or the table.
+    return " ".join(text.split()).replace("|", "\\|") or "-"
+
+
+def _table(headers: tuple[str, ...] | list[str], rows: list[list[str]],
+           right: frozenset[int]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |",
+           "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _fence(lines: list[str]) -> list[str]:
+    # CommonMark: a code fence ends only at a run of backticks at least as long as the opening.
+    longest = max((len(m) for line in lines for m in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, *lines, fence]
+
+
+def _failure_section(run: RunRecord, job: JobRecord) -> list[str]:
+    out = [f"### {job.id}: {job.state}", "", _cell(job.reason or "no reason recorded")]
+    step = failing_step(job)
+    if step is not None:
+        exit_code = f"exit {step.exit_code}, " if step.exit_code is not None else ""
+        out += ["", f"Failing step: `{step.name}` ({step.state}, {exit_code}"
+                    f"{duration(step.seconds)})"]
+        tail = log_tail(run, step)
+        if tail:
+            out += ["", f"Last {len(tail)} lines of `{step.log}`:", "", *_fence(tail)]
+        else:
+            out += ["", f"No log to show ({step.log or 'the step did not start'})."]
+    later = [s.name for s in job.steps if s.state in NOT_SUCCESSFUL and s is not step and s.log]
+    if later:
+        out += ["", "Also not successful: " + ", ".join(f"`{n}`" for n in later)]
+    out += [f"- disk {d.key}: {_cell(d.error)}" for d in job.disks if d.error]
+    return [*out, ""]
+
+
+def render_markdown(run: RunRecord) -> str:
+    """The run as Markdown: headline, failures with log tails, races, jobs, disks."""
+    failed = failures(run)
+    counts: dict[str, int] = {}
+    for job in run.jobs:
+        mark = MARKS.get(job.state, job.state)
+        counts[mark] = counts.get(mark, 0) + 1
+    tally = ", ".join(f"{n} {mark}" for mark, n in counts.items())
+    out = [f"# {run.pipeline}: {run.state.upper()}", "",
+           f"Run `{run.id}` of `{run.sha[:12]}`, {'cold' if run.cold else 'warm'}, "
+           f"{duration(run.seconds)} wall; {len(run.jobs)} jobs ({tally or 'none'}).", ""]
+    if failed:
+        names = ", ".join(f"`{j.id}`" for j in failed)
+        out += [f"**{len(failed)} job(s) did not succeed: {names}.**", "", "## Failures", ""]
+        for job in failed:
+            out += _failure_section(run, job)
+    races = race_warnings(run)
+    if races:
+        out += ["## Races", "", "> **Warning: two chains committed the same disk.**", ">"]
+        out += [f"> - {_cell(line)}" for line in races]
+        out.append("")
+    out += ["## Jobs", "", *_table(JOB_COLUMNS, job_rows(run), frozenset({2, 3, 4, 5, 6})), ""]
     disks = [(j, d) for j in run.jobs for d in j.disks]
     if disks:
-        out += ["", "## Disks", "", "| job | disk | strategy | mount | commit | stored | gen |",
-                "|---|---|---|---:|---|---:|---:|"]
+        rows = []
         for job, d in disks:
-            outcome = (f"yes, {d.commit_seconds:.2f}s" if d.committed
-                       else d.error or d.commit_reason or "no")
-            out.append(f"| {job.id} | {d.key} | {d.strategy or '-'} | {d.mount_seconds:.3f}s | "
-                       f"{outcome} | {_size(d.stored_bytes)} | {d.generation or '-'} |")
-    return "\n".join(out) + "\n"
+            committed = ("yes, raced" if d.raced_with else "yes") if d.committed else "no"
+            reason = f"error: {d.error}" if d.error else d.commit_reason
+            rows.append([job.id, d.key, d.strategy or "-", duration(d.mount_seconds), committed,
+                         reason, size(d.stored_bytes), str(d.generation or "-")])
+        headers = ("job", "disk", "strategy", "mount", "committed", "reason", "stored", "gen")
+        out += ["## Disks", "", *_table(headers, rows, frozenset({3, 6, 7})), ""]
+    return "\n".join(out)
+
+
+def _write(path: Path, text: str) -> None:
+    # Written aside then renamed, so a reader never sees half a report.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_reports(run: RunRecord) -> tuple[Path, Path]:
-    """Write ``summary.md`` and ``summary.json`` in the run directory.
+    """Write ``summary.md`` and ``summary.json`` in the run directory; return their paths.
 
     The Markdown is also appended to ``$GITHUB_STEP_SUMMARY`` when that is set, so the run
-    shows on a GitHub Actions job page.
+    shows on a GitHub Actions job page next to whatever earlier steps wrote there.
     """
+    if not run.run_dir:
+        raise UsageError(f"run {run.id} has no run directory to write its reports in")
     root = Path(run.run_dir)
+    root.mkdir(parents=True, exist_ok=True)
     md, js = root / "summary.md", root / "summary.json"
     text = render_markdown(run)
-    md.write_text(text)
-    js.write_text(json.dumps(run.to_dict(), indent=2))
+    _write(md, text)
+    _write(js, json.dumps(run.to_dict(), indent=2) + "\n")
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
-        with open(step_summary, "a") as f:
-            f.write(text)
+        with open(step_summary, "ab+") as f:
+            # Start on a fresh line, or our headline would glue onto the last one there.
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(text.encode())
     return md, js
