@@ -13,8 +13,9 @@ from conftest import IS_ROOT, Env
 
 from stickyci import disks
 from stickyci.disks import api, basecache
-from stickyci.disks.policy import Used, over_budget, parse_duration, parse_size, unused_for
+from stickyci.disks.policy import Used, over_budget, unused_for
 from stickyci.errors import UsageError
+from stickyci.units import parse_duration, parse_size
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 

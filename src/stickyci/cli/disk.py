@@ -12,8 +12,10 @@ import click
 
 from .. import disks
 from ..disks import gc as gc_
-from ..disks.policy import DEFAULT_TTL, parse_duration
+from ..disks.policy import DEFAULT_TTL
 from ..disks.strategies import CHOICES
+from ..units import format_size as _size
+from ..units import parse_duration
 
 F = Callable[..., Any]
 
@@ -38,14 +40,6 @@ def _when(ts: float | None) -> str:
     if not ts:
         return "-"
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
 
 
 @click.group()

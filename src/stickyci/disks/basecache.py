@@ -20,8 +20,9 @@ from ..digest import Digest
 from ..fsutil import remove_tree
 from ..snapshot import load_manifest, restore
 from ..store import ObjectStore, cache_home
+from ..units import parse_size
 from . import mounts
-from .policy import Used, over_budget, parse_size
+from .policy import Used, over_budget
 
 DEFAULT_LIMIT = "20G"
 EMPTY = "empty"

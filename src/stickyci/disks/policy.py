@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import UsageError
-
 DEFAULT_TTL = 7 * 86400
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_duration(text: str) -> float:
-    """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` → seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if not m:
-        raise UsageError(f"invalid duration {text!r}: use a number and one of s, m, h, d, w "
-                         "(e.g. 7d)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-def parse_size(text: str) -> int:
-    """``500M``, ``20G``, ``1024`` → bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
-    if not m:
-        raise UsageError(f"invalid size {text!r}: use a number with K, M, G or T (e.g. 20G)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
 @dataclass(frozen=True, slots=True)

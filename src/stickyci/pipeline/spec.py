@@ -10,18 +10,17 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError
 
 from ..errors import UsageError
+from ..units import parse_duration
 
 COMMIT_MODES = ("on-success", "always", "on-change", "if-missing", "never")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
-
-
 def _duration(value: Any) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError("a duration is seconds or a number with s, m or h (e.g. 90s, 10m)")
+    try:
+        return parse_duration(str(value), bare_seconds=True)
+    except UsageError:
+        raise ValueError("a duration is seconds or a number with s, m, h or d (e.g. 90s, "
+                         "10m)") from None
 
 
 Duration = Annotated[float, BeforeValidator(_duration)]

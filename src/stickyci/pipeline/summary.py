@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import UsageError
+from ..units import format_size
 from .record import (
     CANCELLED,
     FAILURE,
@@ -45,16 +46,6 @@ def duration(seconds: float) -> str:
     if whole < 3600:
         return f"{whole // 60}m{whole % 60:02d}s"
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-
-
-def size(n: int) -> str:
-    """``512 B``, ``2.0 KiB``, ``1.5 GiB``."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def failures(run: RunRecord) -> list[JobRecord]:
@@ -116,7 +107,7 @@ def job_rows(run: RunRecord) -> list[list[str]]:
             duration(job.run_seconds) if started else "-",
             duration(mount) if job.disks else "-",
             duration(commit) if any(d.committed for d in job.disks) else "-",
-            size(stored) if job.disks else "-",
+            format_size(stored) if job.disks else "-",
             ", ".join(_base(d) for d in job.disks) or "-",
         ])
     return rows
@@ -211,7 +202,7 @@ def render_markdown(run: RunRecord) -> str:
             committed = ("yes, raced" if d.raced_with else "yes") if d.committed else "no"
             reason = f"error: {d.error}" if d.error else d.commit_reason
             rows.append([job.id, d.key, d.strategy or "-", duration(d.mount_seconds), committed,
-                         reason, size(d.stored_bytes), str(d.generation or "-")])
+                         reason, format_size(d.stored_bytes), str(d.generation or "-")])
         headers = ("job", "disk", "strategy", "mount", "committed", "reason", "stored", "gen")
         out += ["## Disks", "", *_table(headers, rows, frozenset({3, 6, 7})), ""]
     return "\n".join(out)

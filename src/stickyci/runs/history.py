@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -83,9 +84,6 @@ class History:
         # a read lock that another writer got to first.
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
         try:
-            # Readers never block the writer and the writer never blocks readers; persistent
-            # in the file, and a no-op once set.
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
@@ -99,6 +97,23 @@ class History:
             db.close()
 
     def _migrate(self) -> None:
+        """Switch the file to WAL and bring its schema up to date."""
+        # Switching to WAL takes a lock SQLite does not wait for (no busy handler), so runs
+        # opening a new history at the same moment take turns on a lock file. WAL itself is
+        # persistent in the database file: readers never block the writer nor it them.
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT)
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                finally:
+                    db.close()
+            except sqlite3.Error as exc:
+                raise StickyError(f"run history {self.path}: {exc}") from exc
+            self._upgrade()
+
+    def _upgrade(self) -> None:
         with self._db(write=True) as db:
             version: int = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
