@@ -1311,8 +1311,10 @@ def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: st
                          "waits for it before the next measurement.")
     if not bench.cold_ok:
         notes.append("- **Warning:** the page cache could not be dropped; 'cold' is not cold.")
-    for failure in bench.facts.get("failures", []):
-        notes.append(f"- **Failed:** {failure}")
+    failures = bench.facts.get("failures", [])
+    for failure in dict.fromkeys(failures):
+        times = failures.count(failure)
+        notes.append(f"- **Failed** ({times} of {bench.args.runs} runs): {failure}")
     if bench.facts.get("mismatches"):
         notes.append(f"- **Warning:** restored trees differed from the source for: "
                      f"{', '.join(bench.facts['mismatches'])}.")

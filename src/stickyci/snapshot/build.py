@@ -1,36 +1,27 @@
 """Building a snapshot: chunk and store file content in parallel, then store the manifest.
 
-Big jobs run in forked worker processes rather than threads: hashing and compressing release
-the GIL, but the per-file Python work around them does not, and with tens of thousands of small
-files that work is what serialises threads (measured in docs/benchmarks.md). Each worker
-inherits the store's index, so it skips objects stored before the commit, and writes its own
-packs; the parent then reloads the index.
+Big jobs run in forked workers (``stickyci.forked``). Each inherits the store's index, so it
+skips objects stored before the commit, and writes its own packs; the parent then reloads the
+index.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import multiprocessing
 import os
-import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import chunking
 from ..digest import Digest
+from ..forked import PARALLEL_MIN_BYTES, aborted, forked_map
 from ..store import ObjectStore
 from .model import FILE, ChunkRef, Entry, Manifest
 from .scan import is_special, skip_special, to_entry, walk
 
 # Reading small files whole is cheaper than mapping them; big ones are mapped to bound memory.
 _MMAP_MIN = 8 << 20
-WORKERS = (os.cpu_count() or 1) + 1  # one more than cores, to cover reads that wait on disk
-# Below this much content a fork costs more than it saves.
-_PARALLEL_MIN_BYTES = 64 << 20
 _BATCH_BYTES = 32 << 20
-_PR_SET_PDEATHSIG = 1
 
 Reuse = Callable[[Entry, os.stat_result], Entry | None]
 
@@ -82,7 +73,7 @@ def fill_content(store: ObjectStore, root: str, entries: Iterable[Entry]) -> Non
             leaders[e.link] = e
         todo.append(e)
 
-    if sum(e.size for e in todo) < _PARALLEL_MIN_BYTES:
+    if sum(e.size for e in todo) < PARALLEL_MIN_BYTES:
         for e in todo:
             e.size, e.chunks = store_file(store, os.path.join(root, e.path))
     else:
@@ -104,54 +95,25 @@ class Scan:
     touched: set[str] | None = None
 
 
-_Job = tuple[ObjectStore, str, list[list[Entry]], Any]
-_job: _Job | None = None
-
-
-def _die_with_parent() -> None:
-    # A committer killed with SIGKILL cannot stop its workers; the kernel does it for us, so no
-    # pack is published for a commit that is already dead.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:
-        os._exit(1)
-
-
-def _work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int]:
-    assert _job is not None
-    store, root, batches, abort = _job
-    before = store.bytes_written, store.objects_written
-    out = []
-    for e in batches[i]:
-        if abort.is_set():  # another batch failed: the commit is over, publish nothing more
-            return i, [], 0, 0
-        out.append(store_file(store, os.path.join(root, e.path)))
-    store.flush()  # each batch ends in a published pack: the parent only sees published packs
-    return i, out, store.bytes_written - before[0], store.objects_written - before[1]
-
-
 def _fill_forked(store: ObjectStore, root: str, todo: list[Entry]) -> None:
-    global _job
     store.flush()
     batches = list(_batches(todo, _BATCH_BYTES))
-    ctx = multiprocessing.get_context("fork")
-    abort = ctx.Event()
-    _job = (store, root, batches, abort)
-    pool = ctx.Pool(WORKERS, _die_with_parent)
-    try:
-        for i, out, nbytes, nobjects in pool.imap_unordered(_work, range(len(batches))):
-            for e, (size, chunks) in zip(batches[i], out, strict=True):
-                e.size, e.chunks = size, chunks
-            store.bytes_written += nbytes
-            store.objects_written += nobjects
-    except BaseException:
-        # Let workers stop at a file boundary, so none is killed halfway through a write.
-        abort.set()
-        raise
-    finally:
-        pool.close()
-        pool.join()
-        _job = None
+
+    def work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int]:
+        before = store.bytes_written, store.objects_written
+        out = []
+        for e in batches[i]:
+            if aborted():  # another batch failed: the commit is over, publish nothing more
+                return i, [], 0, 0
+            out.append(store_file(store, os.path.join(root, e.path)))
+        store.flush()  # each batch ends in a published pack: the parent sees only those
+        return i, out, store.bytes_written - before[0], store.objects_written - before[1]
+
+    for i, out, nbytes, nobjects in forked_map(work, range(len(batches))):
+        for e, (size, chunks) in zip(batches[i], out, strict=True):
+            e.size, e.chunks = size, chunks
+        store.bytes_written += nbytes
+        store.objects_written += nobjects
     store.refresh()
 
 

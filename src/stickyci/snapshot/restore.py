@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from ..digest import Digest
 from ..errors import UsageError
+from ..forked import PARALLEL_MIN_BYTES, WORKERS, aborted, forked_map
 from ..store import ObjectStore
-from .build import WORKERS
 from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
 
 _ROOT = os.geteuid() == 0
@@ -66,13 +65,23 @@ def materialize(m: Manifest, root: str, write_content: WriteContent,
             leaders[e.link] = e.path
         files.append(e)
 
-    def write(e: Entry) -> None:
-        _write_file(root, e, write_content)
-
     if order:
         files.sort(key=order)
-    with ThreadPoolExecutor(WORKERS) as pool:
-        for _ in pool.map(write, files):
+    if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
+        for e in files:
+            _write_file(root, e, write_content)
+    else:
+        # Contiguous runs of files, so each worker reads its packs front to back.
+        step = max(1, len(files) // (WORKERS * 8))
+        runs = [files[i:i + step] for i in range(0, len(files), step)]
+
+        def work(i: int) -> None:
+            for e in runs[i]:
+                if aborted():
+                    return
+                _write_file(root, e, write_content)
+
+        for _ in forked_map(work, range(len(runs))):
             pass
     for e in links:
         os.link(os.path.join(root, leaders[e.link]), os.path.join(root, e.path))
