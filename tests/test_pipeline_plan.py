@@ -135,3 +135,9 @@ def test_missing_secret_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("STICKYCI_TEST_SECRET", raising=False)
     message = _error(tmp_path, "secrets: [STICKYCI_TEST_SECRET]\njobs: {a: {steps: [{run: x}]}}")
     assert "STICKYCI_TEST_SECRET" in message
+
+
+def test_short_secret_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STICKYCI_TEST_SECRET", "x")
+    message = _error(tmp_path, "secrets: [STICKYCI_TEST_SECRET]\njobs: {a: {steps: [{run: x}]}}")
+    assert "cannot be masked: STICKYCI_TEST_SECRET" in message

@@ -307,3 +307,13 @@ jobs:
     assert rows["deps"]["cold"] > 0.5 > rows["deps"]["warm"]
     assert rows["total"]["ratio"] < 1
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_store_option_sends_disks_to_that_store(env: Env) -> None:
+    other = env.root / "other-store"
+    p = write(env, "jobs:\n  a:\n    disks: [{key: elsewhere, path: d}]\n"
+                   "    steps: [{run: 'echo x > d/f'}]\n")
+    code, _ = run(env, p, "--store", f"file://{other}")
+    assert code == 0
+    assert env.json("disk", "ls") == []
+    assert [d["key"] for d in env.json("disk", "ls", "--store", f"file://{other}")] == ["elsewhere"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from ..pipeline.executor import LocalExecutor, Options
 from ..pipeline.record import CANCELLED, FAILURE, SUCCESS, JobRecord, RunRecord
 from ..pipeline.summary import write_reports
 from ..runs.history import History
-from ..store import cache_home
+from ..store import cache_home, open_backend
 from .progress import LiveTable, lines
 
 EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}
@@ -35,6 +36,13 @@ def git_sha(where: Path) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "local"
     return out.stdout.strip() if out.returncode == 0 else "local"
+
+
+def _use_store(url: str | None) -> None:
+    # Jobs reach the store through `stickyci disk` subprocesses, which read the environment.
+    if url:
+        open_backend(url)  # a bad URL is an error now, not in every job
+        os.environ["STICKYCI_STORE"] = url
 
 
 def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -87,9 +95,12 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
 @click.option("--cold", is_flag=True, help="Mount every disk empty and commit nothing.")
 @click.option("--max-parallel", type=click.IntRange(min=1), help="Jobs running at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
+              help="Store for the jobs' disks (default: file:// under the user cache dir).")
 def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None, cold: bool,
-        max_parallel: int | None, as_json: bool) -> None:
+        max_parallel: int | None, as_json: bool, store_url: str | None) -> None:
     """Run a pipeline; exit 0 only if every job that had to run succeeded."""
+    _use_store(store_url)
     record = execute(pipeline, sha=sha, sets=parse_sets(sets), only=only, cold=cold,
                      max_parallel=max_parallel, quiet=as_json)
     if as_json:
@@ -113,9 +124,12 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
 @click.option("--chart", "chart_path", type=click.Path(path_type=Path),
               help="Where to write the PNG chart (default: bench.png in the last run dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
+              help="Store for the jobs' disks (default: file:// under the user cache dir).")
 def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
-          chart_path: Path | None, as_json: bool) -> None:
+          chart_path: Path | None, as_json: bool, store_url: str | None) -> None:
     """Alternate cold and warm runs of a pipeline; compare per-job medians."""
+    _use_store(store_url)
     overrides = parse_sets(sets)
     cold: list[RunRecord] = []
     warm: list[RunRecord] = []

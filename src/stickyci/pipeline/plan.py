@@ -18,6 +18,8 @@ from .matrix import combinations
 from .spec import JobSpec, MatrixSpec, PipelineSpec, parse_where, where
 from .template import STATUS_FUNCTIONS, condition, render
 
+MIN_SECRET = 4
+
 
 @dataclass(slots=True)
 class Instance:
@@ -112,6 +114,12 @@ def _build(spec: PipelineSpec, file: Path, *, sha: str, overrides: dict[str, str
     if missing:
         raise UsageError(f"secrets not set in the environment: {', '.join(missing)}; export "
                          "them before `stickyci run`")
+    short = [s for s in spec.secrets if len(os.environ[s]) < MIN_SECRET]
+    if short:
+        # Masking a 1-3 character value would blank it out of every word in every log while
+        # protecting nothing; such a value is no secret.
+        raise UsageError(f"secrets shorter than {MIN_SECRET} characters cannot be masked: "
+                         f"{', '.join(short)}; use longer values")
     plan = Plan(spec, file.resolve(), sha, variables, {},
                 {s: os.environ[s] for s in spec.secrets})
     keep = _closure(spec, only) if only else set(spec.jobs)
