@@ -52,7 +52,7 @@ def _decode_index_raw(name: str, data: bytes) -> Iterator[tuple[bytes, int, int]
 
 
 class ObjectStore:
-    """Objects by digest over a backend. Thread-safe: workers may ``put`` concurrently."""
+    """Objects by digest over a backend. Thread-safe, so one store can serve many requests."""
 
     def __init__(self, backend: Backend, *, load_index: bool = True) -> None:
         """``load_index=False`` defers reading the pack indexes to the first ``get`` miss."""
@@ -212,7 +212,7 @@ class ObjectStore:
             data = self.backend.get(pack)
             with self._lock:
                 self._spans[pack] = data
-                # A few packs cover what restore threads read at once; keep memory bounded.
+                # A few packs cover a sequential reader; keep memory bounded.
                 while len(self._spans) > 6:
                     self._spans.popitem(last=False)
             return data
