@@ -1222,28 +1222,6 @@ def machine() -> dict[str, str]:
             "tar": out(["tar", "--version"])}
 
 
-def avoid_fork_deadlock() -> str:
-    """Work around a hang of in-process commits; return a note for the report, or "".
-
-    stickyci fills a commit's content in ``fork``-ed workers, and hashes inputs of 4 MB and
-    more on blake3's (rayon) thread pool. Once this long-lived process has used that pool (a
-    first commit hashes its multi-MB manifest), workers forked by the next commit inherit a
-    pool without threads and wait forever in ``Digest.of``. Hashing on one thread in this
-    process avoids it; the CLI rows run stickyci unpatched in their own processes.
-    """
-    from stickyci import digest
-    from stickyci.snapshot import build
-
-    if not (hasattr(build, "_fill_forked") and hasattr(digest, "_THREADED_MIN")):
-        return ""
-    vars(digest)["_THREADED_MIN"] = 1 << 62
-    log("WARNING: in-process BLAKE3 forced single-threaded: forked commit workers deadlock "
-        "on blake3's thread pool once this process has used it (see --no-fork-workaround)")
-    return ("In-process API rows hash BLAKE3 on one thread (`stickyci.digest._THREADED_MIN` "
-            "raised by the benchmark): with blake3's thread pool, the fork-ed workers of a "
-            "second commit in the same process deadlock. CLI rows are unpatched.")
-
-
 def src_fingerprint() -> str:
     """A digest of stickyci's source files, to notice src/ changing during a run."""
     import hashlib
@@ -1287,8 +1265,6 @@ def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: st
         f"cached copy not included).",
         f"- **Command:** `{command}`",
     ]
-    if bench.facts.get("workaround"):
-        notes.append(f"- **Workaround:** {bench.facts['workaround']}")
     if bench.facts.get("src_changed"):
         notes.append("- **Warning:** stickyci's source changed while the benchmark ran; the CLI "
                      "rows may have run newer code than the in-process rows.")
@@ -1409,8 +1385,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=60, metavar="S",
                    help="before each measurement, wait up to S seconds for other processes "
                    "to stop using the CPUs (default 60; 0: never wait)")
-    p.add_argument("--no-fork-workaround", action="store_true",
-                   help="do not force single-threaded BLAKE3 in-process (see the report)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.scale <= 0:
         p.error("--runs must be >= 1 and --scale > 0")
@@ -1440,8 +1414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, dataset, work)
     WATCH.quiet_wait = args.quiet_wait
     fingerprint = src_fingerprint()
-    if not args.no_fork_workaround:
-        bench.facts["workaround"] = avoid_fork_deadlock()
     try:
         bench.setup()
         bench.phase_save()
