@@ -29,7 +29,7 @@ def default_store_url() -> str:
 
 
 def open_backend(url: str | None = None) -> Backend:
-    """Open the backend a URL names: ``file:///path`` or a plain path."""
+    """Open the backend a URL names: ``file:///path``, a plain path, or ``s3://BUCKET/PREFIX``."""
     url = url or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -37,6 +37,9 @@ def open_backend(url: str | None = None) -> Backend:
         if not path:
             raise UsageError(f"store URL {url!r} has no path; use file:///absolute/path")
         return LocalBackend(Path(path).expanduser().absolute())
-    raise UsageError(
-        f"store URL {url!r}: unsupported scheme {parsed.scheme!r}; use file:///path"
-    )
+    if parsed.scheme == "s3":
+        from .s3 import S3Backend  # boto3 is imported only for s3:// stores (CLI start-up)
+
+        return S3Backend(url)
+    raise UsageError(f"store URL {url!r}: unsupported scheme {parsed.scheme!r}; use "
+                     "file:///path or s3://BUCKET/PREFIX")

@@ -80,6 +80,7 @@ class LocalBackend:
 
     def list(self, namespace: str) -> list[str]:
         """Names under a namespace; lock files are private and not listed."""
+        check_name(f"{namespace}/x")
         try:
             return [
                 f"{namespace}/{e.name}"
