@@ -138,6 +138,7 @@ def test_delete_is_idempotent(backend: Backend) -> None:
     assert backend.stat("packs/d") is None
     with pytest.raises(NotFound):
         backend.get("packs/d")
+    assert backend.list("packs") == []  # an emptied namespace lists nothing, not a marker
 
 
 def test_put_replaces(backend: Backend) -> None:

@@ -214,7 +214,10 @@ class S3Backend:
         with self._boundary("list", namespace):
             pages = self._s3.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=f"{self.prefix}{namespace}/", Delimiter="/")
-            return [o["Key"][start:] for page in pages for o in page.get("Contents", [])]
+            # Filer-backed servers (SeaweedFS) list an emptied "directory" as a key of its own
+            # ending in "/"; it is no blob.
+            return [o["Key"][start:] for page in pages for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")]
 
     def delete(self, name: str) -> None:
         """Remove a blob; S3 deletes of absent keys succeed."""
