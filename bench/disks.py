@@ -245,17 +245,10 @@ def drop_caches() -> bool:
 
 
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """``(relative path, lstat)`` for everything under ``root``, without following symlinks."""
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(root / rel if rel else root) as it:
-            for de in it:
-                path = f"{rel}/{de.name}" if rel else de.name
-                st = de.stat(follow_symlinks=False)
-                yield path, st
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(path)
+    """``(relative path, lstat)`` for everything under ``root``: stickyci's own tree walk."""
+    from stickyci.snapshot.scan import walk as tree_walk
+
+    return tree_walk(str(root))
 
 
 def read_tree(root: Path) -> None:
