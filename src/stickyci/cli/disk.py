@@ -174,7 +174,7 @@ def rm(key: str, store_url: str | None, as_json: bool) -> None:
 @json_option
 def evict(unused_for: str, dry_run: bool, store_url: str | None, as_json: bool) -> None:
     """Remove disks unused for a while."""
-    d = disks.evict(parse_duration(unused_for), dry_run=dry_run, store_url=store_url)
+    d = disks.evict(parse_duration(unused_for), dry_run=dry_run, store=store_url)
     verb = "would evict" if dry_run else "evicted"
     emit(as_json, d, lambda d: f"{verb} {len(d['evicted'])} disk(s)"
          + "".join(f"\n  {k}" for k in d["evicted"]))

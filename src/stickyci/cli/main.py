@@ -18,6 +18,8 @@ COMMANDS = {
     "run": ("stickyci.cli.run", "run"),
     "bench": ("stickyci.cli.run", "bench"),
     "runs": ("stickyci.cli.runs", "runs"),
+    "serve": ("stickyci.cli.serve", "serve"),
+    "token": ("stickyci.cli.serve", "token"),
 }
 
 

@@ -237,10 +237,14 @@ def _require(backend: Backend, key: str) -> DiskRef:
     return ref
 
 
-def list_disks(store_url: str | None = None) -> list[dict[str, Any]]:
-    """One summary row per disk."""
+def _open(store: str | Backend | None) -> Backend:
+    return store if store is not None and not isinstance(store, str) else open_backend(store)
+
+
+def list_disks(store: str | Backend | None = None) -> list[dict[str, Any]]:
+    """One summary row per disk, from a store URL or an open backend."""
     rows = []
-    for ref in refs.list_refs(open_backend(store_url)):
+    for ref in refs.list_refs(_open(store)):
         latest = ref.latest
         rows.append({"key": ref.key, "generation": latest.gen if latest else 0,
                      "generations": len(ref.generations), "size": latest.size if latest else 0,
@@ -249,9 +253,9 @@ def list_disks(store_url: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def show(key: str, store_url: str | None = None) -> dict[str, Any]:
+def show(key: str, store: str | Backend | None = None) -> dict[str, Any]:
     """A disk's generations, sizes and last use."""
-    return asdict(_require(open_backend(store_url), refs.check_key(key)))
+    return asdict(_require(_open(store), refs.check_key(key)))
 
 
 def diff_disk(key: str, gen_a: int | None = None, gen_b: int | None = None,
@@ -284,9 +288,10 @@ def remove(key: str, store_url: str | None = None) -> dict[str, Any]:
     return {"key": key, "removed": True}
 
 
-def evict(ttl: float, *, dry_run: bool = False, store_url: str | None = None) -> dict[str, Any]:
+def evict(ttl: float, *, dry_run: bool = False,
+          store: str | Backend | None = None) -> dict[str, Any]:
     """Remove disks not used for ``ttl`` seconds."""
-    backend = open_backend(store_url)
+    backend = _open(store)
     found = refs.list_refs(backend)
     stale = policy.unused_for(
         (policy.Used(r.key, r.latest.size if r.latest else 0, r.last_used) for r in found),

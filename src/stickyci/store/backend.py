@@ -8,6 +8,7 @@ packing are wrappers around a backend, never branches inside one.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,6 +45,9 @@ class Backend(Protocol):
 
     def stat(self, name: str) -> Stat | None:
         """Size and mtime of ``name``, or None if it does not exist."""
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """The subset of ``names`` that does not exist (one round trip where the backend can)."""
 
     def list(self, namespace: str) -> list[str]:
         """Names under ``namespace`` (e.g. ``"refs"``), in no particular order."""

@@ -7,7 +7,7 @@ import errno
 import fcntl
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..digest import Digest
@@ -77,6 +77,10 @@ class LocalBackend:
         except FileNotFoundError:
             return None
         return Stat(st.st_size, st.st_mtime)
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """Names with no file."""
+        return [n for n in names if not self._path(n).exists()]
 
     def list(self, namespace: str) -> list[str]:
         """Names under a namespace; lock files are private and not listed."""

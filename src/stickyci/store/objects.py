@@ -110,9 +110,9 @@ class ObjectStore:
             if loc is None:
                 raise NotFound(f"object {Digest(d)} is missing from the store")
             packs.add(loc[0])
-        for pack in packs:
-            if self.backend.stat(pack) is None:
-                raise NotFound(f"{pack} was removed by a concurrent gc; retry the commit")
+        gone = self.backend.missing(sorted(packs))
+        if gone:
+            raise NotFound(f"{gone[0]} was removed by a concurrent gc; retry the commit")
 
     def put(self, plain: bytes | memoryview, digest: Digest | None = None) -> Digest:
         """Store ``plain`` unless an object with its digest exists; return the digest."""

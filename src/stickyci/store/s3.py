@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -206,6 +206,10 @@ class S3Backend:
                 self._check_bucket()  # a 404 HEAD does not say whether the bucket is missing
                 return None
         return Stat(head["ContentLength"], head["LastModified"].timestamp())
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        """Names with no object: S3 has no batch HEAD, so one HEAD each."""
+        return [n for n in names if self.stat(n) is None]
 
     def list(self, namespace: str) -> list[str]:
         """Names under a namespace, one page (1000 keys) per request."""

@@ -1,0 +1,149 @@
+"""``stickyci serve`` and ``stickyci token …``: the cache server and its scoped tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..store import cache_home, default_store_url
+from ..units import parse_duration, parse_size
+from .disk import emit, json_option
+
+
+def default_state_dir() -> Path:
+    """``STICKYCI_SERVER_DIR``, else ``server/`` under the stickyci cache directory."""
+    explicit = os.environ.get("STICKYCI_SERVER_DIR")
+    return Path(explicit) if explicit else cache_home() / "server"
+
+
+def state_option(f: click.decorators.FC) -> click.decorators.FC:
+    """``--state-dir DIR``: where the server keeps its tokens."""
+    return click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+                        help="Server state (tokens). Default: $STICKYCI_SERVER_DIR or "
+                             "server/ in the stickyci cache dir.")(f)
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:8471")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@click.command()
+@click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
+              help="The store to serve (file:// or s3://).")
+@click.option("--listen", default="127.0.0.1:8471", show_default=True, metavar="HOST:PORT")
+@state_option
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="Evict least-recently-used Bazel cache entries above this size (e.g. 50G).")
+@click.option("--max-body", default="2G", show_default=True, metavar="SIZE",
+              help="Refuse request bodies larger than this with 413.")
+@click.option("--anonymous-read", is_flag=True, help="Let requests without a token read.")
+@click.option("--evict-after", default=None, metavar="DURATION",
+              help="Remove disks unused for this long (e.g. 7d), on a schedule.")
+@click.option("--evict-every", default="1h", show_default=True, metavar="DURATION",
+              help="How often the disk eviction runs.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One JSON line per request on stderr.")
+def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: str | None,
+          max_body: str, anonymous_read: bool, evict_after: str | None, evict_every: str,
+          access_log: bool) -> None:
+    """Serve a store over HTTP to many runners, and as a Bazel/ccache remote cache."""
+    import uvicorn
+
+    from ..server.app import ServerConfig, create_app
+
+    host, port = _listen(listen)
+    url = store_url or default_store_url()
+    if url.startswith(("http://", "https://")):
+        raise UsageError(f"--store {url!r}: a server serves a file:// or s3:// store, not "
+                         "another server")
+    cfg = ServerConfig(
+        store_url=url, state_dir=state_dir or default_state_dir(),
+        max_size=parse_size(max_size) if max_size else None, max_body=parse_size(max_body),
+        anonymous_read=anonymous_read,
+        evict_after=parse_duration(evict_after) if evict_after else None,
+        evict_every=parse_duration(evict_every))
+    access = logging.getLogger("stickyci.access")
+    access.propagate = False
+    if access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.handlers[:] = [handler]
+        access.setLevel(logging.INFO)
+    logging.getLogger("stickyci").setLevel(logging.INFO)
+    click.echo(f"stickyci: serving {url} on http://{host}:{port}", err=True)
+    uvicorn.run(create_app(cfg), host=host, port=port, access_log=False, log_level="warning",
+                http="httptools", loop="uvloop", timeout_graceful_shutdown=5)
+
+
+@click.group()
+def token() -> None:
+    """Create, list and revoke the server's scoped tokens."""
+
+
+@token.command("create")
+@state_option
+@click.option("--name", default="", help="A note saying who the token is for.")
+@click.option("--read", multiple=True, metavar="PATTERN", help="Disk keys it may read (glob).")
+@click.option("--write", multiple=True, metavar="PATTERN",
+              help="Disk keys it may write (glob); implies --read of the same.")
+@click.option("--delete", multiple=True, metavar="PATTERN", help="Disk keys it may remove.")
+@click.option("--admin", is_flag=True, help="Everything, including gc and eviction.")
+@click.option("--expires", default=None, metavar="DURATION", help="e.g. 30d; default: never.")
+@json_option
+def token_create(state_dir: Path | None, name: str, read: tuple[str, ...],
+                 write: tuple[str, ...], delete: tuple[str, ...], admin: bool,
+                 expires: str | None, as_json: bool) -> None:
+    """Create a token and print it; it is shown only this once."""
+    from ..server.auth import TokenStore
+
+    secret, tok = TokenStore(state_dir or default_state_dir()).create(
+        name=name, read=list(read), write=list(write), delete=list(delete), admin=admin,
+        ttl=parse_duration(expires) if expires else None)
+    if as_json:
+        click.echo(json.dumps({"token": secret, **tok.public()}, indent=2))
+    else:
+        click.echo(secret)
+
+
+@token.command("ls")
+@state_option
+@json_option
+def token_ls(state_dir: Path | None, as_json: bool) -> None:
+    """List tokens (never their secrets)."""
+    from ..server.auth import TokenStore
+
+    tokens = TokenStore(state_dir or default_state_dir()).list()
+
+    def text(_: object) -> str:
+        return "\n".join(
+            f"{t.id}  {t.name or '-'}  read={','.join(t.read) or '-'}  "
+            f"write={','.join(t.write) or '-'}  delete={','.join(t.delete) or '-'}"
+            f"{'  admin' if t.admin else ''}  expires={_when(t.expires)}"
+            for t in tokens) or "no tokens"
+
+    emit(as_json, [t.public() for t in tokens], text)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts)) if ts else "never"
+
+
+@token.command("revoke")
+@state_option
+@click.argument("token_id")
+def token_revoke(state_dir: Path | None, token_id: str) -> None:
+    """Revoke a token by its id (the part after ``sci_``)."""
+    from ..server.auth import TokenStore
+
+    TokenStore(state_dir or default_state_dir()).revoke(token_id)
+    click.echo(f"revoked {token_id}")

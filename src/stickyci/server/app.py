@@ -1,0 +1,409 @@
+"""The ASGI application behind ``stickyci serve``: the store API and the Bazel HTTP cache.
+
+Every route authenticates first and checks the scope its operation needs, then calls the store
+backend in a worker thread (backends block). Errors are ``StickyError``s that one handler turns
+into an ``ErrorBody`` and the status ``protocol.status_of`` gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import disks
+from ..digest import Digest
+from ..disks import refs
+from ..errors import (
+    ConflictError,
+    IntegrityError,
+    NotFound,
+    StickyError,
+    TooLarge,
+    UsageError,
+)
+from ..store import Backend, open_backend
+from ..store.backend import check_name
+from ..store.objects import decode_index
+from . import protocol as p
+from .auth import ANONYMOUS_READ, Permission, Principal, TokenStore
+from .lru import CacheLRU
+from .metrics import Metrics, Observe
+
+log = logging.getLogger("stickyci.server")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+# What the blob API serves. ``ac``/``cas`` belong to the Bazel routes; ``tmp`` holds a file
+# backend's unfinished writes, which only garbage collection (admin) may list and delete.
+_NAMESPACES = {"packs", "index", "refs", "tmp"}
+_IMMUTABLE = {"packs", "index"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How ``stickyci serve`` was started."""
+
+    store_url: str
+    state_dir: Path
+    max_size: int | None = None
+    max_body: int = 2 << 30
+    anonymous_read: bool = False
+    evict_after: float | None = None
+    evict_every: float = 3600.0
+
+
+class Server:
+    """State shared by the routes: the backend, tokens, cache accounting and metrics."""
+
+    def __init__(self, cfg: ServerConfig, backend: Backend | None = None) -> None:
+        self.cfg = cfg
+        self.backend = backend or open_backend(cfg.store_url)
+        self.tokens = TokenStore(cfg.state_dir, ANONYMOUS_READ if cfg.anonymous_read else None)
+        self.lru = CacheLRU(cfg.max_size)
+        self.metrics = Metrics()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def who(self, request: Request) -> Principal:
+        """Authenticate the request; its token id goes to the access log, never the token."""
+        principal = self.tokens.authenticate(request.headers.get("authorization"))
+        request.state.principal = principal.id
+        return principal
+
+    async def body(self, request: Request) -> bytes:
+        """The request body, refused with 413 as soon as it passes ``max_body``."""
+        limit = self.cfg.max_body
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"request body of {declared} bytes is over the server's limit of "
+                           f"{limit}; raise stickyci serve --max-body")
+        buf = bytearray()
+        try:
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise TooLarge(f"request body is over the server's limit of {limit} "
+                                   "bytes; raise stickyci serve --max-body")
+        except ClientDisconnect as exc:
+            raise UsageError("the client went away before the body was complete; "
+                             "nothing was stored") from exc
+        return bytes(buf)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking backend call off the event loop."""
+        return await run_in_threadpool(fn, *args)
+
+    # -- the store API ---------------------------------------------------------------------
+
+    async def blob(self, request: Request) -> Response:
+        """GET / HEAD / PUT / DELETE one blob of the store."""
+        name = request.path_params["name"]
+        ns, key = _blob_scope(name)
+        who = self.who(request)
+        method = request.method
+        if method in ("GET", "HEAD"):
+            who.require(Permission.READ, key, name)
+            if method == "HEAD":
+                st = await self.call(self.backend.stat, name)
+                if st is None:
+                    raise NotFound(f"store object {name} is missing")
+                return Response(headers={"content-length": str(st.size),
+                                         p.MTIME_HEADER: repr(st.mtime)})
+            offset, length = _parse_range(request.headers.get("range"))
+            data = await self.call(self.backend.get, name, offset, length)
+            if length is None and offset == 0:
+                return Response(data, media_type="application/octet-stream")
+            end = offset + len(data) - 1
+            return Response(data, status_code=206, media_type="application/octet-stream",
+                            headers={"content-range": f"bytes {offset}-{end}/*"})
+        if method == "DELETE":
+            perm = Permission.DELETE if key is not None else Permission.ADMIN
+            who.require(perm, key, name)
+            await self.call(self.backend.delete, name)
+            return Response(status_code=204)
+        who.require(Permission.WRITE, key, name)
+        if ns == "tmp":
+            raise UsageError(f"{name}: the tmp namespace is the server's own; write elsewhere")
+        data = await self.body(request)
+        if_match = request.headers.get("if-match")
+        if_none = request.headers.get("if-none-match")
+        if if_match is not None or if_none == "*":
+            won = await self.call(self.backend.put_if, name, data, if_match)
+            if not won:
+                return await self.lost_race(name)
+            return Response(status_code=204)
+        if ns in _IMMUTABLE:
+            _verify_immutable(name, data)
+            if await self.call(self.backend.stat, name) is not None:
+                return Response(status_code=204)  # content-addressed: already there, same bytes
+        await self.call(self.backend.put, name, data)
+        return Response(status_code=204)
+
+    async def lost_race(self, name: str) -> Response:
+        """409 with the etag that won, and for a disk ref the generation it points to."""
+        current = await self.call(self.backend.read_versioned, name)
+        etag = current[1] if current else None
+        generation = None
+        if current and name.startswith("refs/"):
+            with contextlib.suppress(StickyError):
+                latest = refs.DiskRef.decode(current[0]).latest
+                generation = latest.gen if latest else None
+        body = p.ErrorBody(error=f"{name} changed since it was read; re-read and retry",
+                           kind=ConflictError.__name__, etag=etag, generation=generation)
+        return Response(body.model_dump_json(), status_code=409, media_type="application/json")
+
+    async def versioned(self, request: Request) -> Response:
+        """A blob with its etag, for compare-and-swap updates."""
+        name = request.path_params["name"]
+        _, key = _blob_scope(name)
+        self.who(request).require(Permission.READ, key, name)
+        got = await self.call(self.backend.read_versioned, name)
+        if got is None:
+            raise NotFound(f"store object {name} is missing")
+        return Response(got[0], media_type="application/octet-stream",
+                        headers={"etag": got[1]})
+
+    async def listing(self, request: Request) -> Response:
+        """Names in a namespace; refs are filtered to the keys the token may read."""
+        ns = request.path_params["namespace"]
+        if ns not in _NAMESPACES:
+            raise UsageError(f"namespace {ns!r} is not served; use one of "
+                             f"{', '.join(sorted(_NAMESPACES))}")
+        who = self.who(request)
+        if ns == "tmp":
+            who.require(Permission.ADMIN, None, "the tmp namespace")
+        else:
+            who.require(Permission.READ, None, f"the {ns} namespace")
+        names = await self.call(self.backend.list, ns)
+        if ns == "refs":
+            names = [n for n in names if who.scope.allows(Permission.READ, n[5:])]
+        return _json(p.ListResponse(names=names))
+
+    async def missing(self, request: Request) -> Response:
+        """Which of a batch of content-addressed blobs the store lacks."""
+        who = self.who(request)
+        req = _parse(p.MissingRequest, await self.body(request))
+        for name in req.names:
+            if _blob_scope(name)[0] not in _IMMUTABLE:
+                raise UsageError(f"{name}: /v1/missing answers for packs and index only")
+        who.require(Permission.READ, None, "the store's objects")
+
+        def check() -> list[str]:
+            return [n for n in req.names if self.backend.stat(n) is None]
+
+        return _json(p.MissingResponse(missing=await self.call(check)))
+
+    async def disk_list(self, request: Request) -> Response:
+        """Disks the token may read, as ``disk ls --json`` shows them."""
+        who = self.who(request)
+        found = await self.call(disks.list_disks, self.backend)
+        return _json(p.DisksResponse(
+            disks=[d for d in found if who.scope.allows(Permission.READ, d["key"])]))
+
+    async def disk_show(self, request: Request) -> Response:
+        """One disk's metadata and generations."""
+        key = refs.check_key(request.path_params["key"])
+        self.who(request).require(Permission.READ, key, f"disk {key}")
+        return JSONResponse(await self.call(disks.show, key, self.backend))
+
+    async def evict(self, request: Request) -> Response:
+        """Remove disks unused for a TTL (admin)."""
+        self.who(request).require(Permission.ADMIN, None, "disk eviction")
+        req = _parse(p.EvictRequest, await self.body(request))
+        result = await self.call(self.evict_disks, req.ttl, req.dry_run)
+        return _json(p.EvictResponse(result=result))
+
+    def evict_disks(self, ttl: float, dry_run: bool = False) -> dict[str, Any]:
+        """Disk TTL eviction, counted in the metrics."""
+        result = disks.evict(ttl, dry_run=dry_run, store=self.backend)
+        if not dry_run:
+            self.metrics.evictions.labels("disk").inc(len(result["evicted"]))
+        return result
+
+    # -- the Bazel HTTP cache --------------------------------------------------------------
+
+    async def bazel(self, request: Request) -> Response:
+        """``GET|HEAD|PUT [/instance]/ac|cas/<sha256>``; CAS uploads must hash to their name."""
+        kind = "cas" if "/cas/" in request.url.path else "ac"
+        digest = request.path_params["digest"]
+        instance = request.path_params.get("instance", "default")
+        if not _SHA256.match(digest):
+            raise UsageError(f"{digest!r} is not a SHA-256 digest (64 lowercase hex digits)")
+        if not _INSTANCE.match(instance):
+            raise UsageError(f"instance name {instance!r}: use letters, digits, '_' and '-'")
+        who = self.who(request)
+        # CAS entries are content-addressed and shared by every instance; AC entries are not.
+        name = f"cas/{digest}" if kind == "cas" else f"ac/{instance}.{digest}"
+        if request.method == "PUT":
+            who.require(Permission.WRITE, instance, f"the {instance} cache")
+            data = await self.body(request)
+            if kind == "cas" and hashlib.sha256(data).hexdigest() != digest:
+                raise IntegrityError(f"CAS upload does not hash to {digest}; nothing stored")
+            await self.call(self.backend.put, name, data)
+            self.lru.touch(name, len(data))
+            await self.enforce_max_size()
+            return Response(status_code=200)
+        who.require(Permission.READ, instance, f"the {instance} cache")
+        try:
+            if request.method == "HEAD":
+                st = await self.call(self.backend.stat, name)
+                if st is None:
+                    raise NotFound(f"{kind} entry {digest} is not in the cache")
+                size = st.size
+                response = Response(headers={"content-length": str(size)})
+            else:
+                data = await self.call(self.backend.get, name)
+                size = len(data)
+                response = Response(data, media_type="application/octet-stream")
+        except NotFound:
+            self.metrics.hit(kind, False)
+            self.lru.forget(name)
+            raise
+        self.metrics.hit(kind, True)
+        self.lru.touch(name, size)
+        return response
+
+    async def enforce_max_size(self) -> None:
+        """Evict least-recently-used cache entries once the cache is over ``--max-size``."""
+        victims = self.lru.over()
+        for name in victims:
+            await self.call(self.backend.delete, name)
+            self.lru.forget(name)
+            self.metrics.evictions.labels(name.partition("/")[0]).inc()
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        """Up, and the store answers a listing."""
+        await self.call(self.backend.stat, "refs/healthz")
+        return _json(p.Health(status="ok", store=self.backend.url))
+
+    async def metrics_page(self, request: Request) -> Response:
+        """Prometheus exposition."""
+        return Response(self.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Seed the cache accounting, and run disk eviction on its schedule."""
+        tasks = []
+        if self.cfg.max_size is not None:
+            await self.call(self.lru.seed, self.backend)
+        if self.cfg.evict_after:
+            tasks.append(asyncio.create_task(self._evict_loop(self.cfg.evict_after)))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _evict_loop(self, ttl: float) -> None:
+        while True:
+            try:
+                result = await self.call(self.evict_disks, ttl)
+                if result["evicted"]:
+                    log.info("evicted disks unused for %ss: %s", ttl, result["evicted"])
+            except StickyError as exc:
+                log.warning("scheduled disk eviction failed: %s", exc)
+            await asyncio.sleep(self.cfg.evict_every)
+
+
+def _parse(model: type[M], data: bytes) -> M:
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "body"
+        raise UsageError(f"invalid request body: {where}: {first['msg']}") from exc
+
+
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _blob_scope(name: str) -> tuple[str, str | None]:
+    """A served blob name's namespace and, for a ref, the disk key scopes are matched on."""
+    check_name(name)
+    ns, _, rest = name.partition("/")
+    if ns not in _NAMESPACES:
+        raise UsageError(f"{name}: namespace {ns!r} is not served by the blob API")
+    return ns, (refs.check_key(rest) if ns == "refs" else None)
+
+
+def _verify_immutable(name: str, data: bytes) -> None:
+    """A pack must hash to its name and an index must pass its own checksum."""
+    ns, _, ident = name.partition("/")
+    if ns == "packs" and Digest.of(data).hex != ident:
+        raise IntegrityError(f"{name}: the body does not hash to its name; nothing stored")
+    if ns == "index":
+        decode_index(name, data)
+
+
+def _parse_range(header: str | None) -> tuple[int, int | None]:
+    if header is None:
+        return 0, None
+    m = _RANGE.match(header.strip())
+    if not m:
+        raise UsageError(f"unsupported Range {header!r}: use bytes=START-END or bytes=START-")
+    start = int(m.group(1))
+    if not m.group(2):
+        return start, None
+    end = int(m.group(2))
+    if end < start:
+        raise UsageError(f"invalid Range {header!r}: END is before START")
+    return start, end - start + 1
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StickyError)
+    status = p.status_of(exc)
+    kind = next((c.__name__ for c in type(exc).__mro__ if c in p.STATUS), "StickyError")
+    if status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    body = p.ErrorBody(error=str(exc), kind=kind)
+    headers = {"www-authenticate": 'Bearer realm="stickyci"'} if status == 401 else None
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+def create_app(cfg: ServerConfig, backend: Backend | None = None) -> Observe:
+    """The server as an ASGI app, wrapped in metrics and access logging."""
+    server = Server(cfg, backend)
+    bazel_methods = ["GET", "HEAD", "PUT"]
+    routes = [
+        Route("/healthz", server.healthz, methods=["GET"]),
+        Route("/metrics", server.metrics_page, methods=["GET"]),
+        Route(f"{p.PREFIX}/blobs/{{name:path}}", server.blob,
+              methods=["GET", "HEAD", "PUT", "DELETE"]),
+        Route(f"{p.PREFIX}/versioned/{{name:path}}", server.versioned, methods=["GET"]),
+        Route(f"{p.PREFIX}/list/{{namespace}}", server.listing, methods=["GET"]),
+        Route(f"{p.PREFIX}/missing", server.missing, methods=["POST"]),
+        Route(f"{p.PREFIX}/disks", server.disk_list, methods=["GET"]),
+        Route(f"{p.PREFIX}/disks/{{key}}", server.disk_show, methods=["GET"]),
+        Route(f"{p.PREFIX}/evict", server.evict, methods=["POST"]),
+        Route("/ac/{digest}", server.bazel, methods=bazel_methods),
+        Route("/cas/{digest}", server.bazel, methods=bazel_methods),
+        Route("/{instance}/ac/{digest}", server.bazel, methods=bazel_methods),
+        Route("/{instance}/cas/{digest}", server.bazel, methods=bazel_methods),
+    ]
+    app = Starlette(routes=routes, exception_handlers={StickyError: _error},
+                    lifespan=server.lifespan)
+    app.state.server = server
+    return Observe(app, server.metrics)

@@ -1,0 +1,111 @@
+"""Prometheus metrics and structured access logs, measured in one ASGI middleware.
+
+The middleware sits outside the router, so it sees every response, errors included. Routes are
+labelled by their family (``blobs``, ``ac``, ``cas``…), never by the requested name, so a
+scrape stays small however many objects the store holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ACCESS_LOG = logging.getLogger("stickyci.access")
+_FAMILIES = {"blobs", "versioned", "list", "missing", "disks", "evict", "healthz", "metrics"}
+
+
+class Metrics:
+    """The server's counters and histograms, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("stickyci_requests", "HTTP requests served",
+                                ["route", "method", "status"], registry=r)
+        self.bytes_in = Counter("stickyci_bytes_in", "Request body bytes received", ["route"],
+                                registry=r)
+        self.bytes_out = Counter("stickyci_bytes_out", "Response body bytes sent", ["route"],
+                                 registry=r)
+        self.lookups = Counter("stickyci_cache_lookups", "Reads by outcome",
+                               ["kind", "result"], registry=r)
+        self.evictions = Counter("stickyci_evictions", "Entries evicted", ["kind"], registry=r)
+        self.latency = Histogram(
+            "stickyci_request_seconds", "Request latency", ["route"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                     5, 10, 30))
+
+    def hit(self, kind: str, found: bool) -> None:
+        """Count one read of ``kind`` (ac, cas, blob) as a hit or a miss."""
+        self.lookups.labels(kind, "hit" if found else "miss").inc()
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+def route_family(path: str) -> str:
+    """``/v1/blobs/packs/ab…`` → ``blobs``; ``/ci/ac/…`` → ``ac``; unknown → ``other``."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "v1" and len(parts) > 1 and parts[1] in _FAMILIES:
+        return parts[1]
+    if parts[0] in _FAMILIES:
+        return parts[0]
+    for kind in ("ac", "cas"):
+        if kind in parts[:2]:
+            return kind
+    return "other"
+
+
+class Observe:
+    """ASGI middleware: metrics and one JSON access-log line per request (no tokens in it)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        seen: dict[str, int] = {"status": 500, "in": 0, "out": 0}
+
+        async def counted_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["in"] += len(message.get("body", b""))
+            return message
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                seen["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, counted_send)
+        finally:
+            self._record(scope, seen, time.perf_counter() - start)
+
+    def _record(self, scope: Scope, seen: dict[str, int], elapsed: float) -> None:
+        route = route_family(scope["path"])
+        m = self.metrics
+        m.requests.labels(route, scope["method"], str(seen["status"])).inc()
+        m.bytes_in.labels(route).inc(seen["in"])
+        m.bytes_out.labels(route).inc(seen["out"])
+        m.latency.labels(route).observe(elapsed)
+        if ACCESS_LOG.isEnabledFor(logging.INFO):
+            state: dict[str, Any] = scope.get("state") or {}
+            client = scope.get("client")
+            ACCESS_LOG.info(json.dumps({
+                "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"],
+                "status": seen["status"], "in": seen["in"], "out": seen["out"],
+                "ms": round(elapsed * 1000, 2), "token": state.get("principal"),
+                "client": client[0] if client else None,
+            }, separators=(",", ":")))

@@ -1,0 +1,118 @@
+"""A real ``stickyci serve`` for tests: a subprocess on 127.0.0.1 with a free port.
+
+``start_server`` starts one over a store URL (a ``file://`` directory by default) with a state
+directory holding an admin token, waits until ``/healthz`` answers, and stops it on exit.
+Tests that restart or kill the server pass the first run's ``port`` back in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server: its URL, an admin token, where it keeps state, and its process."""
+
+    url: str
+    port: int
+    admin: str
+    state: Path
+    store_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def token(self, *args: str) -> str:
+        """Create a token with ``stickyci token create ARGS`` and return it."""
+        return create_token(self.state, *args)
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        """An HTTP client for the server, sending ``token`` (the admin's when omitted)."""
+        tok = self.admin if token is None else token
+        headers = {"authorization": f"Bearer {tok}"} if tok else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def create_token(state: Path, *args: str) -> str:
+    """``stickyci token create --state-dir STATE ARGS``, returning the token."""
+    out = subprocess.run([sys.executable, "-m", "stickyci", "token", "create",
+                          "--state-dir", str(state), *args],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def start_server(root: Path, *, store_url: str | None = None, port: int | None = None,
+                 args: Sequence[str] = (), env: dict[str, str] | None = None
+                 ) -> Iterator[Server]:
+    """Serve ``store_url`` (default ``file://ROOT/store``) with state under ``ROOT/state``."""
+    state = root / "state"
+    store_url = store_url or f"file://{root / 'store'}"
+    admin_file = state / "admin.token"
+    if admin_file.exists():  # a restart keeps the first run's tokens
+        admin = admin_file.read_text()
+    else:
+        state.mkdir(parents=True, exist_ok=True)
+        admin = create_token(state, "--admin", "--name", "test-admin")
+        admin_file.write_text(admin)
+    port = port or free_port()
+    log = root / "server.log"
+    environ = {**os.environ, **(env or {})}
+    environ.pop("STICKYCI_TOKEN", None)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stickyci", "serve", "--store", store_url,
+             "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), *args],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(proc, url, log)
+        yield Server(url, port, admin, state, store_url, proc, log)
+    finally:
+        stop(proc)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"stickyci serve exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)  # polling a condition with a deadline, not synchronisation by sleep
+    stop(proc)
+    raise RuntimeError(f"stickyci serve did not answer within {START_TIMEOUT}s:\n"
+                       f"{log.read_text()}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate the server and reap it (kill if it lingers)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
