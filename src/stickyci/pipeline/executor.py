@@ -295,7 +295,8 @@ class LocalExecutor:
         """The key actually used: in a cold run, a copy private to the run, empty at first."""
         if not self.opts.cold:
             return key
-        private = f"cold-{self.run.id}-{key}"
+        # A suffix, not a prefix: a token scoped to ``pr-7-*`` must cover the cold copies too.
+        private = f"{key}-cold-{self.run.id}"
         self.cold_keys.add(private)
         return private
 
