@@ -48,14 +48,16 @@ def _listen(text: str) -> tuple[str, int]:
               help="Refuse request bodies larger than this with 413.")
 @click.option("--anonymous-read", is_flag=True, help="Let requests without a token read.")
 @click.option("--evict-after", default=None, metavar="DURATION",
-              help="Remove disks unused for this long (e.g. 7d), on a schedule.")
+              help="Remove disks unused for this long (e.g. 7d), then gc, on a schedule.")
 @click.option("--evict-every", default="1h", show_default=True, metavar="DURATION",
-              help="How often the disk eviction runs.")
+              help="How often eviction and gc run.")
+@click.option("--gc-grace", default="1h", show_default=True, metavar="DURATION",
+              help="gc spares packs younger than this (commits in flight).")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One JSON line per request on stderr.")
 def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: str | None,
           max_body: str, anonymous_read: bool, evict_after: str | None, evict_every: str,
-          access_log: bool) -> None:
+          gc_grace: str, access_log: bool) -> None:
     """Serve a store over HTTP to many runners, and as a Bazel/ccache remote cache."""
     import uvicorn
 
@@ -71,7 +73,7 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
         max_size=parse_size(max_size) if max_size else None, max_body=parse_size(max_body),
         anonymous_read=anonymous_read,
         evict_after=parse_duration(evict_after) if evict_after else None,
-        evict_every=parse_duration(evict_every))
+        evict_every=parse_duration(evict_every), gc_grace=parse_duration(gc_grace))
     access = logging.getLogger("stickyci.access")
     access.propagate = False
     if access_log:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -26,6 +27,7 @@ from starlette.routing import Route
 
 from .. import disks
 from ..digest import Digest
+from ..disks import gc as gc_
 from ..disks import refs
 from ..errors import (
     ConflictError,
@@ -67,6 +69,7 @@ class ServerConfig:
     anonymous_read: bool = False
     evict_after: float | None = None
     evict_every: float = 3600.0
+    gc_grace: float = gc_.DEFAULT_GRACE
 
 
 class Server:
@@ -162,7 +165,9 @@ class Server:
         etag = current[1] if current else None
         generation = None
         if current and name.startswith("refs/"):
-            with contextlib.suppress(StickyError):
+            # Only a hint: a ref that is not a disk's JSON (DiskRef.decode lets an
+            # AttributeError out for `5` or `[]`) must not turn the 409 into a 500.
+            with contextlib.suppress(StickyError, AttributeError):
                 latest = refs.DiskRef.decode(current[0]).latest
                 generation = latest.gen if latest else None
         body = p.ErrorBody(error=f"{name} changed since it was read; re-read and retry",
@@ -315,11 +320,17 @@ class Server:
                 task.cancel()
 
     async def _evict_loop(self, ttl: float) -> None:
+        # Eviction only drops refs; the gc after it reclaims their objects (and those of disks
+        # removed by hand). gc spares packs younger than its grace, so commits in flight on
+        # runners are safe, and a commit re-checks its packs before it moves a ref.
         while True:
             try:
                 result = await self.call(self.evict_disks, ttl)
                 if result["evicted"]:
                     log.info("evicted disks unused for %ss: %s", ttl, result["evicted"])
+                report = await self.call(
+                    functools.partial(gc_.gc, self.cfg.store_url, grace=self.cfg.gc_grace))
+                log.info("gc freed %d bytes", report.bytes_freed)
             except StickyError as exc:
                 log.warning("scheduled disk eviction failed: %s", exc)
             await asyncio.sleep(self.cfg.evict_every)

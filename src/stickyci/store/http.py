@@ -105,7 +105,9 @@ class HttpBackend:
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
             headers["range"] = f"bytes={offset}-{end}"
-        if length == 0:
+        if length == 0:  # no bytes to fetch, but a missing blob is still NotFound
+            if self.stat(name) is None:
+                raise NotFound(f"store object {name} is missing")
             return b""
         r = self._send(f"reading {name}", lambda c: c.get(_path(name), headers=headers))
         if r.status_code == 404:
