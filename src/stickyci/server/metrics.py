@@ -51,13 +51,14 @@ class Metrics:
 def route_family(path: str) -> str:
     """``/v1/blobs/packs/ab…`` → ``blobs``; ``/ci/ac/…`` → ``ac``; unknown → ``other``."""
     parts = path.strip("/").split("/")
+    # Bazel paths first: an instance may be named like a route ("/metrics/ac/…").
+    bazel = parts[-2] if 2 <= len(parts) <= 3 else ""
+    if bazel in ("ac", "cas"):
+        return bazel
     if parts[0] == "v1" and len(parts) > 1 and parts[1] in _FAMILIES:
         return parts[1]
     if parts[0] in _FAMILIES:
         return parts[0]
-    for kind in ("ac", "cas"):
-        if kind in parts[:2]:
-            return kind
     return "other"
 
 
