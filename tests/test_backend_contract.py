@@ -1,8 +1,14 @@
 """One backend contract, restic-style: every store backend passes the same tests unchanged.
 
-Backends: ``file://`` (a temp dir) and ``s3://`` on a real SeaweedFS (``seaweed.py``); the
-compare-and-swap tests also run ``s3://`` forced onto its lease fallback. Then an end-to-end
-snapshot through S3, and the S3 faults: missing bucket, refused credentials, a killed server.
+Backends: ``file://`` (a temp dir), ``s3://`` on a real SeaweedFS (``seaweed.py``), and
+``http://``: a real ``stickyci serve`` (``server.py``) over a ``file://`` store, reached both
+directly and, as runners reach it, through a local tier. The compare-and-swap tests also run
+``s3://`` forced onto its lease fallback. Then an end-to-end snapshot through S3, and the S3
+faults: missing bucket, refused credentials, a killed server.
+
+Blobs are named as the object store names them: a pack by the BLAKE3 of its bytes, an index
+with a valid checksum. The server verifies both on upload (and refuses anything else with 400,
+see ``test_server.py``); the other backends do not care what the bytes are.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,15 +30,30 @@ from typing import Any
 import pytest
 from botocore.config import Config
 from seaweed import Seaweed, SeaweedUnavailable, seaweed, start_seaweed  # noqa: F401
+from server import Server, start_server
 
+from stickyci.digest import Digest
 from stickyci.errors import BackendError, NotFound, UsageError
 from stickyci.snapshot import load_manifest, restore, snapshot_tree
 from stickyci.store import LocalBackend, ObjectStore
 from stickyci.store.backend import Backend
+from stickyci.store.http import HttpBackend
+from stickyci.store.objects import encode_index
 from stickyci.store.s3 import S3Backend
+from stickyci.store.tier import TieredBackend
 
 Factory = Callable[[], Backend]
 MiB = 1 << 20
+
+
+def pack(data: bytes) -> str:
+    """The name the object store gives a pack of ``data``."""
+    return f"packs/{Digest.of(data).hex}"
+
+
+def index_blob(entries: int) -> bytes:
+    """A well-formed pack index of ``entries`` entries (44 bytes each, 36 of framing)."""
+    return encode_index((Digest.of(b"%d" % i), i, 1) for i in range(entries))
 
 
 @pytest.fixture
@@ -51,17 +73,35 @@ def s3_env(seaweed: Seaweed,  # noqa: F811 (the fixture imported above)
     return seaweed
 
 
+@pytest.fixture(scope="module")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
+    """One server for the module (a start costs most of a second) and a token that may do
+    everything; each test empties its store first."""
+    with start_server(tmp_path_factory.mktemp("http")) as server:
+        yield server, server.token("--read", "*", "--write", "*", "--delete", "*", "--admin")
+
+
 def _factory(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     """Independent backend instances on one store, like separate processes would open."""
     if kind == "file":
         return lambda: LocalBackend(tmp_path / "store")
+    if kind.startswith("http"):
+        server, token = request.getfixturevalue("http_server")
+        root = Path(server.store_url.removeprefix("file://"))
+        for ns in root.iterdir() if root.exists() else ():
+            if ns.name != "tmp":  # the server's backend keeps its temp dir for its lifetime
+                shutil.rmtree(ns)
+        if kind == "http":
+            return lambda: HttpBackend(server.url, token)
+        tier = LocalBackend(tmp_path / "tier")  # one machine's tier, shared by its processes
+        return lambda: TieredBackend(tier, HttpBackend(server.url, token), 1 << 30)
     server: Seaweed = request.getfixturevalue("s3_env")
     url = f"s3://{server.bucket}/t-{uuid.uuid4().hex}"  # a fresh prefix: tests stay apart
     conditional = False if kind == "s3-lease" else None
     return lambda: S3Backend(url, conditional_writes=conditional)
 
 
-@pytest.fixture(params=["file", "s3"])
+@pytest.fixture(params=["file", "s3", "http", "http-tiered"])
 def new_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     return _factory(request.param, request, tmp_path)
 
@@ -71,7 +111,7 @@ def backend(new_backend: Factory) -> Backend:
     return new_backend()
 
 
-@pytest.fixture(params=["file", "s3", "s3-lease"])
+@pytest.fixture(params=["file", "s3", "s3-lease", "http", "http-tiered"])
 def new_cas_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     return _factory(request.param, request, tmp_path)
 
@@ -80,24 +120,25 @@ def new_cas_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
 
 
 def test_put_get_round_trip(backend: Backend) -> None:
-    blobs = {"packs/empty": b"", "packs/small": b"hello", "packs/big": os.urandom(5 * MiB + 3)}
+    blobs = {pack(data): data for data in (b"", b"hello", os.urandom(5 * MiB + 3))}
     for name, data in blobs.items():
         backend.put(name, data)
     for name, data in blobs.items():
         assert backend.get(name) == data
-    backend.put("packs/view", memoryview(b"from a view"))
-    assert backend.get("packs/view") == b"from a view"
+    backend.put(pack(b"from a view"), memoryview(b"from a view"))
+    assert backend.get(pack(b"from a view")) == b"from a view"
 
 
 def test_ranged_get(backend: Backend) -> None:
     data = os.urandom(300_000)
-    backend.put("packs/p", data)
-    assert backend.get("packs/p", 0, 10) == data[:10]
-    assert backend.get("packs/p", 123_456, 7_000) == data[123_456:130_456]
-    assert backend.get("packs/p", 299_000) == data[299_000:]
-    assert backend.get("packs/p", 299_990, 100) == data[299_990:]  # a short read at the end
-    assert backend.get("packs/p", 300_000) == b""
-    assert backend.get("packs/p", 5, 0) == b""
+    name = pack(data)
+    backend.put(name, data)
+    assert backend.get(name, 0, 10) == data[:10]
+    assert backend.get(name, 123_456, 7_000) == data[123_456:130_456]
+    assert backend.get(name, 299_000) == data[299_000:]
+    assert backend.get(name, 299_990, 100) == data[299_990:]  # a short read at the end
+    assert backend.get(name, 300_000) == b""
+    assert backend.get(name, 5, 0) == b""
 
 
 def test_get_of_a_missing_name_is_not_found(backend: Backend) -> None:
@@ -109,16 +150,17 @@ def test_get_of_a_missing_name_is_not_found(backend: Backend) -> None:
 
 def test_stat(backend: Backend) -> None:
     assert backend.stat("index/a") is None
-    backend.put("index/a", b"x" * 1234)
+    backend.put("index/a", index_blob(27))
     st = backend.stat("index/a")
-    assert st is not None and st.size == 1234
+    assert st is not None and st.size == 36 + 27 * 44
     assert abs(st.mtime - time.time()) < 300
 
 
 def test_list_a_namespace(backend: Backend) -> None:
     assert backend.list("refs") == []
-    for name in ("refs/a", "refs/b.1", "index/c"):
+    for name in ("refs/a", "refs/b.1"):
         backend.put(name, b"x")
+    backend.put("index/c", index_blob(1))
     assert sorted(backend.list("refs")) == ["refs/a", "refs/b.1"]
     assert backend.list("index") == ["index/c"]
 
@@ -126,18 +168,19 @@ def test_list_a_namespace(backend: Backend) -> None:
 def test_list_spans_many_pages(backend: Backend) -> None:
     names = {f"index/{i:05d}" for i in range(1100)}  # S3 lists at most 1000 keys per page
     with ThreadPoolExecutor(32) as pool:
-        list(pool.map(lambda n: backend.put(n, b""), names))
+        list(pool.map(lambda n: backend.put(n, index_blob(0)), names))
     assert set(backend.list("index")) == names
 
 
 def test_delete_is_idempotent(backend: Backend) -> None:
-    backend.put("packs/d", b"x")
-    backend.delete("packs/d")
-    backend.delete("packs/d")
+    name = pack(b"x")
+    backend.put(name, b"x")
+    backend.delete(name)
+    backend.delete(name)
     backend.delete("packs/never")
-    assert backend.stat("packs/d") is None
+    assert backend.stat(name) is None
     with pytest.raises(NotFound):
-        backend.get("packs/d")
+        backend.get(name)
     assert backend.list("packs") == []  # an emptied namespace lists nothing, not a marker
 
 

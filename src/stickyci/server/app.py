@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 # backend's unfinished writes, which only garbage collection (admin) may list and delete.
 _NAMESPACES = {"packs", "index", "refs", "tmp"}
 _IMMUTABLE = {"packs", "index"}
+_CLOCK_SKEW = 300.0
+"""How far in the future a reader may set a disk's ``last_used`` (runners' clocks differ)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,8 @@ class Server:
         who = self.who(request)
         method = request.method
         if method in ("GET", "HEAD"):
-            who.require(Permission.READ, key, name)
+            # tmp holds other writers' unfinished uploads: only gc (admin) looks at them.
+            who.require(Permission.ADMIN if ns == "tmp" else Permission.READ, key, name)
             if method == "HEAD":
                 st = await self.call(self.backend.stat, name)
                 if st is None:
@@ -141,22 +145,42 @@ class Server:
             who.require(perm, key, name)
             await self.call(self.backend.delete, name)
             return Response(status_code=204)
+        if (ns == "refs" and not who.scope.allows(Permission.WRITE, key)
+                and who.scope.allows(Permission.READ, key)):
+            return await self.touch(request, name, key, who)
         who.require(Permission.WRITE, key, name)
         if ns == "tmp":
             raise UsageError(f"{name}: the tmp namespace is the server's own; write elsewhere")
         data = await self.body(request)
+        if ns in _IMMUTABLE:  # before the conditional branch: a condition is no way around it
+            _verify_immutable(name, data)
         if_match = request.headers.get("if-match")
         if_none = request.headers.get("if-none-match")
+        if if_none not in (None, "*"):
+            raise UsageError("If-None-Match supports only '*' (create if absent); use "
+                             "If-Match ETAG to replace a known version")
         if if_match is not None or if_none == "*":
             won = await self.call(self.backend.put_if, name, data, if_match)
             if not won:
                 return await self.lost_race(name)
             return Response(status_code=204)
-        if ns in _IMMUTABLE:
-            _verify_immutable(name, data)
-            if await self.call(self.backend.stat, name) is not None:
-                return Response(status_code=204)  # content-addressed: already there, same bytes
+        if ns in _IMMUTABLE and await self.call(self.backend.stat, name) is not None:
+            return Response(status_code=204)  # content-addressed: already there, same bytes
         await self.call(self.backend.put, name, data)
+        return Response(status_code=204)
+
+    async def touch(self, request: Request, name: str, key: str | None,
+                    who: Principal) -> Response:
+        """A reader's ref update, allowed when it only moves ``last_used``: a mount records
+        that it used the disk, so eviction keeps what read-only jobs (pull requests) use."""
+        data = await self.body(request)
+        if_match = request.headers.get("if-match")
+        current = await self.call(self.backend.read_versioned, name)
+        if not (current and if_match == current[1] and _only_touches(current[0], data)):
+            who.require(Permission.WRITE, key, name)
+        # Against the etag of the ref just checked, so what lands is that ref, touched.
+        if not await self.call(self.backend.put_if, name, data, if_match):
+            return await self.lost_race(name)
         return Response(status_code=204)
 
     async def lost_race(self, name: str) -> Response:
@@ -356,6 +380,17 @@ def _blob_scope(name: str) -> tuple[str, str | None]:
     if ns not in _NAMESPACES:
         raise UsageError(f"{name}: namespace {ns!r} is not served by the blob API")
     return ns, (refs.check_key(rest) if ns == "refs" else None)
+
+
+def _only_touches(old: bytes, new: bytes) -> bool:
+    """Whether ref ``new`` is ``old`` with a later ``last_used`` (not in the future) and
+    nothing else changed."""
+    try:
+        a, b = refs.DiskRef.decode(old), refs.DiskRef.decode(new)
+        return ((b.key, b.created, b.generations) == (a.key, a.created, a.generations)
+                and a.last_used <= b.last_used <= time.time() + _CLOCK_SKEW)
+    except (StickyError, AttributeError, TypeError):  # decode lets some malformed JSON through
+        return False
 
 
 def _verify_immutable(name: str, data: bytes) -> None:

@@ -3,7 +3,8 @@
 A token is ``sci_<id>_<secret>``. The server keeps only the SHA-256 of the secret, in
 ``tokens.json`` under its state directory, so a leaked state directory leaks no tokens. Scopes
 are glob patterns over disk keys (``main-*``, ``pr-123-*``) per permission; ``write`` implies
-``read`` on the same patterns, ``admin`` implies everything. Content-addressed objects (packs,
+``read`` on the same patterns, and so does ``delete`` (removing a disk reads it first);
+``admin`` implies everything. Content-addressed objects (packs,
 Bazel CAS) carry no key: reading them needs some read scope, writing some write scope, and
 deleting them (garbage collection) needs admin.
 """
@@ -55,7 +56,7 @@ class Scope:
         if self.admin:
             return True
         patterns = {
-            Permission.READ: self.read + self.write,
+            Permission.READ: self.read + self.write + self.delete,
             Permission.WRITE: self.write,
             Permission.DELETE: self.delete,
             Permission.ADMIN: (),
@@ -139,7 +140,7 @@ class TokenStore:
     def __init__(self, state_dir: Path, anonymous: Scope | None = None) -> None:
         self.path = state_dir / TOKEN_FILE
         self.anonymous = anonymous
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._tokens: dict[str, Token] = {}
 
     def _load(self) -> dict[str, Token]:
@@ -148,14 +149,15 @@ class TokenStore:
         except FileNotFoundError:
             self._seen, self._tokens = None, {}
             return self._tokens
-        if self._seen != (st.st_mtime_ns, st.st_size):
+        # The inode too: an edit is a rename of a new file, whatever its size and timestamp.
+        if self._seen != (st.st_ino, st.st_mtime_ns, st.st_size):
             try:
                 rows = json.loads(self.path.read_bytes())["tokens"]
                 self._tokens = {t["id"]: Token(**t) for t in rows}
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UsageError(f"token file {self.path} is unreadable ({exc}); restore it "
                                  "or delete it and create new tokens") from exc
-            self._seen = (st.st_mtime_ns, st.st_size)
+            self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         return self._tokens
 
     def authenticate(self, header: str | None, now: float | None = None) -> Principal:

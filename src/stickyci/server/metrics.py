@@ -85,7 +85,8 @@ class Observe:
         async def counted_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and scope["method"] != "HEAD":
+                # the server drops a HEAD answer's body (an error's JSON): none is sent
                 seen["out"] += len(message.get("body", b""))
             await send(message)
 

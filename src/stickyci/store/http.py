@@ -80,12 +80,20 @@ class HttpBackend:
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
             else:
+                if response.status_code in (404, 409) and not response.headers.get(
+                        "content-type", "").startswith("application/json"):
+                    # Not a stickyci answer (every error of ours is JSON): a wrong host or
+                    # path must not pass for an empty store.
+                    raise BackendError(f"{self.url} is not a stickyci server: it answered "
+                                       f"{what} with HTTP {response.status_code}; check "
+                                       "STICKYCI_STORE")
                 if response.status_code in ok or response.status_code in (404, 409):
                     return response
                 if response.status_code not in _RETRY_STATUS:
                     raise p.error_from(response.status_code, response.content,
                                        f"{self.url} {what}")
-                problem = f"HTTP {response.status_code}"
+                # Keep the server's own words (a 503 from a failing store says what failed).
+                problem = str(p.error_from(response.status_code, response.content, what))
             if time.monotonic() + delay > deadline:
                 raise BackendError(f"stickyci server {self.url} failed {what} ({problem}); "
                                    "check that stickyci serve is running there")
@@ -125,7 +133,8 @@ class HttpBackend:
         """Ask the server which names it lacks, ``MAX_BATCH`` names a request."""
         out: list[str] = []
         for i in range(0, len(names), p.MAX_BATCH):
-            body = p.MissingRequest(names=list(names[i : i + p.MAX_BATCH])).model_dump_json()
+            batch = [check_name(n) for n in names[i : i + p.MAX_BATCH]]  # as every method does
+            body = p.MissingRequest(names=batch).model_dump_json()
             r = self._send("checking objects", _post_json(f"{p.PREFIX}/missing", body))
             out += p.MissingResponse.model_validate_json(r.content).missing
         return out
@@ -151,10 +160,22 @@ class HttpBackend:
     def put_if(self, name: str, data: bytes, etag: str | None) -> bool:
         """Compare-and-swap; False when the server answers 409 (another writer won)."""
         headers = {"if-match": etag} if etag is not None else {"if-none-match": "*"}
-        r = self._send(f"updating {name}",
-                       lambda c: c.put(_path(name), content=data, headers=headers))
+        attempts = 0
+
+        def send(c: httpx.Client) -> httpx.Response:
+            nonlocal attempts
+            attempts += 1
+            return c.put(_path(name), content=data, headers=headers)
+
+        r = self._send(f"updating {name}", send)
         if r.status_code == 404:
             raise p.error_from(404, r.content, f"updating {name}")
+        if r.status_code == 409 and attempts > 1:
+            # An earlier attempt may have landed and lost only its answer (a dropped
+            # connection, a server killed after the write): then the blob holds our bytes,
+            # and reporting a lost race would make update_ref apply its change twice.
+            current = self.read_versioned(name)
+            return current is not None and current[0] == data
         return r.status_code != 409
 
 
