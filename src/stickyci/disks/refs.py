@@ -70,7 +70,7 @@ class DiskRef:
             doc = json.loads(data)
             gens = [Generation(**g) for g in doc.pop("generations")]
             return cls(generations=gens, **doc)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # any JSON shape
             raise IntegrityError(f"disk ref is corrupt: {exc}") from exc
 
 

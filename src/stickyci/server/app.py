@@ -189,9 +189,8 @@ class Server:
         etag = current[1] if current else None
         generation = None
         if current and name.startswith("refs/"):
-            # Only a hint: a ref that is not a disk's JSON (DiskRef.decode lets an
-            # AttributeError out for `5` or `[]`) must not turn the 409 into a 500.
-            with contextlib.suppress(StickyError, AttributeError):
+            # Only a hint: a ref that is not a disk's JSON must not turn the 409 into a 500.
+            with contextlib.suppress(StickyError):
                 latest = refs.DiskRef.decode(current[0]).latest
                 generation = latest.gen if latest else None
         body = p.ErrorBody(error=f"{name} changed since it was read; re-read and retry",
@@ -389,7 +388,7 @@ def _only_touches(old: bytes, new: bytes) -> bool:
         a, b = refs.DiskRef.decode(old), refs.DiskRef.decode(new)
         return ((b.key, b.created, b.generations) == (a.key, a.created, a.generations)
                 and a.last_used <= b.last_used <= time.time() + _CLOCK_SKEW)
-    except (StickyError, AttributeError, TypeError):  # decode lets some malformed JSON through
+    except (StickyError, TypeError):  # TypeError: a field of the wrong type
         return False
 
 
