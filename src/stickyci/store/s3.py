@@ -152,7 +152,9 @@ class S3Backend:
                 f"S3 at {where} refused the credentials ({code}) for {op} of {name} in "
                 f"{self.url}; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
         message = " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
-        return BackendError(f"S3 {op} of {name} in {self.url} failed: {code} {message}".strip())
+        # Named like a connection failure: which server answered is half of the diagnosis.
+        return BackendError(
+            f"S3 {op} of {name} in {self.url} failed ({where}): {code} {message}".strip())
 
     def _no_bucket(self) -> UsageError:
         where = self._where()
