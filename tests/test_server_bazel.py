@@ -194,7 +194,8 @@ SCOPE_CASES = [
     (["--read", "main-*", "--write", "pr-123-*"], "PUT", "main-linux", 403),
     (["--read", "main-*", "--write", "pr-123-*"], "PUT", "pr-123-linux", 200),
     (["--read", "main-*", "--write", "pr-123-*"], "GET", "pr-124-linux", 403),
-    (["--delete", "*"], "GET", "", 403),                # delete grants no read
+    (["--delete", "*"], "GET", "", 404),                # delete implies read
+    (["--delete", "*"], "PUT", "", 403),                # but not write
 ]
 
 
