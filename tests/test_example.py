@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Env
+from server import start_server
 
 PIPELINE = Path(__file__).parent.parent / "examples" / "monorepo" / "pipeline.yml"
 
@@ -21,12 +24,15 @@ def _run(env: Env, *args: str) -> dict[str, Any]:
     return record
 
 
+def _log(record: dict[str, Any], job_id: str) -> str:
+    job = next(j for j in record["jobs"] if j["id"] == job_id)
+    return "".join((Path(record["run_dir"]) / s["log"]).read_text()
+                   for s in job["steps"] if s["log"])
+
+
 def _compiled(record: dict[str, Any], job_id: str) -> int:
     """Dependency objects compiled by a job, counted from its build log."""
-    job = next(j for j in record["jobs"] if j["id"] == job_id)
-    logs = "".join((Path(record["run_dir"]) / s["log"]).read_text()
-                   for s in job["steps"] if s["log"])
-    return len(re.findall(r"^CC obj/", logs, re.M))
+    return len(re.findall(r"^CC obj/", _log(record, job_id), re.M))
 
 
 def test_cold_then_warm(env: Env) -> None:
@@ -49,3 +55,26 @@ def test_cold_then_warm(env: Env) -> None:
     assert "monorepo-example-handoff-gateway-t1" in keys
     summary = (Path(warm["run_dir"]) / "summary.md").read_text()
     assert "warm-deps" in summary
+
+
+def _remote_cache(record: dict[str, Any], job_id: str) -> tuple[int, int]:
+    """(hits, writes) that the job's ccache reported for the remote cache."""
+    m = re.search(r"^remote cache: (\d+) hits, (\d+) writes$", _log(record, job_id), re.M)
+    assert m, _log(record, job_id)
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.mark.skipif(shutil.which("ccache") is None, reason="ccache is not installed")
+def test_a_remote_cache_is_the_fallback_when_the_disk_is_cold(env: Env, tmp_path: Path) -> None:
+    with start_server(tmp_path / "server") as server:
+        env.environ["STICKYCI_TOKEN"] = server.token("--write", "*")
+        args = ("--cold", "--only", "warm-deps", "--set", f"cache={server.url}")
+        first = _run(env, *args)
+        objects = _compiled(first, "warm-deps")
+        hits, writes = _remote_cache(first, "warm-deps")
+        assert objects > 100 and hits == 0 and writes >= objects
+        # Cold again: the disk starts empty, but every object comes back from the server.
+        second = _run(env, *args)
+        hits, writes = _remote_cache(second, "warm-deps")
+        assert hits >= objects and writes == 0
+        assert second["seconds"] < first["seconds"]

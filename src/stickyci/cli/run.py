@@ -1,16 +1,19 @@
-"""``stickyci run PIPELINE.yml``: plan, execute locally, report, record in history."""
+"""``stickyci run PIPELINE.yml``: plan, execute (locally or on Dask), report, record."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -18,11 +21,13 @@ from ..errors import UsageError
 from ..pipeline import plan as plan_
 from ..pipeline import spec as spec_
 from ..pipeline.compare import chart, compare, table
-from ..pipeline.executor import LocalExecutor, Options
+from ..pipeline.executors.base import Executor, Options
+from ..pipeline.executors.local import LocalExecutor
+from ..pipeline.plan import Plan
 from ..pipeline.record import CANCELLED, FAILURE, SUCCESS, JobRecord, RunRecord
 from ..pipeline.summary import write_reports
 from ..runs.history import History
-from ..store import cache_home, open_backend
+from ..store import cache_home, default_store_url, open_backend
 from .progress import LiveTable, lines
 
 EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}
@@ -56,11 +61,40 @@ def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _scheduler(spec: spec_.PipelineSpec, executor: str | None,
+               scheduler: str | None) -> str | None:
+    """The Dask scheduler to run on, or None to run locally; arguments win over the file."""
+    if (executor or spec.executor) == "local":
+        if scheduler:
+            raise UsageError("--scheduler is for the Dask executor: add --executor dask (or "
+                             "executor: dask in the pipeline file)")
+        return None
+    address = scheduler or spec.scheduler
+    if not address:
+        raise UsageError("the Dask executor needs its scheduler: pass --scheduler "
+                         "tcp://HOST:8786 (or set scheduler: in the pipeline file)")
+    return address
+
+
+def _executor(plan: Plan, run: RunRecord, opts: Options, scheduler: str | None) -> Executor:
+    if scheduler is None:
+        return LocalExecutor(plan, run, opts)
+    from ..pipeline.executors.dask import DaskExecutor  # distributed: only for Dask runs
+
+    return DaskExecutor(plan, run, opts, scheduler=scheduler, store=default_store_url())
+
+
 def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None = None,
             only: str | None = None, cold: bool = False, max_parallel: int | None = None,
-            quiet: bool = False) -> RunRecord:
-    """Plan and run a pipeline locally; write its reports and record it in the history."""
+            quiet: bool = False, executor: str | None = None,
+            scheduler: str | None = None) -> RunRecord:
+    """Plan and run a pipeline; write its reports and record it in the history.
+
+    It runs on this machine, or on the Dask cluster of ``scheduler`` with ``executor="dask"``
+    (either may also come from the pipeline file; arguments win).
+    """
     spec = spec_.load(file)
+    address = _scheduler(spec, executor, scheduler)
     plan = plan_.build(spec, file, sha=sha or git_sha(file.resolve().parent), overrides=sets,
                        only=only)
     for warning in plan.warnings:
@@ -79,12 +113,23 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
     opts = Options(run_dir, cold=cold, max_parallel=max_parallel, progress=progress)
     try:
         with LiveTable(run) if live else contextlib.nullcontext():
-            asyncio.run(LocalExecutor(plan, run, opts).execute())
+            asyncio.run(_executor(plan, run, opts, address).execute())
     finally:
         run.finished_at = time.time()
         write_reports(run)
         history.record(run)
     return run
+
+
+F = TypeVar("F", bound=Callable[..., Any])  # a click command function
+
+
+def executor_options(f: F) -> F:
+    """``--executor local|dask`` and ``--scheduler ADDRESS``."""
+    f = click.option("--scheduler", metavar="ADDRESS",
+                     help="The Dask scheduler, e.g. tcp://HOST:8786 (--executor dask).")(f)
+    return click.option("--executor", type=click.Choice(["local", "dask"]),
+                        help="Where jobs run (default: executor: in the file, else local).")(f)
 
 
 @click.command()
@@ -97,12 +142,15 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
               help="Store for the jobs' disks (default: file:// under the user cache dir).")
+@executor_options
 def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None, cold: bool,
-        max_parallel: int | None, as_json: bool, store_url: str | None) -> None:
+        max_parallel: int | None, as_json: bool, store_url: str | None, executor: str | None,
+        scheduler: str | None) -> None:
     """Run a pipeline; exit 0 only if every job that had to run succeeded."""
     _use_store(store_url)
     record = execute(pipeline, sha=sha, sets=parse_sets(sets), only=only, cold=cold,
-                     max_parallel=max_parallel, quiet=as_json)
+                     max_parallel=max_parallel, quiet=as_json, executor=executor,
+                     scheduler=scheduler)
     if as_json:
         click.echo(json.dumps(record.to_dict(), indent=2))
     else:
@@ -126,18 +174,22 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
               help="Store for the jobs' disks (default: file:// under the user cache dir).")
+@executor_options
 def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
-          chart_path: Path | None, as_json: bool, store_url: str | None) -> None:
+          chart_path: Path | None, as_json: bool, store_url: str | None, executor: str | None,
+          scheduler: str | None) -> None:
     """Alternate cold and warm runs of a pipeline; compare per-job medians."""
     _use_store(store_url)
     overrides = parse_sets(sets)
+    once = functools.partial(execute, pipeline, sha=sha, sets=overrides, quiet=True,
+                             executor=executor, scheduler=scheduler)
     cold: list[RunRecord] = []
     warm: list[RunRecord] = []
     # One warm-up run first, so the first warm run finds its disks committed.
-    execute(pipeline, sha=sha, sets=overrides, quiet=True)
+    once()
     for _ in range(runs):
         for is_cold, bucket in ((True, cold), (False, warm)):
-            record = execute(pipeline, sha=sha, sets=overrides, cold=is_cold, quiet=True)
+            record = once(cold=is_cold)
             if record.state != SUCCESS:
                 raise UsageError(f"{'cold' if is_cold else 'warm'} run {record.id} ended "
                                  f"{record.state}; see {record.run_dir}/summary.md")

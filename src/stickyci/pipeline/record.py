@@ -13,6 +13,8 @@ PENDING, QUEUED, RUNNING = "pending", "queued", "running"
 SUCCESS, FAILURE, SKIPPED, CANCELLED, TIMED_OUT = (
     "success", "failure", "skipped", "cancelled", "timed_out")
 FINISHED = frozenset({SUCCESS, FAILURE, SKIPPED, CANCELLED, TIMED_OUT})
+# An attempt whose worker died under it (the job itself may still succeed on a retry).
+LOST = "lost"
 
 
 @dataclass(slots=True)
@@ -49,6 +51,19 @@ class DiskRecord:
 
 
 @dataclass(slots=True)
+class AttemptRecord:
+    """One try at running a job, on one worker ("local" for the local executor)."""
+
+    attempt: int  # 1 for the first try
+    worker: str  # the worker's address, e.g. tcp://10.0.0.5:40123
+    worker_name: str = ""  # the worker's name (``dask worker --name``), if it has one
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    state: str = RUNNING  # a job state, or LOST when the worker died during the attempt
+    reason: str = ""
+
+
+@dataclass(slots=True)
 class JobRecord:
     """One job instance (a matrix job has one per combination)."""
 
@@ -64,7 +79,13 @@ class JobRecord:
     steps: list[StepRecord] = field(default_factory=list)
     disks: list[DiskRecord] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
-    worker: str = ""  # where it ran ("local" for the local executor)
+    worker: str = ""  # where it ran last ("local" for the local executor)
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # A record read back from JSON (the run history) carries its attempts as dicts.
+        self.attempts = [AttemptRecord(**a) if isinstance(a, dict) else a
+                         for a in self.attempts]
 
     @property
     def queue_seconds(self) -> float:
@@ -91,6 +112,8 @@ class RunRecord:
     finished_at: float = 0.0
     run_dir: str = ""
     jobs: list[JobRecord] = field(default_factory=list)
+    executor: str = "local"  # "local", or "dask" with the scheduler's address below
+    scheduler: str = ""
 
     @property
     def seconds(self) -> float:

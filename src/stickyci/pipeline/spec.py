@@ -74,6 +74,10 @@ class JobSpec(_Model):
     env: dict[str, StrictStr] = {}
     timeout: Duration | None = None
     outputs: list[StrictStr] = []
+    # Dask executor only: worker resources the job holds while it runs (``dask worker
+    # --resources cpu=4``), and how many times it is retried when its worker dies under it.
+    resources: dict[StrictStr, Annotated[float, Field(gt=0)]] = {}
+    retries: int = Field(1, ge=0)
     steps: list[StepSpec] = Field(min_length=1)
 
 
@@ -81,6 +85,8 @@ class PipelineSpec(_Model):
     """A whole pipeline file."""
 
     name: StrictStr = "pipeline"
+    executor: Literal["local", "dask"] = "local"  # `stickyci run --executor` wins
+    scheduler: StrictStr | None = None  # the Dask scheduler; `--scheduler` wins
     env: dict[str, StrictStr] = {}
     vars: dict[str, Any] = {}
     secrets: list[StrictStr] = []

@@ -173,6 +173,22 @@ def _failure_section(run: RunRecord, job: JobRecord) -> list[str]:
     return [*out, ""]
 
 
+def _attempts_section(run: RunRecord) -> list[str]:
+    """Which worker ran each attempt of each job: on a cluster, or when a job was retried."""
+    if run.executor == "local" and all(len(j.attempts) < 2 for j in run.jobs):
+        return []
+    rows = []
+    for job in run.jobs:
+        for a in job.attempts:
+            worker = f"{a.worker} ({a.worker_name})" if a.worker_name else a.worker
+            ran = duration(a.finished_at - a.started_at) if a.finished_at else "-"
+            rows.append([job.id, str(a.attempt), worker, MARKS.get(a.state, a.state), ran,
+                         a.reason])
+    return ["## Attempts", "",
+            *_table(("job", "attempt", "worker", "state", "ran", "note"), rows,
+                    frozenset({1, 4})), ""]
+
+
 def render_markdown(run: RunRecord) -> str:
     """The run as Markdown: headline, failures with log tails, races, jobs, disks."""
     failed = failures(run)
@@ -183,7 +199,8 @@ def render_markdown(run: RunRecord) -> str:
     tally = ", ".join(f"{n} {mark}" for mark, n in counts.items())
     out = [f"# {run.pipeline}: {run.state.upper()}", "",
            f"Run `{run.id}` of `{run.sha[:12]}`, {'cold' if run.cold else 'warm'}, "
-           f"{duration(run.seconds)} wall; {len(run.jobs)} jobs ({tally or 'none'}).", ""]
+           f"{duration(run.seconds)} wall; {len(run.jobs)} jobs ({tally or 'none'})"
+           + (f" on the Dask cluster at `{run.scheduler}`." if run.scheduler else "."), ""]
     if failed:
         names = ", ".join(f"`{j.id}`" for j in failed)
         out += [f"**{len(failed)} job(s) did not succeed: {names}.**", "", "## Failures", ""]
@@ -195,6 +212,7 @@ def render_markdown(run: RunRecord) -> str:
         out += [f"> - {_cell(line)}" for line in races]
         out.append("")
     out += ["## Jobs", "", *_table(JOB_COLUMNS, job_rows(run), frozenset({2, 3, 4, 5, 6})), ""]
+    out += _attempts_section(run)
     disks = [(j, d) for j in run.jobs for d in j.disks]
     if disks:
         rows = []

@@ -1,5 +1,7 @@
-"""The local executor: ready jobs run concurrently (asyncio), each step a bash process group.
+"""One job instance: mount its disks, run its steps as bash process groups, commit or discard.
 
+Both executors run a job with this code: the local one in its own event loop, the Dask one
+in the worker process the scheduler picked (``asyncio.run`` of :meth:`JobRunner.run`).
 Disks are mounted and committed through the ``stickyci disk`` CLI in a subprocess: it keeps
 the event loop free while a commit forks its workers, and is exactly what a user would run.
 """
@@ -14,54 +16,36 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ..errors import StickyError, UsageError
+from ..errors import UsageError
 from ..fsutil import remove_tree
-from .plan import Instance, Plan
+from .plan import Instance
 from .record import (
     CANCELLED,
     FAILURE,
-    QUEUED,
     RUNNING,
     SKIPPED,
     SUCCESS,
     TIMED_OUT,
     DiskRecord,
     JobRecord,
-    RunRecord,
     StepRecord,
 )
 from .spec import DiskSpec
 from .template import condition, render
 
 KILL_GRACE = 5.0
-_FAILED = (FAILURE, TIMED_OUT)
 _NEEDS_STATUS = re.compile(r"\b(always|cancelled|failure)\s*\(")
-
-
-@dataclass(slots=True)
-class Options:
-    """How to run, where to write, how to report.
-
-    ``cold``: every disk starts empty and its real key is never committed; commits go to a
-    copy private to the run (so jobs still hand artifacts to each other) that is removed at
-    the end. This is the baseline a warm run is compared with.
-    """
-
-    run_dir: Path
-    cold: bool = False
-    max_parallel: int | None = None
-    progress: Callable[[JobRecord, str], None] | None = None
 
 
 class Masker:
     """Replaces secret values with ``***`` in any text that leaves a step."""
 
-    def __init__(self, secrets: dict[str, str]) -> None:
+    def __init__(self, secrets: Mapping[str, str]) -> None:
         values = sorted({v for v in secrets.values() if v}, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
 
@@ -69,27 +53,63 @@ class Masker:
         return self._pattern.sub("***", text) if self._pattern else text
 
 
-def _safe(name: str) -> str:
+def safe(name: str) -> str:
+    """``name`` as one path component (job ids hold brackets and commas)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "job"
 
 
-class LocalExecutor:
-    """Runs a plan on this machine."""
+def cold_key(run_id: str, key: str) -> str:
+    """The disk a cold run uses instead of ``key``: private to the run, empty at first."""
+    # A suffix, not a prefix: a token scoped to ``pr-7-*`` must cover the cold copies too.
+    return f"{key}-cold-{run_id}"
 
-    def __init__(self, plan: Plan, run: RunRecord, opts: Options) -> None:
-        self.plan, self.run, self.opts = plan, run, opts
-        self.mask = Masker(plan.secrets)
-        self.records = {r.id: r for r in run.jobs}
-        self.done = {i: asyncio.Event() for i in plan.instances}
+
+def disk_keys(inst: Instance, ctx: dict[str, Any]) -> list[str]:
+    """The keys of the disks ``inst`` mounts, rendered."""
+    return [render(d.key, ctx, f"jobs.{inst.job}.disks[{i}].key")
+            for i, d in enumerate(inst.spec.disks)]
+
+
+class LogWriter(Protocol):
+    """Where a step's output goes: a file, or a stream back to the client."""
+
+    def write(self, text: str, /) -> object:
+        """Append ``text`` (already masked)."""
+
+
+Logs = Callable[[str], contextlib.AbstractContextManager[LogWriter]]
+
+
+def file_logs(root: Path) -> Logs:
+    """Step logs as files under ``root`` (the run directory)."""
+    @contextlib.contextmanager
+    def open_log(rel: str) -> Iterator[LogWriter]:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as out:
+            yield out
+    return open_log
+
+
+class Guard(Protocol):
+    """Told about every process group a job starts, so they can die with the job's process."""
+
+    def add(self, pgid: int) -> None:
+        """A group started."""
+
+    def discard(self, pgid: int) -> None:
+        """A group ended (it has been killed, whatever was left of it)."""
+
+
+class Stopper:
+    """Cancellation of the jobs that share it: stop running steps; teardown steps still run."""
+
+    def __init__(self) -> None:
         self.cancelled = False
-        self.cold_keys: set[str] = set()
         self.procs: set[asyncio.subprocess.Process] = set()
-        self.limit = asyncio.Semaphore(opts.max_parallel) if opts.max_parallel else None
-        self.job_limits = {name: asyncio.Semaphore(job.max_parallel)
-                           for name, job in plan.spec.jobs.items() if job.max_parallel}
 
     def cancel(self) -> None:
-        """Ctrl-C or SIGTERM: stop running steps; teardown steps still run, then we stop."""
+        """Ctrl-C or SIGTERM (call in the jobs' event loop)."""
         if self.cancelled:
             return
         self.cancelled = True
@@ -97,92 +117,51 @@ class LocalExecutor:
             _kill_group(proc, signal.SIGTERM)
             asyncio.get_running_loop().call_later(KILL_GRACE, _kill_group, proc, signal.SIGKILL)
 
-    async def execute(self) -> RunRecord:
-        """Run every instance as soon as its needs are done."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.cancel)
-        try:
-            await asyncio.gather(*(self._instance(i) for i in self.plan.instances.values()))
-            await self.drop_cold_disks()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        states = {r.state for r in self.run.jobs}
-        self.run.state = (CANCELLED if self.cancelled
-                          else FAILURE if states & set(_FAILED) else SUCCESS)
-        return self.run
 
-    def _report(self, rec: JobRecord, event: str) -> None:
-        if self.opts.progress:
-            self.opts.progress(rec, event)
+@dataclass(slots=True)
+class JobSetup:
+    """Where and how one job instance runs."""
 
-    def _needs_context(self, inst: Instance) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in self.plan.spec.jobs[inst.job].needs:
-            recs = [r for r in self.run.jobs if r.job == name]
-            outputs: dict[str, str] = {}
-            for r in recs:
-                outputs.update(r.outputs)
-            states = {r.state for r in recs}
-            result = (FAILURE if states & set(_FAILED) else CANCELLED if CANCELLED in states
-                      else SKIPPED if states == {SKIPPED} else SUCCESS)
-            out[name] = {"outputs": outputs, "result": result}
-        return out
+    run_id: str
+    sha: str
+    pipeline_dir: Path
+    workspace: Path  # created for the job; removed after it unless a disk went wrong
+    log_dir: str  # step logs are ``<log_dir>/NN-<step>.log``, opened through ``logs``
+    logs: Logs
+    mask: Masker
+    stop: Stopper
+    cold: bool = False
+    base_env: Mapping[str, str] | None = None  # what steps start from (None: os.environ)
+    disk_env: Mapping[str, str] | None = None  # of `stickyci disk` (None: inherited)
+    extra_env: dict[str, str] = field(default_factory=dict)  # added to every step's env
+    guard: Guard | None = None
+    on_step: Callable[[int, StepRecord], None] | None = None  # a step started or ended
 
-    async def _instance(self, inst: Instance) -> None:
-        rec = self.records[inst.id]
-        try:
-            for need in inst.needs:
-                await self.done[need].wait()
-            await self._gate_and_run(inst, rec)
-        except StickyError as exc:
-            rec.state, rec.reason = FAILURE, self.mask(str(exc))
-            self._report(rec, rec.state)
-        finally:
-            self.done[inst.id].set()
 
-    async def _gate_and_run(self, inst: Instance, rec: JobRecord) -> None:
-        needs = [self.records[n] for n in inst.needs]
-        failed = [n.id for n in needs if n.state in _FAILED]
-        ok = all(n.state == SUCCESS for n in needs) and not self.cancelled
-        status = {"success": ok, "failure": bool(failed), "always": True,
-                  "cancelled": self.cancelled}
-        env = self.plan.job_env(inst)
-        ctx = self.plan.context(inst, self._needs_context(inst), env)
-        if not condition(inst.spec.if_, ctx, status, f"jobs.{inst.job}.if"):
-            rec.state = CANCELLED if self.cancelled else SKIPPED
-            unmet = [n.id for n in needs if n.state != SUCCESS]
-            rec.reason = ("run cancelled" if self.cancelled
-                          else f"needs not successful: {', '.join(unmet)}" if unmet
-                          else f"if: {inst.spec.if_} is false")
-            self._report(rec, rec.state)
-            return
-        rec.state, rec.queued_at = QUEUED, time.time()
-        async with contextlib.AsyncExitStack() as stack:
-            for sem in (self.limit, self.job_limits.get(inst.job)):
-                if sem:
-                    await stack.enter_async_context(sem)
-            rec.state, rec.started_at, rec.worker = RUNNING, time.time(), "local"
-            self._report(rec, RUNNING)
-            try:
-                await self._run_job(inst, rec, ctx, env)
-            finally:
-                rec.finished_at = time.time()
-                rec.reason = self.mask(rec.reason)
-                self._report(rec, rec.state)
+class JobRunner:
+    """Runs one job instance on this machine, filling in its ``JobRecord``."""
 
-    async def _run_job(self, inst: Instance, rec: JobRecord, ctx: dict[str, Any],
-                       env: dict[str, str]) -> None:
-        ws = self.opts.run_dir / "ws" / _safe(inst.id)
+    def __init__(self, setup: JobSetup) -> None:
+        self.s = setup
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run is being cancelled."""
+        return self.s.stop.cancelled
+
+    async def run(self, inst: Instance, rec: JobRecord, ctx: dict[str, Any],
+                  env: dict[str, str]) -> None:
+        """Mount the disks, run the steps, then commit or discard each disk."""
+        s = self.s
+        ws = s.workspace
         ws.mkdir(parents=True, exist_ok=True)
-        output_file = ws.parent / f"{_safe(inst.id)}.outputs"
-        env = {**os.environ, **env,
-               "STICKYCI_RUN_ID": self.run.id, "STICKYCI_JOB": inst.id,
-               "STICKYCI_WORKSPACE": str(ws), "STICKYCI_SHA": self.plan.sha,
+        output_file = ws.parent / f"{ws.name}.outputs"
+        env = {**(os.environ if s.base_env is None else s.base_env), **env, **s.extra_env,
+               "STICKYCI_RUN_ID": s.run_id, "STICKYCI_JOB": inst.id,
+               "STICKYCI_WORKSPACE": str(ws), "STICKYCI_SHA": s.sha,
                "STICKYCI_OUTPUT": str(output_file),
                "STICKYCI_MATRIX": json.dumps(inst.matrix),
-               "STICKYCI_PIPELINE_DIR": str(self.plan.base_dir)}
+               "STICKYCI_PIPELINE_DIR": str(s.pipeline_dir)}
         mounted: list[tuple[DiskSpec, DiskRecord, Path]] = []
         rec.state = SUCCESS
         try:
@@ -201,7 +180,7 @@ class LocalExecutor:
         finally:
             for disk, drec, path in mounted:
                 await self._finish_disk(rec, disk, drec, path)
-            rec.outputs = _read_outputs(output_file, inst.spec.outputs, self.mask)
+            rec.outputs = _read_outputs(output_file, inst.spec.outputs, s.mask)
             if all(not d.error for d in rec.disks):
                 remove_tree(ws)
 
@@ -220,16 +199,17 @@ class LocalExecutor:
                       "cancelled": self.cancelled}
             if not condition(step.if_, ctx, status, f"{where}.if"):
                 srec.state = CANCELLED if self.cancelled else SKIPPED
+                self._step_event(n, srec)
                 continue
             timeout = step.timeout
             if deadline is not None and not srec.always:
                 left = max(0.01, deadline - time.monotonic())
                 timeout = min(timeout, left) if timeout else left
-            srec.log = f"logs/{_safe(inst.id)}/{n + 1:02d}-{_safe(srec.name)}.log"
+            srec.log = f"{self.s.log_dir}/{n + 1:02d}-{safe(srec.name)}.log"
             script = render(step.run, ctx, f"{where}.run")
             cwd = _inside(ws, render(step.working_directory, ctx, f"{where}.working_directory"),
                           where) if step.working_directory else ws
-            await self._step(srec, script, cwd, {**env, **step.env}, timeout)
+            await self._step(n, srec, script, cwd, {**env, **step.env}, timeout)
             if srec.state != SUCCESS and not step.continue_on_error:
                 if not failed:
                     rec.reason = (f"step {srec.name!r} "
@@ -240,18 +220,23 @@ class LocalExecutor:
         if self.cancelled and rec.state == SUCCESS:
             rec.state, rec.reason = CANCELLED, "run cancelled"
 
-    async def _step(self, srec: StepRecord, script: str, cwd: Path, env: dict[str, str],
-                    timeout: float | None) -> None:
-        log = self.opts.run_dir / srec.log
-        log.parent.mkdir(parents=True, exist_ok=True)
+    def _step_event(self, n: int, srec: StepRecord) -> None:
+        if self.s.on_step:
+            self.s.on_step(n, srec)
+
+    async def _step(self, n: int, srec: StepRecord, script: str, cwd: Path,
+                    env: dict[str, str], timeout: float | None) -> None:
         start = time.monotonic()
         srec.state = RUNNING
-        with open(log, "w") as out:
+        self._step_event(n, srec)
+        with self.s.logs(srec.log) as out:
             proc = await asyncio.create_subprocess_exec(
                 "bash", "-eo", "pipefail", "-c", script, cwd=cwd, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-            self.procs.add(proc)
+            self.s.stop.procs.add(proc)
+            if self.s.guard:
+                self.s.guard.add(proc.pid)
             pump = asyncio.create_task(self._pump(proc, out))
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
@@ -268,42 +253,47 @@ class LocalExecutor:
                 out.write(f"\nstickyci: step timed out after {timeout:.1f}s; killed\n")
                 srec.state = TIMED_OUT
             finally:
-                self.procs.discard(proc)
+                self.s.stop.procs.discard(proc)
                 # Whatever the step left in the background dies with it.
                 _kill_group(proc, signal.SIGKILL)
+                if self.s.guard:
+                    self.s.guard.discard(proc.pid)
         srec.exit_code = proc.returncode
         if self.cancelled and srec.state != SUCCESS:
             srec.state = CANCELLED
         srec.seconds = time.monotonic() - start
+        self._step_event(n, srec)
 
-    async def _pump(self, proc: asyncio.subprocess.Process, out: Any) -> None:
+    async def _pump(self, proc: asyncio.subprocess.Process, out: LogWriter) -> None:
         assert proc.stdout is not None
         async for line in proc.stdout:
-            out.write(self.mask(line.decode(errors="replace")))
+            out.write(self.s.mask(line.decode(errors="replace")))
 
     async def _disk_cli(self, *args: str) -> tuple[int, dict[str, Any], str]:
+        guard = self.s.guard
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "stickyci", "disk", *args, "--json",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate()
+            stderr=asyncio.subprocess.PIPE, env=self.s.disk_env,
+            # Guarded: a group of its own (with the workers a commit forks), so the guard can
+            # end all of it and a commit never outlives the process that ran the job.
+            start_new_session=guard is not None)
+        if guard:
+            guard.add(proc.pid)
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if guard:
+                _kill_group(proc, signal.SIGKILL)
+                guard.discard(proc.pid)
         doc = json.loads(out) if proc.returncode == 0 and out.strip() else {}
         lines = [ln for ln in err.decode(errors="replace").splitlines() if "error" in ln]
-        return proc.returncode or 0, doc, self.mask(lines[-1] if lines else err.decode()[-300:])
+        return proc.returncode or 0, doc, self.s.mask(lines[-1] if lines
+                                                      else err.decode()[-300:])
 
     def _key(self, key: str) -> str:
         """The key actually used: in a cold run, a copy private to the run, empty at first."""
-        if not self.opts.cold:
-            return key
-        # A suffix, not a prefix: a token scoped to ``pr-7-*`` must cover the cold copies too.
-        private = f"{key}-cold-{self.run.id}"
-        self.cold_keys.add(private)
-        return private
-
-    async def drop_cold_disks(self) -> None:
-        """Remove the private disks of a cold run (their objects go at the next gc)."""
-        for key in sorted(self.cold_keys):
-            await self._disk_cli("rm", key)
+        return cold_key(self.s.run_id, key) if self.s.cold else key
 
     async def _mount(self, drec: DiskRecord, disk: DiskSpec, path: Path) -> bool:
         code, doc, err = await self._disk_cli("mount", self._key(drec.key), str(path),
@@ -361,4 +351,3 @@ def _read_outputs(path: Path, declared: list[str], mask: Masker) -> dict[str, st
         return {}
     found = dict(line.split("=", 1) for line in lines if "=" in line)
     return {k: mask(found[k]) for k in declared if k in found}
-
