@@ -28,6 +28,7 @@ from server import Server, start_server
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
 from stickyci.server import protocol as p
+from stickyci.server.app import STREAM_CHUNK
 from stickyci.store.http import HttpBackend
 from stickyci.store.objects import encode_index
 
@@ -683,3 +684,16 @@ def test_gc_through_the_server_is_for_admins(tmp_path: Path, env: Env) -> None:
         there = remote(env, server, cache="fresh")
         there.run("disk", "mount", "other", str(env.root / "ws3"), "--strategy", "copy")
         assert read_tree(env.root / "ws3") == {"keep": b"kept"}
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, None), (7, None), (3, STREAM_CHUNK + 5),
+                                                (STREAM_CHUNK - 1, 2)])
+def test_blobs_over_a_chunk_stream_whole_and_in_ranges(srv: Server, offset: int,
+                                                       length: int | None) -> None:
+    data = os.urandom(2 * STREAM_CHUNK + 123)
+    name = f"packs/{Digest.of(data).hex}"
+    with srv.client() as c:
+        assert c.put(blob(name), content=data).status_code == 204
+    backend = HttpBackend(srv.url, srv.admin)
+    want = data[offset:] if length is None else data[offset : offset + length]
+    assert backend.get(name, offset, length) == want

@@ -81,6 +81,8 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
         handler.setFormatter(logging.Formatter("%(message)s"))
         access.handlers[:] = [handler]
         access.setLevel(logging.INFO)
+    else:
+        access.setLevel(logging.WARNING)  # else it inherits INFO below and builds every line
     logging.getLogger("stickyci").setLevel(logging.INFO)
     click.echo(f"stickyci: serving {url} on http://{host}:{port}", err=True)
     uvicorn.run(create_app(cfg), host=host, port=port, access_log=False, log_level="warning",

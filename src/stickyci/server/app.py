@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import disks
@@ -57,6 +57,7 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 # backend's unfinished writes, which only garbage collection (admin) may list and delete.
 _NAMESPACES = {"packs", "index", "refs", "tmp"}
 _IMMUTABLE = {"packs", "index"}
+STREAM_CHUNK = 8 << 20
 _CLOCK_SKEW = 300.0
 """How far in the future a reader may set a disk's ``last_used`` (runners' clocks differ)."""
 
@@ -134,12 +135,11 @@ class Server:
                 return Response(headers={"content-length": str(st.size),
                                          p.MTIME_HEADER: repr(st.mtime)})
             offset, length = _parse_range(request.headers.get("range"))
-            data = await self.call(self.backend.get, name, offset, length)
-            if length is None and offset == 0:
-                return Response(data, media_type="application/octet-stream")
-            end = offset + len(data) - 1
-            return Response(data, status_code=206, media_type="application/octet-stream",
-                            headers={"content-range": f"bytes {offset}-{end}/*"})
+            response, size = await self.send_blob(name, offset, length)
+            if length is not None or offset:
+                response.status_code = 206
+                response.headers["content-range"] = f"bytes {offset}-{offset + size - 1}/*"
+            return response
         if method == "DELETE":
             perm = Permission.DELETE if key is not None else Permission.ADMIN
             who.require(perm, key, name)
@@ -182,6 +182,33 @@ class Server:
         if not await self.call(self.backend.put_if, name, data, if_match):
             return await self.lost_race(name)
         return Response(status_code=204)
+
+    async def send_blob(self, name: str, offset: int = 0,
+                        length: int | None = None) -> tuple[Response, int]:
+        """A response carrying a blob (or a range of it), and its size. A blob over
+        ``STREAM_CHUNK`` is sent in chunks of that size, so memory stays bounded however
+        large the blob and however many clients download at once."""
+        got = await self.call(self._small_or_end, name, offset, length)
+        if isinstance(got, bytes):
+            return Response(got, media_type="application/octet-stream"), len(got)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for pos in range(offset, got, STREAM_CHUNK):
+                yield await self.call(self.backend.get, name, pos, min(STREAM_CHUNK, got - pos))
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers={"content-length": str(got - offset)}), got - offset
+
+    def _small_or_end(self, name: str, offset: int, length: int | None) -> bytes | int:
+        """The bytes asked for, or, if they are more than one chunk, where they end."""
+        if length is None or length > STREAM_CHUNK:
+            st = self.backend.stat(name)
+            if st is None:
+                raise NotFound(f"store object {name} is missing")
+            end = st.size if length is None else min(st.size, offset + length)
+            if end - offset > STREAM_CHUNK:
+                return end
+        return self.backend.get(name, offset, length)
 
     async def lost_race(self, name: str) -> Response:
         """409 with the etag that won, and for a disk ref the generation it points to."""
@@ -297,9 +324,7 @@ class Server:
                 size = st.size
                 response = Response(headers={"content-length": str(size)})
             else:
-                data = await self.call(self.backend.get, name)
-                size = len(data)
-                response = Response(data, media_type="application/octet-stream")
+                response, size = await self.send_blob(name)
         except NotFound:
             self.metrics.hit(kind, False)
             self.lru.forget(name)
