@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from server import Server, start_server
 
 IS_ROOT = os.geteuid() == 0
 
@@ -54,3 +55,10 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.setenv("STICKYCI_CACHE_DIR", str(cache))
     yield Env(tmp_path, store, cache, dict(os.environ))
     _unmount_under(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One stickyci server for a module's tests that neither restart it nor need its flags."""
+    with start_server(tmp_path_factory.mktemp("srv")) as server:
+        yield server

@@ -13,11 +13,15 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from stickyci.digest import Digest
+from stickyci.server import protocol as p
 
 START_TIMEOUT = 30.0
 
@@ -116,3 +120,23 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def store_dir(server: Server) -> Path:
+    """The directory of a server's ``file://`` store."""
+    return Path(server.store_url.removeprefix("file://"))
+
+
+def blob(name: str) -> str:
+    """The store API path of a blob."""
+    return f"{p.PREFIX}/blobs/{name}"
+
+
+def pack(data: bytes) -> str:
+    """The name a pack of ``data`` must have."""
+    return f"packs/{Digest.of(data).hex}"
+
+
+def unique(prefix: str) -> str:
+    """A disk key no other test of a shared server uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -14,8 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import httpx
 import pytest
 from conftest import Env
 from prometheus_client.parser import text_string_to_metric_families
-from server import Server, start_server
+from server import Server, blob, pack, start_server, store_dir, unique
 
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
@@ -37,28 +36,6 @@ MiB = 1 << 20
 
 # --- helpers -----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the module's tests that need no server of their own."""
-    with start_server(tmp_path_factory.mktemp("srv")) as server:
-        yield server
-
-
-def store_dir(server: Server) -> Path:
-    return Path(server.store_url.removeprefix("file://"))
-
-
-def blob(name: str) -> str:
-    return f"{p.PREFIX}/blobs/{name}"
-
-
-def pack(data: bytes) -> str:
-    return f"packs/{Digest.of(data).hex}"
-
-
-def unique(prefix: str) -> str:
-    """A disk key no other test of the shared server uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def disk_ref(key: str, gens: int = 1, last_used: float | None = None) -> bytes:

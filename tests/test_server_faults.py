@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import IS_ROOT, Env
-from server import Server, free_port, start_server
+from server import Server, blob, free_port, pack, start_server, store_dir, unique
 
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
@@ -37,27 +36,6 @@ from stickyci.store.http import HttpBackend
 MiB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the tests that neither restart it nor need its flags."""
-    with start_server(tmp_path_factory.mktemp("srv")) as server:
-        yield server
-
-
-def store_dir(server: Server) -> Path:
-    return Path(server.store_url.removeprefix("file://"))
-
-
-def blob(name: str) -> str:
-    return f"{p.PREFIX}/blobs/{name}"
-
-
-def pack(data: bytes) -> str:
-    return f"packs/{Digest.of(data).hex}"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def disk_ref(key: str, gens: int = 1) -> bytes:
