@@ -95,25 +95,34 @@ class Scan:
     touched: set[str] | None = None
 
 
+Packs = list[tuple[str, list[tuple[bytes, int, int]]]]
+
+
 def _fill_forked(store: ObjectStore, root: str, todo: list[Entry]) -> None:
     store.flush()
     batches = list(_batches(todo, _BATCH_BYTES))
 
-    def work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int]:
+    def work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int, Packs]:
         before = store.bytes_written, store.objects_written
+        known = set(store.written)
         out = []
         for e in batches[i]:
             if aborted():  # another batch failed: the commit is over, publish nothing more
-                return i, [], 0, 0
+                return i, [], 0, 0, []
             out.append(store_file(store, os.path.join(root, e.path)))
         store.flush()  # each batch ends in a published pack: the parent sees only those
-        return i, out, store.bytes_written - before[0], store.objects_written - before[1]
+        packs = [(p, entries) for p, entries in store.written.items() if p not in known]
+        return (i, out, store.bytes_written - before[0], store.objects_written - before[1],
+                packs)
 
-    for i, out, nbytes, nobjects in forked_map(work, range(len(batches))):
+    for i, out, nbytes, nobjects, packs in forked_map(work, range(len(batches))):
         for e, (size, chunks) in zip(batches[i], out, strict=True):
             e.size, e.chunks = size, chunks
         store.bytes_written += nbytes
         store.objects_written += nobjects
+        # The worker's packs are indexed from what it sent back, not re-read from the store.
+        for pack, entries in packs:
+            store.adopt(pack.removeprefix("packs/"), entries)
     store.refresh()
 
 

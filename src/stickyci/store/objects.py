@@ -61,6 +61,9 @@ class ObjectStore:
         # loading the index is on the path of every commit.
         self._index: dict[bytes, tuple[str, int, int]] = {}
         self._loaded: set[str] = set()
+        # Packs this process wrote (or adopted from its forked workers), newest last, with
+        # their entries: young enough that no gc can have swept them, and already indexed.
+        self.written: dict[str, list[tuple[bytes, int, int]]] = {}
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._pending: dict[Digest, tuple[int, int]] = {}
@@ -110,7 +113,7 @@ class ObjectStore:
             if loc is None:
                 raise NotFound(f"object {Digest(d)} is missing from the store")
             packs.add(loc[0])
-        gone = self.backend.missing(sorted(packs))
+        gone = self.backend.missing(sorted(packs - self.written.keys()))
         if gone:
             raise NotFound(f"{gone[0]} was removed by a concurrent gc; retry the commit")
 
@@ -166,10 +169,19 @@ class ObjectStore:
                     self._publishing.pop(d, None)
             raise
         with self._lock:
-            for d, (off, ln) in entries.items():
-                self._index.setdefault(d.raw, (f"packs/{pack_id}", off, ln))
+            for d in entries:
                 self._publishing.pop(d, None)
+        self.adopt(pack_id, [(d.raw, off, ln) for d, (off, ln) in entries.items()])
+
+    def adopt(self, pack_id: str, entries: list[tuple[bytes, int, int]]) -> None:
+        """Index a pack this process or one of its forked workers wrote, without reading its
+        index back from the backend."""
+        pack = f"packs/{pack_id}"
+        with self._lock:
+            for d, off, ln in entries:
+                self._index.setdefault(d, (pack, off, ln))
             self._loaded.add(f"index/{pack_id}")
+            self.written[pack] = entries
 
     def get(self, digest: Digest, *, whole_pack: bool = False) -> bytes:
         """Read and verify an object. ``whole_pack`` caches its pack for sequential readers."""
