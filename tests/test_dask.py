@@ -24,20 +24,16 @@ from typing import Any
 import distributed
 import pytest
 from conftest import Env, _unmount_under
+from server import start_server
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "monorepo" / "pipeline.yml"
 WORKERS = 3
-# The store tests run against. "file": a directory, shared because every worker is a process
-# on this machine. "http": a stickyci server over it (tests/server.py), as on a real cluster.
-STORE_KIND = "file"
-
-
 @dataclass
 class Store:
     """The shared store: its URL, the token clients send, the directory holding its data."""
 
     url: str
-    token: str | None
+    token: str
     data: Path
 
 
@@ -62,15 +58,12 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    """The store every worker and every client of this module uses."""
+    """The shared store every worker and every client of this module uses."""
     root = tmp_path_factory.mktemp("store")
-    if STORE_KIND == "http":
-        from server import start_server
-
-        with start_server(root) as server:
-            yield Store(server.url, server.token("--write", "*"), root / "store")
-        return
-    yield Store(f"file://{root}", None, root)
+    # A stickyci server, as on a real cluster; runners get a token that may write and remove
+    # disks (a cold run removes its private copies), not an admin one.
+    with start_server(root) as server:
+        yield Store(server.url, server.token("--write", "*", "--delete", "*"), root / "store")
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +97,7 @@ def env(tmp_path: Path, store: Store, cluster: Cluster) -> Iterator[Env]:
     cluster.client.wait_for_workers(WORKERS, timeout=60)
     environ = {**os.environ, "STICKYCI_STORE": store.url,
                "STICKYCI_CACHE_DIR": str(tmp_path / "client")}
-    environ.pop("STICKYCI_TOKEN", None)
-    if store.token:
-        environ["STICKYCI_TOKEN"] = store.token
+    environ["STICKYCI_TOKEN"] = store.token
     yield Env(tmp_path, store.data, tmp_path / "client", environ)
     _unmount_under(tmp_path)
 
