@@ -239,17 +239,6 @@ def analysis(results: dict[str, dict[str, Any]], cli: float) -> list[str]:
         ""]
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section in ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     """Prepare the store, then measure the local executor and 1, 2 and 3 Dask workers."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -295,7 +284,7 @@ def main() -> None:
     section = markdown(results, args.runs, args.services, jobs, command, cli, load)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        pipeline.write_section(args.write, section, START, END)
 
 
 if __name__ == "__main__":

@@ -98,12 +98,13 @@ def markdown(n: int, runs: int, over: dict[str, float], ex: dict[str, object],
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section in ``path``."""
+def write_section(path: Path, section: str, start: str = START, end: str = END) -> None:
+    """Replace (or append) a benchmark's section, between its ``start`` and ``end`` markers
+    (this benchmark's by default), in ``path``."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + section.rstrip("\n") + rest.split(END, 1)[1]
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
