@@ -296,7 +296,7 @@ class Server:
 
     async def bazel(self, request: Request) -> Response:
         """``GET|HEAD|PUT [/instance]/ac|cas/<sha256>``; CAS uploads must hash to their name."""
-        kind = "cas" if "/cas/" in request.url.path else "ac"
+        kind = "cas" if "/cas/" in request.scope["path"] else "ac"  # request.url is costly
         digest = request.path_params["digest"]
         instance = request.path_params.get("instance", "default")
         if not _SHA256.match(digest):

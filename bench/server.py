@@ -1,0 +1,1206 @@
+#!/usr/bin/env python3
+"""Cache server benchmark: ``stickyci serve`` against nginx serving the very same files.
+
+    python3 bench/server.py [--runs 3] [--duration 10] [--write docs/benchmarks.md]
+    python3 bench/server.py --quick          # smoke run: 2,000 objects, 3 s loads, 1 run
+
+1. Fill: start ``stickyci serve`` over a fresh ``file://`` store and upload ``--small``
+   random objects of 1-4 KiB and ``--large`` objects of ``--large-mib`` MiB through the Bazel
+   ``PUT /cas/<sha256>`` endpoint; check that every one landed as ``STORE/cas/<sha256>``
+   with the uploaded bytes (that is the file nginx serves).
+2. Load, for every server configuration, with ``wrk`` and Lua scripts (random paths from the
+   object lists, the same ``Authorization: Bearer`` header everywhere): small GETs, large
+   GETs, small PUTs (pre-generated bodies with their correct sha256 names; a Bazel CAS PUT is
+   idempotent). Large PUTs go one at a time from a Python client.
+   Configurations: stickyci with the access log off and on, stickyci as two processes sharing
+   one listening socket (what a ``--workers 2`` would do; ``stickyci serve`` has no such
+   option yet), and nginx (``daemon off``, ``sendfile on``, access log off) with one worker
+   per core and with one worker. nginx takes PUTs with its WebDAV module into a directory of
+   its own and does not fsync them; stickyci fsyncs every object and its directory, so the
+   small-PUT rows also hold stickyci's file backend alone (``LocalBackend.put`` from 32
+   threads, no HTTP).
+3. Profile: ``py-spy record --gil`` on a single stickyci process under the small GET and small
+   PUT loads; samples are grouped by what the server was doing.
+
+Every figure is the median of ``--runs`` runs; the configurations are interleaved within a
+run, and the CPU time other processes used meanwhile is reported. Needs ``wrk``, ``nginx``
+(with the WebDAV module, as in Debian) and ``py-spy`` (``--no-profile`` skips the profile).
+Everything lives in a temporary directory under /var/tmp; nginx and the servers are stopped
+on exit, on failure and on SIGTERM/SIGINT too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import write_section  # bench/pipeline.py: bench/ is on sys.path when run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+START, END = "<!-- bench:server:start -->", "<!-- bench:server:end -->"
+MB = 1_000_000
+TARGET_SMALL_GETS = 2_000
+TARGET_LARGE_MBS = 300
+TICK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+DIRECT = "LocalBackend.put alone, 32 threads, no HTTP"
+FD_LAUNCHER = "_serve-on-fd"  # hidden sub-command: one `stickyci serve` on an inherited socket
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; the report to stdout."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started in a session of its own, with everything it started."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    else:  # its children may outlive it (a uvicorn worker, an nginx worker)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def started(cmds: Sequence[Sequence[str]], log_path: Path, *, pass_fds: Sequence[int] = (),
+            env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start processes (each in a new session, output to ``log_path``); stop them on exit."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(log_path, "ab") as out:
+            for cmd in cmds:
+                procs.append(subprocess.Popen(
+                    list(cmd), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                    start_new_session=True, pass_fds=tuple(pass_fds), env=env))
+        yield procs
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def wait_http(url: str, procs: Sequence[subprocess.Popen[bytes]], log_path: Path,
+              headers: dict[str, str] | None = None, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers 200; fail with the log if a process exits first."""
+    host, _, rest = url.removeprefix("http://").partition("/")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited {proc.returncode}:\n"
+                                   f"{log_path.read_text()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection(host, timeout=2)
+            conn.request("GET", "/" + rest, headers=headers or {})
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)  # polling a condition with a deadline
+    raise RuntimeError(f"{url} did not answer within {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def tree_ticks(roots: Sequence[int]) -> int:
+    """CPU clock ticks (user + system) of processes ``roots`` and all their descendants, alive
+    now, plus the children they already reaped."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    wanted, frontier = set(), [r for r in roots if r in parent]
+    while frontier:
+        pid = frontier.pop()
+        wanted.add(pid)
+        frontier += [c for c, p in parent.items() if p == pid and c not in wanted]
+    return sum(ticks[p] for p in wanted)
+
+
+def tree_peak_rss(roots: Sequence[int]) -> int:
+    """Sum of the peak resident set sizes (VmHWM) of ``roots`` and their live descendants."""
+    parent: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/stat") as f:
+                parent[int(entry.name)] = int(f.read().rpartition(")")[2].split()[1])
+    wanted, frontier = set(), [r for r in roots if r in parent]
+    while frontier:
+        pid = frontier.pop()
+        wanted.add(pid)
+        frontier += [c for c, p in parent.items() if p == pid and c not in wanted]
+    total = 0
+    for pid in wanted:
+        with contextlib.suppress(OSError, StopIteration), open(f"/proc/{pid}/status") as f:
+            total += int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * 1024
+    return total
+
+
+def machine_ticks(*, interrupts: bool = True) -> int:
+    """Busy clock ticks of the whole machine, from /proc/stat; without ``interrupts``, the
+    time in hard and soft interrupts (where the loopback network stack of client and server
+    runs, charged to no process) is left out."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(x) for x in f.readline().split()[1:9])
+    return user + nice + system + steal + (irq + softirq if interrupts else 0)
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (wrk)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait_quiet(limit: float) -> None:
+    """Wait (up to ``limit`` s) until the machine is below 25% busy; nothing of ours runs."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = machine_ticks()
+        time.sleep(0.5)
+        if (machine_ticks() - before) / TICK / (0.5 * NCPU) < 0.25:
+            return
+
+
+# -- data set ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Bodies of the objects, named by their sha256, and the files the Lua scripts read."""
+
+    small_bin: Path      # every small body, concatenated
+    small_idx: Path      # "<sha256> <offset> <length>" per line
+    small_paths: Path    # "/cas/<sha256>" per line
+    large_paths: Path
+    large_dir: Path      # the large bodies, one file each, named by sha256
+    small: list[str]
+    large: list[str]
+    small_bytes: int
+    large_bytes: int
+
+
+def make_dataset(work: Path, n_small: int, n_large: int, large_mib: int, seed: int) -> Dataset:
+    """Random bodies (deterministic for a seed): 1-4 KiB small ones and ``large_mib`` large."""
+    rng = random.Random(seed)
+    small, small_bytes = [], 0
+    with open(work / "small.bin", "wb") as blob, open(work / "small.idx", "w") as idx:
+        for _ in range(n_small):
+            body = rng.randbytes(rng.randint(1024, 4096))
+            sha = hashlib.sha256(body).hexdigest()
+            idx.write(f"{sha} {small_bytes} {len(body)}\n")
+            blob.write(body)
+            small.append(sha)
+            small_bytes += len(body)
+    large_dir = work / "large"
+    large_dir.mkdir()
+    large = []
+    for _ in range(n_large):
+        body = rng.randbytes(large_mib << 20)
+        sha = hashlib.sha256(body).hexdigest()
+        (large_dir / sha).write_bytes(body)
+        large.append(sha)
+    (work / "small.paths").write_text("".join(f"/cas/{s}\n" for s in small))
+    (work / "large.paths").write_text("".join(f"/cas/{s}\n" for s in large))
+    return Dataset(work / "small.bin", work / "small.idx", work / "small.paths",
+                   work / "large.paths", large_dir, small, large, small_bytes,
+                   n_large * (large_mib << 20))
+
+
+def small_bodies(ds: Dataset) -> Iterator[tuple[str, bytes]]:
+    """(sha256, body) of every small object."""
+    blob = ds.small_bin.read_bytes()
+    for line in ds.small_idx.read_text().splitlines():
+        sha, off, length = line.split()
+        yield sha, blob[int(off):int(off) + int(length)]
+
+
+def put(conn: http.client.HTTPConnection, path: str, body: bytes,
+        headers: dict[str, str]) -> int:
+    """One PUT on a kept-alive connection; returns the status."""
+    conn.request("PUT", path, body=body, headers=headers)
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
+
+
+def fill(port: int, token: str, ds: Dataset, connections: int = 16) -> dict[str, float]:
+    """Upload every object through ``PUT /cas/<sha256>``; the small ones from ``connections``
+    threads, the large ones one after the other. Returns the rates."""
+    headers = {"Authorization": f"Bearer {token}"}
+    items = list(small_bodies(ds))
+    local = threading.local()
+
+    def one(item: tuple[str, bytes]) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        status = put(local.conn, f"/cas/{item[0]}", item[1], headers)
+        if status != 200:
+            raise RuntimeError(f"PUT /cas/{item[0]} answered {status}")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(one, items))
+    small_s = time.perf_counter() - start
+    large_s = put_large(port, "/cas/", ds, headers)
+    return {"small_puts_per_s": len(items) / small_s, "large_put_mbs":
+            ds.large_bytes / MB / large_s if ds.large else 0.0}
+
+
+def put_large(port: int, prefix: str, ds: Dataset, headers: dict[str, str]) -> float:
+    """PUT every large object once, sequentially on one connection; returns the seconds."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    took = 0.0
+    try:
+        for sha in ds.large:
+            body = (ds.large_dir / sha).read_bytes()
+            start = time.perf_counter()
+            status = put(conn, prefix + sha, body, headers)
+            took += time.perf_counter() - start
+            if status not in (200, 201, 204):
+                raise RuntimeError(f"PUT {prefix}{sha} answered {status}")
+    finally:
+        conn.close()
+    return took
+
+
+def verify_store(store: Path, ds: Dataset) -> None:
+    """Every uploaded object is a file ``STORE/cas/<sha256>`` holding exactly its bytes."""
+    for sha, body in small_bodies(ds):
+        path = store / "cas" / sha
+        if path.read_bytes() != body:
+            raise RuntimeError(f"{path} does not hold the uploaded bytes")
+    for sha in ds.large:
+        h = hashlib.sha256()
+        with open(store / "cas" / sha, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != sha:
+            raise RuntimeError(f"{store / 'cas' / sha} does not hash to its name")
+
+
+def same_bytes(port: int, path: str, token: str, want: bytes) -> None:
+    """A GET of ``path`` returns ``want``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+    resp = conn.getresponse()
+    got = resp.read()
+    conn.close()
+    if resp.status != 200 or got != want:
+        raise RuntimeError(f"GET {path} on port {port}: {resp.status}, {len(got)} bytes")
+
+
+# -- wrk --------------------------------------------------------------------------------------
+
+LUA_COMMON = r"""
+wrk.headers["Authorization"] = "Bearer __TOKEN__"
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("seed", threads)
+end
+function init(args)
+  math.randomseed(seed or 1)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%.0f,"bytes":%.0f,"duration_us":%.0f,"connect":%d,"read":%d,' ..
+    '"write":%d,"status":%d,"timeout":%d,"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,' ..
+    '"max_us":%.0f,"mean_us":%.1f}\n',
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.max, latency.mean))
+end
+"""
+
+LUA_GET = r"""
+local paths = {}
+for line in io.lines("__LIST__") do paths[#paths + 1] = line end
+local n = #paths
+function request()
+  return wrk.format("GET", paths[math.random(n)])
+end
+"""
+
+LUA_PUT = r"""
+local f = assert(io.open("__BIN__", "rb"))
+local blob = f:read("*a")
+f:close()
+local items = {}
+for line in io.lines("__IDX__") do
+  local sha, off, len = line:match("^(%x+) (%d+) (%d+)$")
+  off, len = tonumber(off), tonumber(len)
+  items[#items + 1] = {"__PREFIX__" .. sha, blob:sub(off + 1, off + len)}
+end
+local n = #items
+function request()
+  local it = items[math.random(n)]
+  return wrk.format("PUT", it[1], nil, it[2])
+end
+"""
+
+
+def lua(work: Path, name: str, body: str, **subst: str) -> Path:
+    """Write a wrk script from a template (``__KEY__`` placeholders)."""
+    text = LUA_COMMON + body
+    for key, value in subst.items():
+        text = text.replace(f"__{key.upper()}__", value)
+    path = work / f"{name}.lua"
+    path.write_text(text)
+    return path
+
+
+@dataclass(frozen=True)
+class Load:
+    """One wrk workload."""
+
+    name: str
+    label: str
+    script: str          # get-small, get-large, or put (put-stickyci or put-nginx)
+    threads: int
+    connections: int
+    bytes_metric: bool   # report MB/s rather than requests/s
+
+
+def wrk(port: int, script: Path, load: Load, duration: float) -> dict[str, float]:
+    """Run wrk; returns its JSON summary."""
+    cmd = ["wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{duration:g}s",
+           "--timeout", "60s", "--latency", "-s", str(script), f"http://127.0.0.1:{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n"
+                           f"{out.stderr}")
+    result: dict[str, float] = json.loads(line.removeprefix("WRKJSON "))
+    return result
+
+
+# -- server configurations --------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    """What every configuration needs: paths, the token, the data set and the wrk scripts."""
+
+    work: Path
+    store: Path
+    state: Path
+    token: str
+    ds: Dataset
+    scripts: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A server to measure: stickyci (processes, access log) or nginx (workers)."""
+
+    name: str
+    kind: str              # "stickyci" or "nginx"
+    processes: int = 1
+    access_log: bool = False
+    large_put: bool = False
+
+    @property
+    def put_prefix(self) -> str:
+        return "/cas/" if self.kind == "stickyci" else "/put/cas/"
+
+
+def stickyci_cmds(env: Env, cfg: Config, port: int, fd: int | None) -> list[list[str]]:
+    """``stickyci serve`` itself, or ``processes`` copies of it sharing socket ``fd``."""
+    serve = ["--store", f"file://{env.store}", "--listen", f"127.0.0.1:{port}",
+             "--state-dir", str(env.state),
+             "--access-log" if cfg.access_log else "--no-access-log"]
+    if fd is None:
+        return [[sys.executable, "-m", "stickyci", "serve", *serve]]
+    return [[sys.executable, str(Path(__file__).resolve()), FD_LAUNCHER, str(fd), *serve]
+            for _ in range(cfg.processes)]
+
+
+NGINX_CONF = """\
+__USER__
+worker_processes __WORKERS__;
+daemon off;
+master_process on;
+pid __DIR__/nginx.pid;
+error_log __DIR__/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    types { }
+    default_type application/octet-stream;
+    client_body_temp_path __DIR__/client_body;
+    proxy_temp_path __DIR__/proxy;
+    fastcgi_temp_path __DIR__/fastcgi;
+    uwsgi_temp_path __DIR__/uwsgi;
+    scgi_temp_path __DIR__/scgi;
+    server {
+        listen 127.0.0.1:__PORT__;
+        location /cas/ { root __STORE__; }
+        location /put/cas/ {
+            root __DIR__/uploads;
+            dav_methods PUT;
+            create_full_put_path on;
+            client_max_body_size 4g;
+            client_body_buffer_size 16k;
+        }
+    }
+}
+"""
+
+
+def nginx_conf(env: Env, workers: int, port: int) -> Path:
+    """A minimal nginx config serving ``STORE/cas/`` and taking PUTs under ``/put/cas/``."""
+    d = env.work / "nginx"
+    d.mkdir(exist_ok=True)
+    (d / "uploads").mkdir(exist_ok=True)
+    text = (NGINX_CONF.replace("__USER__", "user root;" if os.geteuid() == 0 else "")
+            .replace("__WORKERS__", str(workers)).replace("__DIR__", str(d))
+            .replace("__PORT__", str(port)).replace("__STORE__", str(env.store)))
+    conf = d / f"nginx-{workers}.conf"
+    conf.write_text(text)
+    return conf
+
+
+@contextlib.contextmanager
+def serving(env: Env, cfg: Config) -> Iterator[tuple[int, list[int], Path]]:
+    """Start a configuration; yields its port, the pids to account CPU to, and its log."""
+    log_path = env.work / f"{cfg.name.replace(' ', '_').replace('/', '_')}.log"
+    auth = {"Authorization": f"Bearer {env.token}"}
+    with contextlib.ExitStack() as stack:
+        fds: list[int] = []
+        if cfg.kind == "nginx":
+            port = free_port()
+            conf = nginx_conf(env, cfg.processes, port)
+            cmds = [["nginx", "-e", str(env.work / "nginx" / "error.log"),
+                     "-p", str(env.work / "nginx"), "-c", str(conf)]]
+            health = f"http://127.0.0.1:{port}/cas/{env.ds.small[0]}"
+        elif cfg.processes == 1:
+            port = free_port()
+            cmds = stickyci_cmds(env, cfg, port, None)
+            health = f"http://127.0.0.1:{port}/healthz"
+        else:
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(2048)
+            port = sock.getsockname()[1]
+            fds = [sock.fileno()]
+            cmds = stickyci_cmds(env, cfg, port, sock.fileno())
+            health = f"http://127.0.0.1:{port}/healthz"
+        procs = stack.enter_context(started(cmds, log_path, pass_fds=fds))
+        wait_http(health, procs, log_path, auth)
+        yield port, [p.pid for p in procs], log_path
+
+
+def serve_on_fd(fd: int, serve_args: list[str]) -> None:
+    """Run ``stickyci serve ARGS`` unchanged, except that uvicorn serves on the inherited,
+    already listening socket ``fd`` (several processes share it and the kernel spreads the
+    connections), as ``uvicorn --workers`` or gunicorn do."""
+    import uvicorn
+
+    from stickyci.cli.main import main as stickyci_main
+
+    sock = socket.socket(fileno=fd)
+
+    def run(app: Any, **kwargs: Any) -> None:
+        kwargs.pop("host", None)
+        kwargs.pop("port", None)
+        uvicorn.Server(uvicorn.Config(app, **kwargs)).run(sockets=[sock])
+
+    uvicorn.run = run  # serve() looks it up when it calls it
+    sys.argv = ["stickyci", "serve", *serve_args]
+    stickyci_main()
+
+
+# -- measuring --------------------------------------------------------------------------------
+
+SMALL_GET = Load("small-get", "small GET", "get-small", 2, 32, False)
+LARGE_GET = Load("large-get", "large GET", "get-large", 2, 4, True)
+SMALL_PUT = Load("small-put", "small PUT", "put", 2, 32, False)
+LOADS = (SMALL_GET, LARGE_GET, SMALL_PUT)
+
+
+def measure(env: Env, cfg: Config, port: int, pids: list[int], load: Load,
+            duration: float, quiet: float) -> dict[str, float]:
+    """One wrk run against a running server, with the CPU it and the rest of the machine used."""
+    script = env.scripts[f"put-{cfg.kind}" if load.script == "put" else load.script]
+    wait_quiet(quiet)
+    t0, s0, w0 = time.perf_counter(), tree_ticks(pids), children_cpu()
+    m0 = machine_ticks(interrupts=False)
+    res = wrk(port, script, load, duration)
+    wall = time.perf_counter() - t0
+    server = (tree_ticks(pids) - s0) / TICK
+    wrk_cpu = children_cpu() - w0
+    other = max(0.0, (machine_ticks(interrupts=False) - m0) / TICK - server - wrk_cpu)
+    secs = res["duration_us"] / 1e6
+    errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
+    if errors > 0.01 * max(res["requests"], 1):
+        raise RuntimeError(f"{cfg.name} {load.name}: {errors:.0f} errors in "
+                           f"{res['requests']:.0f} requests: {res}")
+    return {
+        "rps": res["requests"] / secs, "mbs": res["bytes"] / MB / secs,
+        "p50_ms": res["p50_us"] / 1000, "p99_ms": res["p99_us"] / 1000,
+        "max_ms": res["max_us"] / 1000, "errors": errors, "requests": res["requests"],
+        "server_cpu": server / wall, "cpu_us_per_req": server / max(res["requests"], 1) * 1e6,
+        "wrk_cpu": wrk_cpu / wall, "other_cpu": other / (wall * NCPU),
+    }
+
+
+def backend_puts(env: Env, threads: int, duration: float, quiet: float) -> dict[str, float]:
+    """The file backend alone: ``LocalBackend.put`` of random small objects from ``threads``
+    threads for ``duration`` s into a scratch store, no HTTP: the floor the server's PUTs
+    stand on (temp file, fsync, rename, fsync of the directory)."""
+    from stickyci.store.local import LocalBackend
+
+    backend = LocalBackend(env.work / "direct-store")
+    items = list(small_bodies(env.ds))
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = []
+        while time.perf_counter() < deadline:
+            sha, body = items[rng.randrange(len(items))]
+            t = time.perf_counter()
+            backend.put(f"cas/{sha}", body)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            latencies.extend(mine)
+
+    wait_quiet(quiet)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    m0 = machine_ticks(interrupts=False)
+    start = time.perf_counter()
+    deadline = start + duration
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(worker, range(threads)))
+    wall = time.perf_counter() - start
+    me2 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = me2.ru_utime + me2.ru_stime - me.ru_utime - me.ru_stime
+    other = max(0.0, (machine_ticks(interrupts=False) - m0) / TICK - cpu)
+    latencies.sort()
+    n = len(latencies)
+    return {"rps": n / wall, "mbs": 0.0, "p50_ms": latencies[n // 2] * 1000,
+            "p99_ms": latencies[min(n - 1, n * 99 // 100)] * 1000, "requests": n,
+            "server_cpu": cpu / wall, "cpu_us_per_req": cpu / max(n, 1) * 1e6,
+            "other_cpu": other / (wall * NCPU), "log_bytes_per_req": 0.0, "peak_rss": 0.0}
+
+
+def run_config(env: Env, cfg: Config, args: argparse.Namespace,
+               results: dict[tuple[str, str], list[dict[str, float]]]) -> None:
+    """Start one configuration, warm it up, measure every load, stop it."""
+    if cfg.kind == "direct":
+        r = backend_puts(env, SMALL_PUT.connections, args.duration, args.quiet_wait)
+        for _ in range(args.retries):
+            if r["other_cpu"] <= args.max_other_cpu:
+                break
+            again = backend_puts(env, SMALL_PUT.connections, args.duration, args.quiet_wait)
+            r = min(r, again, key=lambda x: x["other_cpu"])
+        results[(cfg.name, SMALL_PUT.name)].append(r)
+        log(f"  {cfg.name:<28} small PUT  {r['rps']:>9,.0f} puts/s  p50 {r['p50_ms']:.2f} ms"
+            f"  p99 {r['p99_ms']:.2f} ms  CPU {r['server_cpu']:.0%}")
+        return
+    with serving(env, cfg) as (port, pids, log_path):
+        wrk(port, env.scripts["get-small"], SMALL_GET, min(2.0, args.duration))  # warm-up
+        for load in LOADS:
+            log_size = log_path.stat().st_size
+            r = measure(env, cfg, port, pids, load, args.duration, args.quiet_wait)
+            for _ in range(args.retries):  # others took the CPU: measure again, keep the best
+                if r["other_cpu"] <= args.max_other_cpu:
+                    break
+                log(f"  {cfg.name} {load.label}: other processes used {r['other_cpu']:.0%} of "
+                    "the CPUs; measuring again")
+                log_size = log_path.stat().st_size
+                again = measure(env, cfg, port, pids, load, args.duration, args.quiet_wait)
+                r = min(r, again, key=lambda x: x["other_cpu"])
+            r["log_bytes_per_req"] = (log_path.stat().st_size - log_size) / max(r["requests"], 1)
+            r["peak_rss"] = tree_peak_rss(pids) / MB
+            results[(cfg.name, load.name)].append(r)
+            log(f"  {cfg.name:<28} {load.label:<10} {r['rps']:>9,.0f} req/s {r['mbs']:>8,.0f} "
+                f"MB/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  server CPU "
+                f"{r['server_cpu']:.0%}  other CPU {r['other_cpu']:.0%}")
+        if cfg.large_put and env.ds.large:
+            secs = put_large(port, cfg.put_prefix, env.ds, {"Authorization":
+                                                            f"Bearer {env.token}"})
+            mbs = env.ds.large_bytes / MB / secs
+            results[(cfg.name, "large-put")].append({"mbs": mbs})
+            log(f"  {cfg.name:<28} large PUT  {mbs:>8,.0f} MB/s (one connection)")
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+# What the server was doing, from a py-spy stack: the first rule any frame matches, in order;
+# then the leaf frame's package.
+PROFILE_RULES: list[tuple[str, Callable[[list[str]], bool]]] = [
+    ("file I/O in worker threads (LocalBackend get/put)",
+     lambda s: any("stickyci/store/" in f for f in s)),
+    ("thread-pool hand-off (run_in_threadpool, anyio, queue)",
+     lambda s: any("starlette/concurrency.py" in f or "anyio/" in f for f in s)),
+    ("access-log line (json.dumps, logging)",
+     lambda s: any("Observe._record" in f for f in s)
+     and any("logging/" in f or "json/" in f for f in s)),
+    ("Prometheus metrics", lambda s: any("prometheus_client/" in f for f in s)),
+    ("token check (auth.py)", lambda s: any("stickyci/server/auth.py" in f for f in s)),
+    ("`request.url` (Starlette URL object)", lambda s: any("HTTPConnection.url" in f for f in s)),
+    ("request body read (Server.body)", lambda s: any("Server.body" in f for f in s)),
+    ("response write to the socket (uvicorn send, in uvloop)",
+     lambda s: any("RequestResponseCycle.send" in f for f in s)),
+    ("uvicorn HTTP protocol (httptools callbacks)", lambda s: "uvicorn/" in s[-1]),
+    ("Starlette routing and middleware", lambda s: "starlette/" in s[-1]),
+    ("stickyci route and middleware code (sha256 of uploads included)",
+     lambda s: "stickyci/" in s[-1]),
+]
+OTHER = "event loop and other"
+
+
+def classify(raw: Path) -> tuple[dict[str, int], int]:
+    """Samples per category from a ``py-spy record -f raw`` file, and the total."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        label = next((name for name, rule in PROFILE_RULES if rule(frames)), OTHER)
+        counts[label] += int(n)
+        total += int(n)
+    return dict(counts), total
+
+
+def top_self(raw: Path, n: int) -> list[tuple[str, float]]:
+    """The ``n`` functions with the most samples at the leaf, as shares."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, k = line.rpartition(" ")
+        if k.isdigit():
+            counts[re.sub(r":\d+\)$", ")", stack.split(";")[-1])] += int(k)
+    total = sum(counts.values()) or 1
+    return [(name, c / total) for name, c in counts.most_common(n)]
+
+
+def profile(env: Env, args: argparse.Namespace) -> dict[str, Any]:
+    """py-spy (``--gil``: only the thread holding the GIL is sampled, so the shares are of the
+    Python-level CPU the single process spends) under the small GET and small PUT loads."""
+    cfg = Config("stickyci (profiled)", "stickyci")
+    rate, secs = 200, max(3, int(args.duration) - 2)
+    out: dict[str, Any] = {"rate": rate, "seconds": secs}
+    with serving(env, cfg) as (port, pids, _):
+        wrk(port, env.scripts["get-small"], SMALL_GET, min(2.0, args.duration))
+        for load in (SMALL_GET, SMALL_PUT):
+            wait_quiet(args.quiet_wait)
+            raw = env.work / f"profile-{load.name}.txt"
+            script = env.scripts["put-stickyci" if load.script == "put" else load.script]
+            cmd = [sys.executable, "-m", "py_spy"] if shutil.which("py-spy") is None else [
+                "py-spy"]
+            spy = subprocess.Popen([*cmd, "record", "--gil", "-r", str(rate), "-d", str(secs),
+                                    "-f", "raw", "-o", str(raw), "-p", str(pids[0])],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                res = wrk(port, script, load, secs + 2)
+                _, err = spy.communicate(timeout=60)
+            finally:
+                if spy.poll() is None:
+                    spy.kill()
+                    spy.wait()
+            if spy.returncode != 0 or not raw.exists():
+                raise RuntimeError(f"py-spy failed: {err.decode()[-2000:]}")
+            counts, total = classify(raw)
+            out[load.name] = {"counts": counts, "total": total,
+                              "gil_share": total / (rate * secs),
+                              "rps": res["requests"] / (res["duration_us"] / 1e6),
+                              "top": top_self(raw, 8)}
+            if args.keep_profiles:
+                args.keep_profiles.mkdir(parents=True, exist_ok=True)
+                shutil.copy(raw, args.keep_profiles / raw.name)
+            log(f"  profile {load.label}: {total} samples, GIL held "
+                f"{out[load.name]['gil_share']:.0%} of the time")
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def med(rows: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def fnum(x: float) -> str:
+    """A figure with the precision it deserves."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def software() -> str:
+    """Versions of everything measured."""
+    def first_line(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            return (p.stdout + p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+
+    from importlib.metadata import version
+    rev = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    libs = ", ".join(f"{m} {version(m)}" for m in ("uvicorn", "starlette", "httptools", "uvloop"))
+    return (f"stickyci {rev}{' + uncommitted changes in src/' if dirty else ''}, Python "
+            f"{sys.version.split()[0]}, {libs}; "
+            f"{first_line(['nginx', '-v']).replace('nginx version: ', '')}; "
+            f"{first_line(['wrk', '--version']).split(' Copyright')[0]}")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    return "unknown CPU"
+
+
+def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
+             results: dict[tuple[str, str], list[dict[str, float]]], filled: dict[str, float],
+             prof: dict[str, Any] | None, command: str) -> str:
+    """The results as a Markdown section."""
+    ds = env.ds
+    one = configs[0].name
+    ref = next(c.name for c in configs if c.kind == "nginx")
+    r = {k: v for k, v in results.items() if v}
+
+    def m(cfg: str, load: str, key: str) -> float:
+        return med(r[(cfg, load)], key)
+
+    small_gets = m(one, "small-get", "rps")
+    large_mbs = m(one, "large-get", "mbs")
+    p99 = m(one, "small-get", "p99_ms")
+    verdict = {True: "**PASS**", False: "**MISS**"}
+    lines = [
+        START, "## Cache server (`stickyci serve`) against nginx", "",
+        f"- **Command:** `{command}`",
+        f"- **Machine:** {cpu_model()}, {NCPU} CPUs, Linux {os.uname().release}; "
+        f"**date** {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} (UTC). Shared with other "
+        "engineers' test runs: every figure is the **median of "
+        f"{args.runs} runs**, the configurations interleaved within a run; before each "
+        f"measurement the benchmark waits (up to {args.quiet_wait:g} s) for the machine to be "
+        "under 25% busy, and it measures again (at most "
+        f"{args.retries} times, keeping the quietest) when other processes took more than "
+        f"{args.max_other_cpu:.0%} of the CPUs; what they took is in the last column.",
+        f"- **Software:** {args.software}.",
+        f"- **Data:** {len(ds.small):,} random objects of 1-4 KiB ({ds.small_bytes / MB:.1f} MB) "
+        f"and {len(ds.large)} of {args.large_mib} MiB, uploaded to a fresh `file://` store "
+        "through the Bazel endpoint `PUT /cas/<sha256>`; every object was checked to be the "
+        "file `STORE/cas/<sha256>` with the uploaded bytes, which is what nginx serves "
+        f"(`root STORE` for `/cas/`). The fill ran at {filled['small_puts_per_s']:,.0f} small "
+        "PUTs/s (Python client, 16 connections) and "
+        f"{filled['large_put_mbs']:,.0f} MB/s for the large ones (one connection).",
+        f"- **Load:** `wrk` (loopback, {args.duration:g} s per measurement after a 2 s warm-up "
+        "per server start), Lua scripts picking a uniformly random object per request and "
+        "sending the same `Authorization: Bearer` header to every server: small GETs with "
+        f"`-t{SMALL_GET.threads} -c{SMALL_GET.connections}`, large GETs with "
+        f"`-t{LARGE_GET.threads} -c{LARGE_GET.connections}`, small PUTs (the pre-generated "
+        f"bodies under their sha256 names) with `-t{SMALL_PUT.threads} "
+        f"-c{SMALL_PUT.connections}`; large PUTs one at a time from Python. wrk runs on the "
+        "same 2 CPUs as the server (about one core of it under the small loads): the figures "
+        "are what one 2-CPU box does with client and server on it.",
+        "- **Servers:** `stickyci serve --store file://STORE --no-access-log` (one uvicorn "
+        "process, uvloop + httptools), the same with `--access-log` (JSON lines to a file), "
+        "and two `stickyci serve` processes sharing one listening socket (a `--workers 2` "
+        "stand-in: the benchmark hands uvicorn an inherited socket, the server code is "
+        "unchanged). nginx (`daemon off`, `sendfile on`, access log off, keep-alive) serves the "
+        "same `STORE/cas/` with one worker per CPU (2) and with 1 worker; it takes PUTs with "
+        "its WebDAV module into a directory of its own, **without fsync**, while stickyci "
+        "writes a temp file, fsyncs it, renames it and fsyncs the directory, and checks the "
+        "sha256 of the body. For that reason the small-PUT rows also hold stickyci's file "
+        "backend alone: `LocalBackend.put` from 32 threads in one Python process, no HTTP.",
+        "- **Columns:** MB/s are 10^6 bytes of responses per second; latencies from wrk "
+        "(no coordinated-omission correction); *server CPU* is the CPU time of the server "
+        "processes over the wall time (100% = one core); *µs CPU/req* is that time per "
+        "request; *x nginx* is the row over nginx with "
+        f"{next(c.processes for c in configs if c.name == ref)} workers on the same load "
+        "(requests/s, MB/s for large GETs); *other CPU* is what processes other than the "
+        "server and wrk used, as a share of all CPUs (interrupt time, where the loopback "
+        "network stack runs, left out).",
+        "", "### Targets", "",
+        "| target | measured (stickyci, 1 process) | result | nginx (reference) |",
+        "|---|---:|---|---:|",
+        f"| small GETs >= {TARGET_SMALL_GETS:,}/s | {small_gets:,.0f}/s | "
+        f"{verdict[small_gets >= TARGET_SMALL_GETS]} ({small_gets / TARGET_SMALL_GETS:.2f}x "
+        f"the target) | {m(ref, 'small-get', 'rps'):,.0f}/s |",
+        f"| large GETs >= {TARGET_LARGE_MBS} MB/s | {large_mbs:,.0f} MB/s | "
+        f"{verdict[large_mbs >= TARGET_LARGE_MBS]} ({large_mbs / TARGET_LARGE_MBS:.2f}x the "
+        f"target) | {m(ref, 'large-get', 'mbs'):,.0f} MB/s |",
+        f"| p99 latency of small GETs reported | p50 {fnum(m(one, 'small-get', 'p50_ms'))} ms, "
+        f"p99 {fnum(p99)} ms (32 connections) | reported | p50 "
+        f"{fnum(m(ref, 'small-get', 'p50_ms'))} ms, p99 {fnum(m(ref, 'small-get', 'p99_ms'))} "
+        "ms |",
+        "", "### Results", "",
+        "| load | server | req/s (min-max) | MB/s | p50 ms | p99 ms | x nginx | server CPU "
+        "| µs CPU/req | other CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for load in LOADS:
+        key = "mbs" if load.bytes_metric else "rps"
+        for cfg in configs:
+            rows = r.get((cfg.name, load.name))
+            if not rows:
+                continue
+            lo, hi = min(x["rps"] for x in rows), max(x["rps"] for x in rows)
+            ratio = med(rows, key) / m(ref, load.name, key)
+            lines.append(
+                f"| {load.label} | {cfg.name} | {med(rows, 'rps'):,.0f} ({lo:,.0f}-{hi:,.0f}) | "
+                f"{fnum(med(rows, 'mbs')) if load.name != 'small-put' else ''} | "
+                f"{fnum(med(rows, 'p50_ms'))} | "
+                f"{fnum(med(rows, 'p99_ms'))} | "
+                f"{'(reference)' if cfg.name == ref else f'{ratio:.2f}x'} | "
+                f"{med(rows, 'server_cpu'):.0%} | {fnum(med(rows, 'cpu_us_per_req'))} | "
+                f"{med(rows, 'other_cpu'):.0%} |")
+    puts = [c for c in configs if r.get((c.name, "large-put"))]
+    if puts:
+        lines += ["", "Large PUTs, one at a time on one connection: " + "; ".join(
+            f"{c.name} **{m(c.name, 'large-put', 'mbs'):,.0f} MB/s**" for c in puts)
+            + " (stickyci verifies the sha256 and fsyncs; nginx does neither)."]
+    lines += analysis(configs, r, prof, args.large_mib)
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+# What a profile category is, and the change that would shrink it; shown in the report for
+# the categories that take a noticeable share of the profiled process.
+ADVICE = {
+    PROFILE_RULES[0][0]:
+        "the `LocalBackend` calls themselves (open and read; or write, fsync, rename, fsync of "
+        "the directory), in the worker threads.",
+    PROFILE_RULES[1][0]:
+        "every backend call goes through `Server.call`, i.e. `run_in_threadpool` "
+        "(`src/stickyci/server/app.py`), a GET's `_small_or_end` (stat and read of a 1-4 KiB "
+        "file the page cache answers in microseconds) included: the anyio capacity limiter, a "
+        "queue, a thread wake-up and the GIL going back and forth cost far more than the read "
+        "itself. **Change:** in `Server.send_blob`, for a `LocalBackend`, run `_small_or_end` "
+        "on the event loop when the blob is small (stat, then read inline below e.g. 256 KiB; "
+        "the thread pool above, and always for writes, which fsync).",
+    PROFILE_RULES[2][0]:
+        "the access log's JSON line and `LogRecord`, built in `Observe._record` "
+        "(`src/stickyci/server/metrics.py`) whenever `stickyci.access` is enabled for INFO; "
+        "the profiled server runs with `--no-access-log`, where `serve` should leave it "
+        "disabled.",
+    PROFILE_RULES[3][0]:
+        "four `labels()` look-ups and updates per request in `Observe._record`. **Change:** "
+        "cache the labelled children per (route, method, status).",
+    PROFILE_RULES[4][0]:
+        "`TokenStore.authenticate` (`src/stickyci/server/auth.py`) stats `tokens.json` and "
+        "SHA-256-hashes the secret on every request. **Change:** cache the principal per "
+        "`Authorization` value for about a second (a revoked token then stops working within "
+        "that second) and stat the file at most once a second.",
+    PROFILE_RULES[5][0]:
+        "`Server.bazel` builds `request.url` (urlsplit, urlunsplit) only to see whether the "
+        "path holds `/cas/`. **Change:** test `request.scope[\"path\"]`, or register one "
+        "endpoint per kind.",
+    PROFILE_RULES[6][0]:
+        "`Server.body` gathers the body chunk by chunk into a bytearray, then copies it.",
+    PROFILE_RULES[7][0]:
+        "the response handed to uvloop, which writes to the socket at once while holding the "
+        "GIL; on loopback the kernel's TCP receive path for wrk runs inside that write. nginx "
+        "pays it too; Python cannot shrink it.",
+    PROFILE_RULES[8][0]:
+        "httptools parsing and uvicorn's per-request objects: the fixed cost of the stack.",
+    PROFILE_RULES[9][0]:
+        "Starlette's router (13 routes tried in order, the Bazel ones last), its two "
+        "exception layers and per-request closures. **Change:** a raw ASGI fast path for "
+        "`GET|HEAD [/instance]/ac|cas/<sha256>` in front of the Starlette app (inside "
+        "`Observe`, so metrics and the access log stay) skips all of it.",
+}
+
+
+def analysis(configs: list[Config], r: dict[tuple[str, str], list[dict[str, float]]],
+             prof: dict[str, Any] | None, large_mib: int) -> list[str]:
+    """What the figures say: targets, limits, access log, a second process, the profile."""
+    one = configs[0].name
+    ngx = [c for c in configs if c.kind == "nginx"]
+    ref, ref1 = ngx[0].name, (ngx[1].name if len(ngx) > 1 else ngx[0].name)
+    logged = next((c.name for c in configs if c.access_log), None)
+    two = next((c.name for c in configs if c.kind == "stickyci" and c.processes > 1), None)
+    direct = next((c.name for c in configs if c.kind == "direct"), None)
+
+    def m(cfg: str, load: str, key: str) -> float:
+        return med(r[(cfg, load)], key)
+
+    rps, us, cpu = (m(one, "small-get", k) for k in ("rps", "cpu_us_per_req", "server_cpu"))
+    lines = ["", "### Analysis", "",
+             f"- **Small GETs {'PASS' if rps >= TARGET_SMALL_GETS else 'MISS'}:** one stickyci "
+             f"process serves {rps:,.0f}/s, {rps / m(ref, 'small-get', 'rps'):.0%} of nginx with "
+             f"{ngx[0].processes} workers and {rps / m(ref1, 'small-get', 'rps'):.0%} of nginx "
+             f"with {ngx[-1].processes}. It spends {us:.0f} µs of CPU per request against "
+             f"nginx's {m(ref, 'small-get', 'cpu_us_per_req'):.0f} µs "
+             f"({us / m(ref, 'small-get', 'cpu_us_per_req'):.0f}x) and runs at {cpu:.0%} of a "
+             "core: the single Python process is the limit, wrk has the rest of the machine."]
+    if two:
+        lines[-1] += (f" Two processes serve {m(two, 'small-get', 'rps'):,.0f}/s "
+                      f"({m(two, 'small-get', 'rps') / rps:.2f}x), although they share the "
+                      "second CPU with wrk.")
+    mbs, rss = m(one, "large-get", "mbs"), m(one, "large-get", "peak_rss")
+    in_flight = LARGE_GET.connections * large_mib * (1 << 20) / MB
+    lines.append(
+        f"- **Large GETs {'PASS' if mbs >= TARGET_LARGE_MBS else 'MISS'}:** {mbs:,.0f} MB/s, "
+        f"{mbs / m(ref, 'large-get', 'mbs'):.0%} of nginx's `sendfile`: with "
+        f"{LARGE_GET.connections} responses in flight both are bound by copying them through "
+        "loopback into wrk on the same 2 CPUs more than by the server. stickyci's peak RSS "
+        f"was {rss:,.0f} MB (nginx's {m(ref, 'large-get', 'peak_rss'):,.0f} MB) with "
+        f"{LARGE_GET.connections} downloads of {large_mib} MiB ({in_flight:,.0f} MB) in "
+        "flight: " + ("it holds whole objects in memory, and that grows with object size x "
+                      "concurrent downloads; streaming them in chunks would bound it."
+                      if rss >= 0.8 * in_flight else
+                      "it streams large objects in chunks, so memory stays bounded."))
+    put_rps, put_us = m(one, "small-put", "rps"), m(one, "small-put", "cpu_us_per_req")
+    text = f"- **Small PUTs:** {put_rps:,.0f}/s, p99 {fnum(m(one, 'small-put', 'p99_ms'))} ms. "
+    if direct:
+        d, d_us = m(direct, "small-put", "rps"), m(direct, "small-put", "cpu_us_per_req")
+        text += (f"stickyci's file backend alone does {d:,.0f}/s (32 threads, no HTTP; stickyci "
+                 f"reaches {put_rps / d:.0%} of it). ")
+        if put_rps >= 0.8 * d:
+            text += ("Every PUT writes a temp file, fsyncs it, renames it and fsyncs the "
+                     "directory: the disk's flushes set the pace, not the HTTP layer. ")
+        else:
+            text += (f"So the disk is not the limit: the server spends {put_us:.0f} µs of CPU "
+                     f"per PUT against {d_us:.0f} µs for the backend alone (mostly the kernel's "
+                     "work for the write, the fsyncs and the rename) and runs at "
+                     f"{m(one, 'small-put', 'server_cpu'):.0%} CPU; the difference is the HTTP "
+                     "stack and the hand-off of every PUT to a worker thread and back (see the "
+                     "profile). ")
+        if two:
+            text += f"Two processes do {m(two, 'small-put', 'rps'):,.0f}/s. "
+    text += (f"nginx's {m(ref, 'small-put', 'rps'):,.0f}/s are without any fsync, so they are not "
+             "a like-for-like limit here.")
+    lines.append(text)
+    lines.append(
+        f"- **Latency:** small GETs p50 {fnum(m(one, 'small-get', 'p50_ms'))} ms, p99 "
+        f"{fnum(m(one, 'small-get', 'p99_ms'))} ms with {SMALL_GET.connections} connections "
+        f"(nginx: {fnum(m(ref, 'small-get', 'p50_ms'))} and "
+        f"{fnum(m(ref, 'small-get', 'p99_ms'))} ms). In one event loop every request queues "
+        f"behind the others: {SMALL_GET.connections} connections / {rps:,.0f} req/s = "
+        f"{SMALL_GET.connections / rps * 1000:.1f} ms is the expected wait; the p99 adds the "
+        "pauses when other processes take the CPU.")
+    if logged:
+        parts = []
+        for load in (SMALL_GET, SMALL_PUT):
+            off, on = m(one, load.name, "rps"), m(logged, load.name, "rps")
+            parts.append(
+                f"{load.label}s {on / off - 1:+.0%} ({off:,.0f} → {on:,.0f}/s, CPU per request "
+                f"{m(one, load.name, 'cpu_us_per_req'):.0f} → "
+                f"{m(logged, load.name, 'cpu_us_per_req'):.0f} µs)")
+        lines.append(
+            "- **`--access-log`** (one JSON line of "
+            f"{m(logged, 'small-get', 'log_bytes_per_req'):.0f} bytes per request, to a file): "
+            + "; ".join(parts) + ". It costs a `json.dumps`, a `LogRecord`, the formatter "
+            "and one write(2) per request" + (
+                "; the min-max ranges of the rows with and without it overlap, so the "
+                "difference is within this machine's noise." if within_spread(r, one, logged)
+                else "."))
+    if two:
+        gains = {load.label: m(two, load.name, k) / m(one, load.name, k)
+                 for load in LOADS for k in ["mbs" if load.bytes_metric else "rps"]}
+        paying = [label + "s" for label, g in gains.items() if g >= 1.2]
+        met = (m(one, "small-get", "rps") >= TARGET_SMALL_GETS
+               and m(one, "large-get", "mbs") >= TARGET_LARGE_MBS)
+        lines.append(
+            "- **A second process** (two `stickyci serve` on one listening socket, as a "
+            "`--workers 2` option would run them) against one: " + ", ".join(
+                f"{label}s {g:.2f}x" for label, g in gains.items()) + ". "
+            + (f"It pays off for {' and '.join(paying)}" if paying else "No load gains 20%")
+            + "; on 2 CPUs it competes with wrk for the second core, so a machine that does "
+            "not also run the clients gains more. "
+            + ("One process already meets both targets here: a second one is not needed for "
+               "them." if met else "One process misses a target here: see the rows above for "
+               "what a second one brings."))
+    if prof:
+        lines += profile_section(prof)
+    return lines
+
+
+def within_spread(r: dict[tuple[str, str], list[dict[str, float]]], a: str, b: str) -> bool:
+    """Whether the min-max ranges of requests/s of ``a`` and ``b`` overlap, for small GETs and
+    small PUTs alike (so the difference of their medians is not beyond the noise)."""
+    for load in ("small-get", "small-put"):
+        ra, rb = ([x["rps"] for x in r[(c, load)]] for c in (a, b))
+        if max(min(ra), min(rb)) > min(max(ra), max(rb)):
+            return False
+    return True
+
+
+def profile_section(prof: dict[str, Any]) -> list[str]:
+    """The py-spy table, and what to change for the biggest shares."""
+    get, putp = prof["small-get"], prof["small-put"]
+    lines = ["", "### Where the time goes (py-spy)", "",
+             f"`py-spy record --gil -r {prof['rate']}` on one stickyci process (access log off), "
+             f"{prof['seconds']} s under each load. `--gil` samples only the thread holding the "
+             "GIL, so the shares are of the Python-level CPU, the resource one process runs out "
+             "of; syscalls without the GIL (the fsyncs in the worker threads) are not in them. "
+             "Sampling slows the server (small GETs ran at "
+             f"{get['rps']:,.0f}/s meanwhile); the shares are what matters. A sample counts for "
+             "the first row any of its frames matches, top to bottom.", "",
+             "| what the server was doing | small GET | small PUT |", "|---|---:|---:|"]
+    shares: dict[str, tuple[float, float]] = {}
+    for label in [name for name, _ in PROFILE_RULES] + [OTHER]:
+        g = get["counts"].get(label, 0) / max(get["total"], 1)
+        p = putp["counts"].get(label, 0) / max(putp["total"], 1)
+        shares[label] = (g, p)
+        if g or p:
+            lines.append(f"| {label} | {g:.0%} | {p:.0%} |")
+    lines += [f"| *GIL held, share of the wall time* | {get['gil_share']:.0%} | "
+              f"{putp['gil_share']:.0%} |", "",
+              "Leaf functions with the most samples under small GETs: " + ", ".join(
+                  f"`{name}` {share:.0%}" for name, share in get["top"][:6]) + ".", "",
+              "The biggest shares, and what would shrink them:", ""]
+    big = sorted((lb for lb, (g, p) in shares.items() if max(g, p) >= 0.04 and lb in ADVICE),
+                 key=lambda lb: -max(shares[lb]))
+    lines += [f"- **{lb}** ({shares[lb][0]:.0%} of small GETs, {shares[lb][1]:.0%} of small "
+              f"PUTs): {ADVICE[lb]}" for lb in big]
+    return lines
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """Fill a store, measure every configuration ``--runs`` times, profile, report."""
+    if len(sys.argv) > 2 and sys.argv[1] == FD_LAUNCHER:
+        serve_on_fd(int(sys.argv[2]), sys.argv[3:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per wrk measurement")
+    ap.add_argument("--small", type=int, default=10_000, help="number of small objects")
+    ap.add_argument("--large", type=int, default=4, help="number of large objects")
+    ap.add_argument("--large-mib", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="wait up to this long for the machine to be < 25%% busy before each "
+                         "measurement")
+    ap.add_argument("--max-other-cpu", type=float, default=0.25,
+                    help="measure again when other processes used more than this share of "
+                         "the CPUs during a measurement")
+    ap.add_argument("--retries", type=int, default=2, help="at most this many times")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--keep-profiles", type=Path, help="copy the py-spy raw files here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small data, short loads")
+    ap.add_argument("--write", type=Path)
+    args = ap.parse_args()
+    if args.quick:
+        args.small, args.large, args.large_mib = 2_000, 2, 16
+        args.duration, args.runs, args.quiet_wait, args.retries = 3.0, 1, 2.0, 0
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (apt-get install {tool})")
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, _raise_exit)
+    args.software = software()  # what is measured: the checkout as the run starts
+
+    configs = [
+        Config("stickyci", "stickyci", large_put=True),
+        Config("nginx, 2 workers", "nginx", processes=2, large_put=True),
+        Config("stickyci --access-log", "stickyci", access_log=True),
+        Config("stickyci, 2 processes", "stickyci", processes=2),
+        Config("nginx, 1 worker", "nginx", processes=1),
+        Config(DIRECT, "direct"),
+    ]
+    results: dict[tuple[str, str], list[dict[str, float]]] = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="stickyci-bench-server-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        log(f"generating {args.small:,} small and {args.large} x {args.large_mib} MiB objects")
+        ds = make_dataset(work, args.small, args.large, args.large_mib, args.seed)
+        state = work / "state"
+        token = subprocess.run(
+            [sys.executable, "-m", "stickyci", "token", "create", "--state-dir", str(state),
+             "--admin", "--name", "bench"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        env = Env(work, work / "store", state, token, ds)
+        env.scripts = {
+            "get-small": lua(work, "get-small", LUA_GET, token=token, list=str(ds.small_paths)),
+            "get-large": lua(work, "get-large", LUA_GET, token=token, list=str(ds.large_paths)),
+            "put-stickyci": lua(work, "put-stickyci", LUA_PUT, token=token,
+                                bin=str(ds.small_bin), idx=str(ds.small_idx), prefix="/cas/"),
+            "put-nginx": lua(work, "put-nginx", LUA_PUT, token=token, bin=str(ds.small_bin),
+                             idx=str(ds.small_idx), prefix="/put/cas/"),
+        }
+        log("filling the store through PUT /cas/<sha256>")
+        with serving(env, configs[0]) as (port, _, _):
+            filled = fill(port, token, ds)
+            verify_store(env.store, ds)
+            small0 = next(small_bodies(ds))
+            same_bytes(port, f"/cas/{small0[0]}", token, small0[1])
+        with serving(env, configs[1]) as (port, _, _):
+            same_bytes(port, f"/cas/{small0[0]}", token, small0[1])
+        log(f"filled: {json.dumps(filled)}; store verified")
+        for run in range(args.runs):
+            log(f"run {run + 1}/{args.runs}")
+            for cfg in configs:
+                run_config(env, cfg, args, results)
+        prof = None
+        if args.profile:
+            log("profiling one stickyci process with py-spy")
+            prof = profile(env, args)
+    command = "python3 bench/server.py " + " ".join(sys.argv[1:])
+    section = markdown(args, configs, env, results, filled, prof, command.strip())
+    print(section)
+    if args.write:
+        write_section(args.write, section, START, END)
+
+
+if __name__ == "__main__":
+    main()
