@@ -1372,6 +1372,16 @@ def write_docs(path: Path, key: str, section: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def add_noise_options(p: argparse.ArgumentParser) -> None:
+    """``--max-other-cpu`` and ``--quiet-wait``: how a benchmark copes with a shared machine."""
+    p.add_argument("--max-other-cpu", type=float, default=0.25, metavar="SHARE",
+                   help="redo a measurement (at most twice) when processes other than the "
+                   "benchmark used more than this share of the CPUs during it (default 0.25)")
+    p.add_argument("--quiet-wait", type=float, default=60, metavar="S",
+                   help="before each measurement, wait up to S seconds for other processes "
+                   "to stop using the CPUs (default 60; 0: never wait)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -1391,12 +1401,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stickyci-only", action="store_true", help="skip the peers (profiling)")
     p.add_argument("--no-cli", action="store_true", help="skip the CLI commit measurement")
     p.add_argument("--keep", action="store_true", help="keep <work dir>/run afterwards")
-    p.add_argument("--max-other-cpu", type=float, default=0.25, metavar="SHARE",
-                   help="redo a measurement (at most twice) when other processes used more "
-                   "than this share of the CPUs during it (default 0.25)")
-    p.add_argument("--quiet-wait", type=float, default=60, metavar="S",
-                   help="before each measurement, wait up to S seconds for other processes "
-                   "to stop using the CPUs (default 60; 0: never wait)")
+    add_noise_options(p)
     args = p.parse_args(argv)
     if args.runs < 1 or args.scale <= 0:
         p.error("--runs must be >= 1 and --scale > 0")

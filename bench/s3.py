@@ -614,12 +614,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="write/replace the s3 section in a Markdown file")
     p.add_argument("--stickyci-only", action="store_true", help="skip restic (profiling)")
     p.add_argument("--keep", action="store_true", help="keep <work dir>/s3-run afterwards")
-    p.add_argument("--max-other-cpu", type=float, default=0.25, metavar="SHARE",
-                   help="redo a measurement (at most twice) when processes other than this "
-                   "benchmark and its server used more than this share of the CPUs (0.25)")
-    p.add_argument("--quiet-wait", type=float, default=60, metavar="S",
-                   help="before each measurement, wait up to S seconds for other processes "
-                   "to stop using the CPUs (default 60; 0: never wait)")
+    base.add_noise_options(p)
     args = p.parse_args(argv)
     if args.runs < 1 or args.scale <= 0:
         p.error("--runs must be >= 1 and --scale > 0")
