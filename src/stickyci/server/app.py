@@ -117,6 +117,11 @@ class Server:
                              "nothing was stored") from exc
         return bytes(buf)
 
+    async def hash_check(self, fn: Callable[[], T], size: int) -> T:
+        """Hash a body: inline when small, in a thread when big, so a 16 MiB pack does not
+        stall every other request while it is hashed."""
+        return fn() if size <= INLINE_READ else await self.call(fn)
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking backend call off the event loop."""
         return await run_in_threadpool(fn, *args)
@@ -157,7 +162,7 @@ class Server:
             raise UsageError(f"{name}: the tmp namespace is the server's own; write elsewhere")
         data = await self.body(request)
         if ns in _IMMUTABLE:  # before the conditional branch: a condition is no way around it
-            _verify_immutable(name, data)
+            await self.hash_check(functools.partial(_verify_immutable, name, data), len(data))
         if_match = request.headers.get("if-match")
         if_none = request.headers.get("if-none-match")
         if if_none not in (None, "*"):
@@ -318,7 +323,8 @@ class Server:
         if request.method == "PUT":
             who.require(Permission.WRITE, instance, f"the {instance} cache")
             data = await self.body(request)
-            if kind == "cas" and hashlib.sha256(data).hexdigest() != digest:
+            if kind == "cas" and await self.hash_check(
+                    functools.partial(_sha256, data), len(data)) != digest:
                 raise IntegrityError(f"CAS upload does not hash to {digest}; nothing stored")
             await self.call(self.backend.put, name, data)
             self.lru.touch(name, len(data))
@@ -424,6 +430,10 @@ def _only_touches(old: bytes, new: bytes) -> bool:
                 and a.last_used <= b.last_used <= time.time() + _CLOCK_SKEW)
     except (StickyError, TypeError):  # TypeError: a field of the wrong type
         return False
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _verify_immutable(name: str, data: bytes) -> None:
