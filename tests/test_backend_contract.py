@@ -33,7 +33,7 @@ from seaweed import Seaweed, SeaweedUnavailable, seaweed, start_seaweed  # noqa:
 from server import Server, start_server
 
 from stickyci.digest import Digest
-from stickyci.errors import BackendError, NotFound, UsageError
+from stickyci.errors import NotFound, StoreMisconfigured, StoreUnavailable, UsageError
 from stickyci.snapshot import load_manifest, restore, snapshot_tree
 from stickyci.store import LocalBackend, ObjectStore
 from stickyci.store.backend import Backend
@@ -348,7 +348,7 @@ def test_a_server_ignoring_conditional_writes_gets_a_lease(
 # --- S3 faults ----------------------------------------------------------------------------
 
 
-def test_missing_bucket_is_a_usage_error_naming_it(s3_env: Seaweed) -> None:
+def test_missing_bucket_is_a_misconfigured_store_naming_it(s3_env: Seaweed) -> None:
     backend = S3Backend("s3://stickyci-no-such-bucket/p")
     calls: list[Callable[[], object]] = [
         lambda: backend.put("refs/a", b"x"), lambda: backend.get("refs/a"),
@@ -356,7 +356,7 @@ def test_missing_bucket_is_a_usage_error_naming_it(s3_env: Seaweed) -> None:
         lambda: backend.read_versioned("refs/a"), lambda: backend.put_if("refs/a", b"x", None),
     ]
     for call in calls:
-        with pytest.raises(UsageError, match=r"'stickyci-no-such-bucket'.*aws s3 mb"):
+        with pytest.raises(StoreMisconfigured, match=r"'stickyci-no-such-bucket'.*aws s3 mb"):
             call()
 
 
@@ -371,7 +371,7 @@ def test_wrong_credentials_are_reported(s3_env: Seaweed, var: str,
         lambda: backend.put_if("refs/a", b"x", None),
     ]
     for call in calls:
-        with pytest.raises(BackendError, match="refused the credentials"):
+        with pytest.raises(StoreMisconfigured, match="refused the credentials"):
             call()
 
 
@@ -379,7 +379,7 @@ def test_missing_credentials_are_reported(s3_env: Seaweed,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(BackendError, match="no AWS credentials"):
+    with pytest.raises(StoreMisconfigured, match="no AWS credentials"):
         S3Backend(f"s3://{s3_env.bucket}/creds").get("refs/a")
 
 
@@ -409,6 +409,6 @@ def test_killed_server_is_a_backend_error_not_a_hang(s3_env: Seaweed, tmp_path: 
 
 def _fails_quickly(call: Callable[[], object], match: str) -> None:
     started = time.monotonic()
-    with pytest.raises(BackendError, match=match):
+    with pytest.raises(StoreUnavailable, match=match):  # transient: a client retries it
         call()
     assert time.monotonic() - started < 8  # two attempts with a backoff, then an answer

@@ -317,3 +317,22 @@ def test_store_option_sends_disks_to_that_store(env: Env) -> None:
     assert code == 0
     assert env.json("disk", "ls") == []
     assert [d["key"] for d in env.json("disk", "ls", "--store", f"file://{other}")] == ["elsewhere"]
+
+
+def test_trust_owners_is_passed_to_the_mount(env: Env) -> None:
+    p = write(env, """
+jobs:
+  make:
+    disks: [{key: owned, path: d}]
+    steps: [{run: "echo x > d/f; chown 12345:12345 d/f; chmod 2755 d/f"}]
+  trusted:
+    needs: [make]
+    disks: [{key: owned, path: d, commit: never, trust_owners: true}]
+    steps: [{run: 'test "$(stat -c %u:%a d/f)" = 12345:2755'}]
+  untrusted:
+    needs: [trusted]
+    disks: [{key: owned, path: d, commit: never}]
+    steps: [{run: 'test "$(stat -c %u:%a d/f)" = "$(id -u):755"'}]
+""")
+    code, record = run(env, p)
+    assert code == 0, [(j["id"], j["reason"]) for j in record["jobs"]]

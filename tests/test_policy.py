@@ -12,6 +12,7 @@ import pytest
 from conftest import IS_ROOT, Env
 
 from stickyci import disks
+from stickyci.digest import Digest
 from stickyci.disks import api, basecache
 from stickyci.disks.policy import Used, over_budget, unused_for
 from stickyci.errors import UsageError
@@ -145,16 +146,16 @@ def _unmount_under(root: Path) -> None:
         os.system(f"umount -l '{p}'")
 
 
-def _disk(key: str, ws: Path, files: dict[str, bytes]) -> str:
+def _disk(key: str, ws: Path, files: dict[str, bytes]) -> Digest:
     disks.mount(key, ws, strategy="copy")
     for name, data in files.items():
         (ws / name).write_bytes(data)
     r = disks.commit(ws)
     assert r.committed
-    return r.snapshot
+    return Digest.parse(r.snapshot)
 
 
-def _age(snapshot: str, seconds_ago: float) -> None:
+def _age(snapshot: Digest | None, seconds_ago: float) -> None:
     t = time.time() - seconds_ago
     os.utime(f"{basecache.base_path(snapshot)}.json", (t, t))
 
@@ -171,17 +172,17 @@ def test_evict_never_drops_the_base_of_a_live_mount(cache_env: Path, strategy: s
     # make the live base the least recently used one, so LRU alone would drop it first
     _age(snap_a, 3000)
     _age(snap_b, 2000)
-    _age("", 1000)
+    _age(None, 1000)
     sizes = {u.name: u.size for u in basecache.entries()}
-    assert sizes[snap_a] == 200_000 and sizes[snap_b] == 300_000
+    assert sizes[snap_a.hex] == 200_000 and sizes[snap_b.hex] == 300_000
 
     dropped = basecache.evict(budget=0)
-    assert snap_a not in dropped
-    assert snap_b in dropped and basecache.EMPTY in dropped
+    assert snap_a.hex not in dropped
+    assert snap_b.hex in dropped and basecache.EMPTY in dropped
     assert basecache.base_path(snap_a).is_dir()
     assert not basecache.base_path(snap_b).exists()
     assert not Path(f"{basecache.base_path(snap_b)}.json").exists()
-    assert {u.name for u in basecache.entries()} == {snap_a}
+    assert {u.name for u in basecache.entries()} == {snap_a.hex}
     assert not [p for p in basecache.bases_root().iterdir() if p.name.startswith(".gone-")]
 
     # the live mount still reads its base, and commits on top of it
@@ -190,7 +191,7 @@ def test_evict_never_drops_the_base_of_a_live_mount(cache_env: Path, strategy: s
     (live / "more").write_text("more")
     assert disks.commit(live).committed
     names = {u.name for u in basecache.entries()}
-    assert snap_a in names
+    assert snap_a.hex in names
     assert set(basecache.evict(budget=0)) == names  # nothing is live any more: all go
     assert not basecache.base_path(snap_a).exists() and basecache.entries() == []
 
@@ -205,9 +206,9 @@ def test_evict_respects_the_configured_budget(cache_env: Path,
     snaps = [_disk(f"d{i}", ws, {"f": os.urandom(100_000 + i)}) for i in range(3)]
     for i, s in enumerate(snaps):
         _age(s, 1000 - i)  # d0 oldest
-    _age("", 5000)
+    _age(None, 5000)
     monkeypatch.setenv("STICKYCI_BASE_CACHE_SIZE", "250k")  # 256000 bytes: two bases fit
-    assert basecache.evict() == [basecache.EMPTY, snaps[0]]
+    assert basecache.evict() == [basecache.EMPTY, snaps[0].hex]
     assert [basecache.base_path(s).is_dir() for s in snaps] == [False, True, True]
 
 

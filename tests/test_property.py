@@ -28,15 +28,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stickyci import disks
-from stickyci.digest import Digest
 from stickyci.disks import refs
 from stickyci.fsutil import remove_tree
 from stickyci.snapshot import load_manifest, restore, snapshot_tree
 from stickyci.store import LocalBackend, ObjectStore
 
-FILE_MODES = [0o755, 0o644, 0o600, 0o444, 0o700]
+# Setuid, setgid and sticky bits, which a restore keeps only when it trusts owners.
+FILE_MODES = [0o755, 0o644, 0o600, 0o444, 0o700, *([0o4755, 0o2750] if IS_ROOT else [])]
 # Without root a directory must stay readable and searchable by its owner to be scanned.
-DIR_MODES = [0o755, 0o700, 0o555, 0o444, 0o711] if IS_ROOT else [0o755, 0o700, 0o750]
+DIR_MODES = ([0o755, 0o700, 0o555, 0o444, 0o711, 0o2775, 0o1777] if IS_ROOT
+             else [0o755, 0o700, 0o750])
 OWNERS = [0, 1000, 65534] if IS_ROOT else [os.getuid()]
 MTIMES = st.one_of(
     st.integers(-(2**31) * 10**9, 2**33 * 10**9),  # 1901 .. 2242, to the nanosecond
@@ -263,6 +264,14 @@ def describe(root: Path) -> View:
     return View(entries, frozenset(frozenset(p) for p in inodes.values() if len(p) > 1))
 
 
+def untrusted(view: View) -> View:
+    """``view`` as a restore without ``trust_owners`` writes it: every entry owned by the user
+    restoring, no setuid or setgid bit."""
+    me = (os.geteuid(), os.getegid())
+    return View({p: (e[0], e[1] & ~0o6000, e[2], *me, *e[5:]) for p, e in view.entries.items()},
+                view.groups)
+
+
 @contextlib.contextmanager
 def scratch(factory: pytest.TempPathFactory) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=factory.getbasetemp()))
@@ -297,11 +306,15 @@ def test_snapshot_restore_roundtrip(tmp_path_factory: pytest.TempPathFactory, tr
         loaded = load_manifest(store, snap)
         assert loaded.encode() == manifest.encode()
         assert set(loaded.entries) == set(want.entries)
-        restore(store, loaded, str(dst))
+        restore(store, loaded, str(dst), trust_owners=True)
         assert describe(dst) == want
         assert describe(src) == want  # snapshotting did not touch the source
         again, _ = snapshot_tree(store, str(dst))
         assert again == snap  # same tree, same snapshot id
+        mine = tmp / "mine"
+        mine.mkdir()
+        restore(store, loaded, str(mine))
+        assert describe(mine) == untrusted(want)
 
 
 STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
@@ -320,21 +333,24 @@ def test_disk_commit_remount_roundtrip(tmp_path_factory: pytest.TempPathFactory,
         mp.setenv("STICKYCI_CACHE_DIR", str(tmp / "cache"))
         ws, ws2 = tmp / "ws", tmp / "ws2"
 
-        assert disks.mount("k", ws, strategy=strategy).strategy == strategy
+        assert disks.mount("k", ws, strategy=strategy, trust_owners=True).strategy == strategy
         build(ws, a)
         view_a = describe(ws)
         assert disks.commit(ws).committed == bool(view_a.entries)
         assert list(ws.iterdir()) == []
 
-        disks.mount("k", ws, strategy=strategy)
+        disks.mount("k", ws, strategy=strategy, trust_owners=True)
         assert describe(ws) == view_a
         transform(ws, a, b, in_place)
         view_b = describe(ws)
         r = disks.commit(ws)
         assert r.committed == (view_b != view_a)
 
-        disks.mount("k", ws2, strategy=strategy)
+        disks.mount("k", ws2, strategy=strategy, trust_owners=True)
         assert describe(ws2) == view_b
+        disks.unmount(ws2)
+        disks.mount("k", ws2, strategy=strategy)
+        assert describe(ws2) == untrusted(view_b)
         disks.unmount(ws2)
 
         # what the store holds, without this machine's base cache
@@ -344,7 +360,8 @@ def test_disk_commit_remount_roundtrip(tmp_path_factory: pytest.TempPathFactory,
             store = ObjectStore(LocalBackend(tmp / "store"))
             out = tmp / "restored"
             out.mkdir()
-            restore(store, load_manifest(store, Digest.parse(ref.latest.snapshot)), str(out))
+            restore(store, load_manifest(store, ref.latest.snapshot), str(out),
+                    trust_owners=True)
             assert describe(out) == view_b
         else:
             assert view_b.entries == {}

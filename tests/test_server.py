@@ -28,6 +28,9 @@ from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
 from stickyci.server import protocol as p
 from stickyci.server.app import STREAM_CHUNK
+from stickyci.snapshot import save_manifest
+from stickyci.snapshot.model import Manifest
+from stickyci.store import ObjectStore
 from stickyci.store.http import HttpBackend
 from stickyci.store.objects import encode_index
 
@@ -38,13 +41,29 @@ MiB = 1 << 20
 
 
 
+EMPTY_TREE = Manifest().encode()
+EMPTY_SNAPSHOT = Digest.of(EMPTY_TREE)
+
+
 def disk_ref(key: str, gens: int = 1, last_used: float | None = None) -> bytes:
-    """A well-formed ref of ``key`` with generations 1..gens (the server decodes refs for the
-    disk listing, so even the protocol tests store real ones)."""
+    """A well-formed ref of ``key`` with generations 1..gens of the empty tree (the server
+    accepts a ref only when its snapshots are in the store: see ``stored_empty_tree``)."""
     now = time.time()
     return DiskRef(key, now, now if last_used is None else last_used, [
-        Generation(g, Digest.of(b"%d" % g).hex, now, 1, 1, 1, "test:1")
+        Generation(g, EMPTY_SNAPSHOT, now, 1, 1, 1, "test:1")
         for g in range(1, gens + 1)]).encode()
+
+
+def store_empty_tree(server: Server) -> None:
+    """Store the empty tree's manifest, the snapshot ``disk_ref`` names, as a commit would."""
+    store = ObjectStore(HttpBackend(server.url, server.admin), load_index=False)
+    save_manifest(store, Manifest())
+
+
+@pytest.fixture(autouse=True)
+def stored_empty_tree(request: pytest.FixtureRequest) -> None:
+    if "srv" in request.fixturenames:
+        store_empty_tree(request.getfixturevalue("srv"))
 
 
 def metric(server: Server, name: str, **labels: str) -> float:
@@ -130,10 +149,12 @@ def test_head_gives_size_and_mtime_or_404(srv: Server) -> None:
 def test_put_of_a_pack_that_does_not_hash_to_its_name_is_refused(srv: Server) -> None:
     c = srv.client()
     name = pack(b"the real content")
-    for headers in ({}, {"if-none-match": "*"}):  # a compare-and-swap is no way around it
-        r = c.put(blob(name), content=b"other content", headers=headers)
-        assert r.status_code == 400, headers
-        assert error(r).kind == "IntegrityError" and "does not hash" in error(r).error
+    r = c.put(blob(name), content=b"other content")
+    assert r.status_code == 400
+    assert error(r).kind == "IntegrityError" and "does not hash" in error(r).error
+    # A compare-and-swap is no way around it: packs take no conditions at all.
+    r = c.put(blob(name), content=b"other content", headers={"if-none-match": "*"})
+    assert r.status_code == 400 and "immutable" in error(r).error
     assert c.head(blob(name)).status_code == 404
     assert not (store_dir(srv) / name).exists()
 
@@ -332,10 +353,11 @@ def test_evict_is_admin_only_and_removes_stale_disks(srv: Server) -> None:
 
 # --- operations --------------------------------------------------------------------------------
 
-def test_healthz_needs_no_token(srv: Server) -> None:
+def test_healthz_needs_no_token_and_names_no_path(srv: Server) -> None:
     r = httpx.get(f"{srv.url}/healthz")
     assert r.status_code == 200
-    assert p.Health.model_validate_json(r.content) == p.Health(status="ok", store=srv.store_url)
+    assert p.Health.model_validate_json(r.content) == p.Health(status="ok", store="file")
+    assert str(store_dir(srv)) not in r.text
 
 
 def test_metrics_count_requests_and_bytes(srv: Server) -> None:

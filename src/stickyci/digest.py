@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import blake3
 
-_HEX = re.compile(r"^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -42,6 +42,6 @@ class Digest:
     def parse(cls, text: str) -> Digest:
         """Parse ``blake3:<hex>`` or bare hex; raise ``ValueError`` on anything else."""
         hexpart = text.removeprefix("blake3:")
-        if not _HEX.match(hexpart):
+        if not _HEX.fullmatch(hexpart):  # "$" would allow a trailing newline
             raise ValueError(f"not a BLAKE3 digest: {text!r}")
         return cls(bytes.fromhex(hexpart))

@@ -1,8 +1,16 @@
-"""``stickyci disk …``: mount, commit, unmount, ls, show, diff, rm, evict, gc."""
+"""``stickyci disk …``: mount, commit, unmount, ls, show, diff, rm, evict, gc.
+
+With ``--json``, a failure also prints a JSON error body on stdout, ``{"error": message,
+"kind": error class, "exit_code": N}``, so a caller (the pipeline runner) reads the error's
+class instead of matching text; the one-line message still goes to stderr and the exit status
+is the error's. Warnings (a ref skipped by ``ls``, a commit whose path is still mounted) go to
+stderr as ``stickyci: warning: …`` lines; ``evict``/``gc`` also list skipped refs in their JSON.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +22,7 @@ from .. import disks
 from ..disks import gc as gc_
 from ..disks.policy import DEFAULT_TTL
 from ..disks.strategies import CHOICES
+from ..errors import StickyError
 from ..units import format_size as _size
 from ..units import parse_duration
 
@@ -27,8 +36,19 @@ def store_option(f: F) -> F:
 
 
 def json_option(f: F) -> F:
-    """``--json``: print one JSON document instead of text."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+    """``--json``: print one JSON document instead of text, a JSON error body on failure."""
+
+    @functools.wraps(f)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except StickyError as exc:
+            if kwargs.get("as_json"):
+                click.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__,
+                                       "exit_code": exc.exit_code}, sort_keys=True))
+            raise
+
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(run)
 
 
 def emit(as_json: bool, data: Any, text: Callable[[Any], str]) -> None:
@@ -51,11 +71,16 @@ def disk() -> None:
 @click.argument("key")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--strategy", type=click.Choice(CHOICES), default="auto", show_default=True)
+@click.option("--trust-owners", is_flag=True,
+              help="Restore the snapshot's owners and setuid/setgid bits (e.g. for /nix); "
+                   "without it the tree belongs to you and has none.")
 @store_option
 @json_option
-def mount(key: str, path: Path, strategy: str, store_url: str | None, as_json: bool) -> None:
+def mount(key: str, path: Path, strategy: str, trust_owners: bool, store_url: str | None,
+          as_json: bool) -> None:
     """Mount a clone of disk KEY's latest snapshot at PATH."""
-    r = disks.mount(key, path, strategy=strategy, store_url=store_url)
+    r = disks.mount(key, path, strategy=strategy, store_url=store_url,
+                    trust_owners=trust_owners)
 
     def text(_: Any) -> str:
         if r.fresh:
@@ -87,6 +112,8 @@ def commit(path: Path, mode: str, on_conflict: str, kill_holders: bool, as_json:
                  f"{_size(r.stored_bytes)} new in {r.seconds:.2f}s"]
         lines += [f"raced with generation {g['gen']} by {g['committer']} (last write wins)"
                   for g in r.raced_with]
+        if r.still_mounted:
+            lines.append(f"{r.path} is still mounted: run `stickyci disk unmount {r.path}`")
         return "\n".join(lines)
 
     emit(as_json, r.as_dict(), text)

@@ -37,7 +37,10 @@ class _LazyGroup(click.Group):
 
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"stickyci: {record.levelname.lower()}: {record.getMessage()}"
+        line = f"stickyci: {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:  # log.exception: a bug, whose traceback is what gets it fixed
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

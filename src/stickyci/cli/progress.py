@@ -10,8 +10,10 @@ import click
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from ..pipeline.record import RUNNING, JobRecord, RunRecord
+from ..pipeline.summary import printable
 
 _STYLE = {"success": "green", "failure": "bold red", "timed_out": "bold red",
           "cancelled": "yellow", "skipped": "dim", "running": "cyan", "queued": "blue"}
@@ -22,8 +24,8 @@ def lines(start: float) -> Callable[[JobRecord, str], None]:
     def report(rec: JobRecord, event: str) -> None:
         extra = f" ({rec.run_seconds:.1f}s)" if event != RUNNING else ""
         reason = f": {rec.reason}" if rec.reason and event != RUNNING else ""
-        click.echo(f"[{time.time() - start:7.1f}s] {rec.id:40} {event}{extra}{reason}",
-                   err=True)
+        click.echo(printable(f"[{time.time() - start:7.1f}s] {rec.id:40} {event}{extra}"
+                             f"{reason}"), err=True)
     return report
 
 
@@ -46,8 +48,11 @@ class LiveTable:
                        else job.run_seconds if job.started_at else 0.0)
             step = next((s.name for s in reversed(job.steps) if s.state == RUNNING),
                         job.reason if job.state != RUNNING else "")
-            table.add_row(job.id, f"[{_STYLE.get(job.state, '')}]{job.state}",
-                          f"{elapsed:.1f}s" if job.started_at else "", step[:60])
+            # Text, not markup: a job id or a reason with [brackets] is data.
+            table.add_row(Text(printable(job.id)),
+                          Text(job.state, style=_STYLE.get(job.state, "")),
+                          f"{elapsed:.1f}s" if job.started_at else "",
+                          Text(printable(step[:60])))
         return table
 
     def __enter__(self) -> LiveTable:

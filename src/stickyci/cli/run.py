@@ -23,9 +23,10 @@ from ..pipeline import spec as spec_
 from ..pipeline.compare import chart, compare, table
 from ..pipeline.executors.base import Executor, Options
 from ..pipeline.executors.local import LocalExecutor
+from ..pipeline.job import Masker, describe_fault, run_masker
 from ..pipeline.plan import Plan
-from ..pipeline.record import CANCELLED, FAILURE, SUCCESS, JobRecord, RunRecord
-from ..pipeline.summary import write_reports
+from ..pipeline.record import CANCELLED, FAILURE, FINISHED, SUCCESS, JobRecord, RunRecord
+from ..pipeline.summary import printable, write_reports
 from ..runs.history import History
 from ..store import cache_home, default_store_url, open_backend
 from .progress import LiveTable, lines
@@ -114,11 +115,26 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
     try:
         with LiveTable(run) if live else contextlib.nullcontext():
             asyncio.run(_executor(plan, run, opts, address).execute())
+    except BaseException as exc:
+        _abandon(run, exc, run_masker(plan.secrets))
+        raise
     finally:
         run.finished_at = time.time()
         write_reports(run)
         history.record(run)
     return run
+
+
+def _abandon(run: RunRecord, exc: BaseException, mask: Masker) -> None:
+    """Close a run that ``exc`` stopped before its executor finished: it and every job that had
+    not finished are recorded as failed (cancelled for Ctrl-C), never left running."""
+    stopped = isinstance(exc, KeyboardInterrupt)
+    reason = "run interrupted" if stopped else f"run stopped: {mask(describe_fault(exc))}"
+    for job in run.jobs:
+        if job.state not in FINISHED:
+            job.state, job.reason = (CANCELLED if stopped else FAILURE), reason
+            job.finished_at = job.finished_at or time.time()
+    run.state = CANCELLED if stopped else FAILURE
 
 
 F = TypeVar("F", bound=Callable[..., Any])  # a click command function
@@ -159,7 +175,7 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
         click.echo(f"run {record.id}: {record.state} in {record.seconds:.1f}s, "
                    f"{len(record.jobs)} jobs, {len(failed)} failed; summary: {summary}")
         for j in failed:
-            click.echo(f"  FAILED {j.id}: {j.reason}")
+            click.echo(printable(f"  FAILED {j.id}: {j.reason}"))
     sys.exit(EXIT_CODES.get(record.state, 1))
 
 

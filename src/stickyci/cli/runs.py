@@ -16,6 +16,7 @@ from ..pipeline.summary import (
     failing_step,
     failures,
     job_rows,
+    printable,
     race_warnings,
 )
 from ..runs.history import History
@@ -50,7 +51,7 @@ def render_text(run: RunRecord) -> str:
     if out[-1]:
         out.append("")
     out += _columns([c.upper() for c in JOB_COLUMNS], job_rows(run), _RIGHT)
-    return "\n".join(out)
+    return "\n".join(map(printable, out))
 
 
 @click.group()
@@ -76,7 +77,7 @@ def ls(limit: int, as_json: bool) -> None:
          str(r["jobs"]), str(r["failed"]), duration(r["seconds"]), _when(r["started_at"])]
         for r in rows]
     headers = ["RUN", "PIPELINE", "STATE", "KIND", "SHA", "JOBS", "FAILED", "TIME", "STARTED"]
-    click.echo("\n".join(_columns(headers, table, frozenset({5, 6, 7}))))
+    click.echo("\n".join(map(printable, _columns(headers, table, frozenset({5, 6, 7})))))
 
 
 @runs.command()

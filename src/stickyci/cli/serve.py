@@ -30,6 +30,19 @@ def state_option(f: click.decorators.FC) -> click.decorators.FC:
                              "server/ in the stickyci cache dir.")(f)
 
 
+MIN_EVICT_EVERY = 1.0
+"""Shortest interval between scheduled eviction passes: each one lists every ref and runs gc."""
+
+
+def _duration(option: str, text: str, at_least: float = 0.0) -> float:
+    """``--OPTION TEXT`` as seconds, refused unless over zero and at least ``at_least``."""
+    seconds = parse_duration(text)
+    if seconds <= 0 or seconds < at_least:
+        least = f"at least {at_least:g}s" if at_least else "a positive duration"
+        raise UsageError(f"--{option} {text!r}: must be {least} (e.g. 1h)")
+    return seconds
+
+
 def _listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -72,8 +85,9 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
         store_url=url, state_dir=state_dir or default_state_dir(),
         max_size=parse_size(max_size) if max_size else None, max_body=parse_size(max_body),
         anonymous_read=anonymous_read,
-        evict_after=parse_duration(evict_after) if evict_after else None,
-        evict_every=parse_duration(evict_every), gc_grace=parse_duration(gc_grace))
+        evict_after=None if evict_after is None else _duration("evict-after", evict_after),
+        evict_every=_duration("evict-every", evict_every, MIN_EVICT_EVERY),
+        gc_grace=parse_duration(gc_grace))
     access = logging.getLogger("stickyci.access")
     access.propagate = False
     if access_log:
@@ -102,7 +116,8 @@ def token() -> None:
               help="Disk keys it may write (glob); implies --read of the same.")
 @click.option("--delete", multiple=True, metavar="PATTERN", help="Disk keys it may remove.")
 @click.option("--admin", is_flag=True, help="Everything, including gc and eviction.")
-@click.option("--expires", default=None, metavar="DURATION", help="e.g. 30d; default: never.")
+@click.option("--expires", default=None, metavar="DURATION",
+              help="A positive duration, e.g. 30d; default: never.")
 @json_option
 def token_create(state_dir: Path | None, name: str, read: tuple[str, ...],
                  write: tuple[str, ...], delete: tuple[str, ...], admin: bool,
@@ -112,7 +127,7 @@ def token_create(state_dir: Path | None, name: str, read: tuple[str, ...],
 
     secret, tok = TokenStore(state_dir or default_state_dir()).create(
         name=name, read=list(read), write=list(write), delete=list(delete), admin=admin,
-        ttl=parse_duration(expires) if expires else None)
+        ttl=None if expires is None else _duration("expires", expires))
     if as_json:
         click.echo(json.dumps({"token": secret, **tok.public()}, indent=2))
     else:

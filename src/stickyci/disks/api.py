@@ -2,21 +2,28 @@
 
 Commit order is what makes it safe: new objects are written (packs, then indexes), then the
 manifest, then the ref moves by compare-and-swap. A commit that dies at any point leaves the
-ref as it was; what it wrote is unreferenced and ``gc`` removes it later.
+ref as it was; what it wrote is unreferenced and ``gc`` removes it later. Once the ref has
+moved the commit has happened, and is reported as done even if the unmount after it fails.
+
+A mount is all or nothing: a failure after anything was set up undoes it (the overlay or
+clone, the record, the directories it created at the path), so a retry starts clean.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..digest import Digest
-from ..errors import ConflictError, NotFound, UsageError
+from ..errors import ConflictError, NotFound, StickyError, UsageError
+from ..fsutil import empty_dir
 from ..snapshot import Manifest, diff, fill_content, load_manifest, save_manifest
 from ..store import Backend, ObjectStore, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
@@ -64,6 +71,8 @@ class CommitResult:
     stored_objects: int = 0
     raced_with: list[dict[str, Any]] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
+    still_mounted: bool = False  # committed, but the unmount after it failed: see ``warning``
+    warning: str = ""
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -71,16 +80,32 @@ class CommitResult:
         return asdict(self)
 
 
-def _prepare_mount_path(path: Path) -> Path:
+def _prepare_mount_path(path: Path) -> tuple[Path, list[Path]]:
+    """The resolved mount path, and the directories created for it (deepest first)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"mount path {path} is not a directory")
+    path = path.absolute()
+    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]
     path.mkdir(parents=True, exist_ok=True)
-    path = path.resolve()
-    if (mounts.state_dir(path) / "state.json").exists():
-        raise UsageError(f"{path} is already a stickyci mount; commit or unmount it first")
-    if any(path.iterdir()):
-        raise UsageError(f"mount path {path} is not empty; mount onto an empty directory")
-    return path
+    try:
+        path = path.resolve()
+        if (mounts.state_dir(path) / "state.json").exists():
+            raise UsageError(f"{path} is already a stickyci mount; commit or unmount it first")
+        if any(path.iterdir()):
+            raise UsageError(f"mount path {path} is not empty; mount onto an empty directory")
+    except BaseException:
+        _remove_dirs(made)
+        raise
+    return path, made
+
+
+def _remove_dirs(made: list[Path]) -> None:
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError as exc:
+            log.warning("could not remove %s after a failed mount: %s", d, exc.strerror)
+            return
 
 
 def _existing_dir(path: Path) -> Path:
@@ -92,33 +117,63 @@ def _existing_dir(path: Path) -> Path:
 
 
 def mount(key: str, path: Path, *, strategy: str = "auto",
-          store_url: str | None = None) -> MountResult:
-    """Mount a clone of the latest snapshot of ``key`` at ``path`` (empty if the key is new)."""
+          store_url: str | None = None, trust_owners: bool = False) -> MountResult:
+    """Mount a clone of the latest snapshot of ``key`` at ``path`` (empty if the key is new).
+
+    Owners and setuid/setgid bits come from whoever committed the snapshot, so they are
+    restored only with ``trust_owners`` (a ``/nix`` disk); otherwise the tree is the caller's.
+
+    All or nothing: if any step fails, whatever was set up is undone before the error is
+    raised, and ``path`` is as it was (or absent, if the mount created it).
+    """
     start = time.perf_counter()
     refs.check_key(key)
     if strategy != "auto":
         strategies.get(strategy)
+    budget = basecache.limit()  # configuration is checked before anything is mounted
     backend = open_backend(store_url)
-    path = _prepare_mount_path(path)
     ref = refs.read_ref(backend, key)
     latest = ref.latest if ref else None
-    snapshot = latest.snapshot if latest else ""
+    snapshot = latest.snapshot if latest else None
     store = ObjectStore(backend, load_index=False)
 
     def manifest() -> Manifest:
-        return load_manifest(store, Digest.parse(snapshot)) if snapshot else Manifest()
+        return load_manifest(store, snapshot) if snapshot else Manifest()
 
+    path, made = _prepare_mount_path(path)
     state = mounts.MountState(key, str(path), backend.url, "", snapshot,
-                              latest.gen if latest else 0, time.time())
-    with basecache.pinned(store, snapshot) as (base, cached):
-        state.strategy = strategies.mount(strategy, base, path, state.dir, manifest)
-        state.save()
-    if ref:
-        refs.touch(backend, key)
-    if not cached:
-        basecache.evict()
-    return MountResult(key, str(path), state.strategy, state.base_gen, snapshot, ref is None,
-                       cached, time.perf_counter() - start)
+                              latest.gen if latest else 0, time.time(), trust_owners)
+    try:
+        with basecache.pinned(store, snapshot, trust_owners) as (base, cached):
+            state.strategy = strategies.mount(strategy, base, path, state.dir, manifest,
+                                              trust_owners=trust_owners)
+            state.save()
+        if ref:
+            refs.touch(backend, key)
+        if not cached:
+            basecache.evict(budget)
+    except BaseException:
+        _undo_mount(state, path, made)
+        raise
+    return MountResult(key, str(path), state.strategy, state.base_gen,
+                       snapshot.hex if snapshot else "", ref is None, cached,
+                       time.perf_counter() - start)
+
+
+def _undo_mount(state: mounts.MountState, path: Path, made: list[Path]) -> None:
+    """Take down a mount that failed part way; ``path`` was empty (or absent) before it."""
+    try:
+        if state.strategy:
+            strategies.get(state.strategy).unmount(path, state.dir)
+        if not os.path.ismount(path):
+            # A strategy that failed with something other than OSError leaves what it wrote.
+            empty_dir(path)
+        state.forget()
+    except OSError as exc:
+        log.warning("could not undo the failed mount at %s (%s); run `stickyci disk unmount "
+                    "%s`", path, exc.strerror, path)
+        return
+    _remove_dirs(made)
 
 
 def _discard(state: mounts.MountState, path: Path) -> None:
@@ -154,8 +209,8 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         return result
 
     store = ObjectStore(backend)
-    base = load_manifest(store, Digest.parse(state.base)) if state.base else Manifest()
-    scan, content_root = strategy.changes(path, state.dir, base)
+    base = load_manifest(store, state.base) if state.base else Manifest()
+    scan, content_root = strategy.changes(path, state.dir, base, state.trust_owners)
     fill_content(store, content_root, scan.todo)
     changes = diff(base, scan.manifest, scan.touched)
     result.added, result.removed = len(changes.added), len(changes.removed)
@@ -186,7 +241,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
                                 f"{gens}); nothing was changed. Use --on-conflict lww to win")
         now = time.time()
         new = ref or DiskRef(state.key, now, now)
-        gen = Generation((new.latest.gen if new.latest else 0) + 1, snapshot.hex, now, size,
+        gen = Generation((new.latest.gen if new.latest else 0) + 1, snapshot, now, size,
                          files, store.bytes_written, f"{socket.gethostname()}:{os.getpid()}")
         new.generations = [*new.generations, gen][-KEEP_GENERATIONS:]
         new.last_used = now
@@ -198,27 +253,49 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     result.generation, result.snapshot = ref.latest.gen, snapshot.hex
     result.files, result.size = files, size
     result.stored_bytes, result.stored_objects = store.bytes_written, store.objects_written
-    result.raced_with = [asdict(g) for g in raced]
+    result.raced_with = [g.as_dict() for g in raced]
     if raced:
         log.warning("disk %s: this commit raced with generation(s) %s; last write wins, so "
                     "theirs are now history. Give each committing chain its own disk.",
                     state.key, ", ".join(str(g.gen) for g in raced))
-    _finish(state, path, snapshot.hex, size, adoptable=scan.skipped == 0)
+    # The ref has moved: the commit has happened whatever the unmount does, and says so.
+    try:
+        _finish(state, path, snapshot, size, adoptable=scan.adoptable, unchanged=scan.unchanged)
+    except (OSError, StickyError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        held = "; ".join(str(h) for h in holders.find(path)) or "no process holds it"
+        result.still_mounted = True
+        result.warning = (f"committed {state.key} generation {result.generation}, but {path} "
+                          f"is still mounted ({why}; {held}); run `stickyci disk unmount "
+                          f"{path}` once it is free")
+        log.warning("%s", result.warning)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _finish(state: mounts.MountState, path: Path, snapshot: str, size: int,
-            *, adoptable: bool) -> None:
+# Unmount retries after a commit: a process that was just leaving the mount (a shell's last
+# command, a daemon stopping) usually lets go within a second.
+UNMOUNT_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int,
+            *, adoptable: bool, unchanged: Callable[[Path], bool]) -> None:
     """Unmount after a commit; a clone is kept as the new snapshot's base when it can be."""
     if state.strategy != "overlay" and adoptable:
         mode = path.stat().st_mode & 0o7777
-        if basecache.adopt(path, snapshot, size):
+        if basecache.adopt(path, snapshot, size, unchanged):
             path.mkdir(mode=mode)
             os.chmod(path, mode)
             state.forget()
             return
-    _discard(state, path)
+    for delay in (*UNMOUNT_BACKOFF, None):
+        try:
+            _discard(state, path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or delay is None:
+                raise
+            time.sleep(delay)
 
 
 def unmount(path: Path, *, kill_holders: bool = False) -> dict[str, Any]:
@@ -233,8 +310,12 @@ def unmount(path: Path, *, kill_holders: bool = False) -> dict[str, Any]:
 def _require(backend: Backend, key: str) -> DiskRef:
     ref = refs.read_ref(backend, key)
     if ref is None:
-        raise NotFound(f"disk {key} does not exist; `stickyci disk ls` lists the disks")
+        raise _no_such_disk(key)
     return ref
+
+
+def _no_such_disk(key: str) -> NotFound:
+    return NotFound(f"disk {key} does not exist; `stickyci disk ls` lists the disks")
 
 
 def _open(store: str | Backend | None) -> Backend:
@@ -242,7 +323,10 @@ def _open(store: str | Backend | None) -> Backend:
 
 
 def list_disks(store: str | Backend | None = None) -> list[dict[str, Any]]:
-    """One summary row per disk, from a store URL or an open backend."""
+    """One summary row per disk, from a store URL or an open backend.
+
+    A ref that does not parse is left out and logged as a warning naming it.
+    """
     rows = []
     for ref in refs.list_refs(_open(store)):
         latest = ref.latest
@@ -255,7 +339,7 @@ def list_disks(store: str | Backend | None = None) -> list[dict[str, Any]]:
 
 def show(key: str, store: str | Backend | None = None) -> dict[str, Any]:
     """A disk's generations, sizes and last use."""
-    return asdict(_require(_open(store), refs.check_key(key)))
+    return _require(_open(store), refs.check_key(key)).as_dict()
 
 
 def diff_disk(key: str, gen_a: int | None = None, gen_b: int | None = None,
@@ -275,28 +359,34 @@ def diff_disk(key: str, gen_a: int | None = None, gen_b: int | None = None,
         if g is None:
             kept = ", ".join(str(x.gen) for x in ref.generations)
             raise NotFound(f"disk {key} has no generation {gen}; kept generations: {kept}")
-        return load_manifest(store, Digest.parse(g.snapshot))
+        return load_manifest(store, g.snapshot)
 
     return {"key": key, "from": a, "to": b, **diff(tree(a), tree(b)).as_dict()}
 
 
 def remove(key: str, store_url: str | None = None) -> dict[str, Any]:
-    """Forget a disk; its objects are reclaimed by the next gc."""
+    """Forget a disk; its objects are reclaimed by the next gc. Works on a malformed ref too."""
     backend = open_backend(store_url)
-    _require(backend, refs.check_key(key))
+    if not refs.exists(backend, key):
+        raise _no_such_disk(key)
     refs.delete_ref(backend, key)
     return {"key": key, "removed": True}
 
 
 def evict(ttl: float, *, dry_run: bool = False,
           store: str | Backend | None = None) -> dict[str, Any]:
-    """Remove disks not used for ``ttl`` seconds."""
+    """Remove disks not used for ``ttl`` seconds.
+
+    A ref that does not parse has no usable ``last_used``: it is kept, not evicted, and listed
+    under ``skipped`` (ref name → reason) for an admin to inspect or ``disk rm``.
+    """
     backend = _open(store)
-    found = refs.list_refs(backend)
+    found = refs.scan_refs(backend)
     stale = policy.unused_for(
-        (policy.Used(r.key, r.latest.size if r.latest else 0, r.last_used) for r in found),
+        (policy.Used(r.key, r.latest.size if r.latest else 0, r.last_used) for r in found.refs),
         time.time(), ttl)
     if not dry_run:
         for key in stale:
             refs.delete_ref(backend, key)
-    return {"evicted": stale, "dry_run": dry_run, "kept": len(found) - len(stale)}
+    return {"evicted": stale, "dry_run": dry_run, "kept": len(found.refs) - len(stale),
+            "skipped": found.skipped}

@@ -3,7 +3,8 @@
 ``bases/<snapshot>/`` is a complete tree, published by an atomic rename once fully written,
 and never modified afterwards (overlay mounts use it as their read-only lower layer).
 ``bases/<snapshot>.json`` records its size; its mtime is the last use, for LRU eviction.
-A base named by a live mount is never evicted.
+A base named by a live mount is never evicted. Snapshots arrive here as :class:`Digest` values
+only, so every name under ``bases/`` is 64 hex characters or ``empty``, whatever a ref held.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import fcntl
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..digest import Digest
+from ..errors import UsageError
 from ..fsutil import remove_tree
 from ..snapshot import load_manifest, restore
 from ..store import ObjectStore, cache_home
@@ -26,6 +28,7 @@ from .policy import Used, over_budget
 
 DEFAULT_LIMIT = "20G"
 EMPTY = "empty"
+OWNERS_SUFFIX = ".owners"
 
 
 def bases_root() -> Path:
@@ -35,12 +38,33 @@ def bases_root() -> Path:
 
 def limit() -> int:
     """The size budget (``STICKYCI_BASE_CACHE_SIZE``, default 20G)."""
-    return parse_size(os.environ.get("STICKYCI_BASE_CACHE_SIZE", DEFAULT_LIMIT))
+    text = os.environ.get("STICKYCI_BASE_CACHE_SIZE", DEFAULT_LIMIT)
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise UsageError(f"STICKYCI_BASE_CACHE_SIZE: {exc}") from None
 
 
-def base_path(snapshot: str) -> Path:
+def name_of(snapshot: Digest | None, trust_owners: bool = False) -> str:
+    """The name of a snapshot's base under ``bases/`` (``EMPTY`` for a fresh disk).
+
+    A base restored with the manifest's owners and setuid/setgid bits is another tree than one
+    restored without them, so it has its own name: a mount that does not trust owners never
+    gets a base that does.
+    """
+    if not snapshot:
+        return EMPTY
+    return f"{snapshot.hex}{OWNERS_SUFFIX}" if trust_owners else snapshot.hex
+
+
+def _live() -> set[str]:
+    """Bases live mounts may use; a record does not say whether it trusts owners."""
+    return {name_of(m.base, trust) for m in mounts.all_mounts() for trust in (False, True)}
+
+
+def base_path(snapshot: Digest | None, trust_owners: bool = False) -> Path:
     """The tree of a base (``EMPTY`` for a fresh disk)."""
-    return bases_root() / (snapshot or EMPTY)
+    return bases_root() / name_of(snapshot, trust_owners)
 
 
 @contextlib.contextmanager
@@ -61,32 +85,34 @@ def _lock(name: str, kind: str = "lock", how: int = fcntl.LOCK_EX) -> Iterator[b
 
 
 @contextlib.contextmanager
-def pinned(store: ObjectStore, snapshot: str) -> Iterator[tuple[Path, bool]]:
+def pinned(store: ObjectStore, snapshot: Digest | None,
+           trust_owners: bool = False) -> Iterator[tuple[Path, bool]]:
     """The base tree of ``snapshot`` (materialised if needed) and whether it was cached.
 
     The base cannot be evicted while the block runs: a mount pins its base this way until its
     record, which protects the base from then on, is saved.
     """
-    with _lock(snapshot or EMPTY, "pin", fcntl.LOCK_SH):
-        yield _ensure(store, snapshot)
+    with _lock(name_of(snapshot, trust_owners), "pin", fcntl.LOCK_SH):
+        yield _ensure(store, snapshot, trust_owners)
 
 
-def _ensure(store: ObjectStore, snapshot: str) -> tuple[Path, bool]:
-    path = base_path(snapshot)
+def _ensure(store: ObjectStore, snapshot: Digest | None,
+            trust_owners: bool) -> tuple[Path, bool]:
+    path = base_path(snapshot, trust_owners)
     if path.is_dir():
         _touch(path)
         return path, True
-    with _lock(snapshot or EMPTY):
+    with _lock(name_of(snapshot, trust_owners)):
         if path.is_dir():
             _touch(path)
             return path, True
-        tmp = bases_root() / f".tmp-{snapshot}-{uuid.uuid4().hex}"
+        tmp = bases_root() / f".tmp-{name_of(snapshot, trust_owners)}-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
             size = 0
             if snapshot:
-                m = load_manifest(store, Digest.parse(snapshot))
-                restore(store, m, str(tmp))
+                m = load_manifest(store, snapshot)
+                restore(store, m, str(tmp), trust_owners=trust_owners)
                 size = m.size
             os.rename(tmp, path)
         except BaseException:
@@ -96,16 +122,26 @@ def _ensure(store: ObjectStore, snapshot: str) -> tuple[Path, bool]:
         return path, False
 
 
-def adopt(tree: Path, snapshot: str, size: int) -> bool:
-    """Publish an existing tree (a just-committed copy mount) as the base of ``snapshot``."""
+def adopt(tree: Path, snapshot: Digest, size: int, unchanged: Callable[[Path], bool]) -> bool:
+    """Publish an existing tree (a just-committed copy mount) as the base of ``snapshot``.
+
+    The tree is first moved out of reach of processes that may still be changing it, then
+    ``unchanged`` checks it is still the tree the commit scanned; if not, it is dropped, as a
+    base must match its manifest. True if ``tree`` was moved away (published or dropped).
+    """
     path = base_path(snapshot)
-    with _lock(snapshot):
+    with _lock(snapshot.hex):
         if path.exists():
             return False
+        tmp = bases_root() / f".tmp-{snapshot.hex}-{uuid.uuid4().hex}"
         try:
-            os.rename(tree, path)
+            os.rename(tree, tmp)
         except OSError:
             return False
+        if not unchanged(tmp):
+            remove_tree(tmp)
+            return True
+        os.rename(tmp, path)
         Path(f"{path}.json").write_text(json.dumps({"size": size}))
         return True
 
@@ -125,18 +161,18 @@ def entries() -> list[Used]:
         try:
             size = json.loads(meta.read_text())["size"]
             out.append(Used(meta.name.removesuffix(".json"), size, meta.stat().st_mtime))
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return out
 
 
 def evict(budget: int | None = None) -> list[str]:
     """Drop least recently used bases over the budget, never one a live mount uses."""
-    in_use = {m.base or EMPTY for m in mounts.all_mounts()}
+    in_use = _live()
     drop = over_budget(entries(), limit() if budget is None else budget, in_use)
     for name in drop:
         with _lock(name, "pin", fcntl.LOCK_EX | fcntl.LOCK_NB) as free, _lock(name):
-            if not free or name in {m.base or EMPTY for m in mounts.all_mounts()}:
+            if not free or name in _live():
                 continue
             path = bases_root() / name
             # Rename first so a half-deleted tree is never taken for a base.

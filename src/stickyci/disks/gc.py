@@ -4,96 +4,202 @@ Only packs older than the grace period are touched, so the packs of a commit sti
 never swept; a commit also checks, before it moves its ref, that every pack it references still
 exists (see ``ObjectStore.check_present``), so a sweep racing a commit makes the commit fail
 cleanly instead of publishing a broken snapshot.
+
+Refs and indexes are written by scoped writers, so neither is trusted: a ref that does not
+parse protects nothing (its data is collected like any unreferenced data, and the ref is listed
+in the report's ``skipped``); an index that has no pack or points outside its pack claims
+nothing, and goes as garbage after the grace period (a damaged index claims nothing either, but
+it and its pack are kept for an admin to restore); and a pack's live object is dropped in favour
+of another pack's copy only once that copy has been read back and verified.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import codec
 from ..digest import Digest
-from ..errors import BackendError, NotFound
-from ..snapshot import load_manifest
+from ..errors import BackendError, IntegrityError, NotFound
+from ..snapshot import Manifest
 from ..store import Backend, ObjectStore, open_backend
-from ..store.objects import decode_index
+from ..store.objects import IndexEntry, decode_index
 from . import mounts, refs
 
+log = logging.getLogger("stickyci")
 DEFAULT_GRACE = 3600.0
 REPACK_BELOW = 0.5  # repack a pack when less than this share of its bytes is live
 
 
 @dataclass(slots=True)
 class GcReport:
-    """What a gc removed (or would remove, on a dry run)."""
+    """What a gc removed (or would remove, on a dry run), and the refs it could not read."""
 
     live_objects: int = 0
     packs_deleted: int = 0
     packs_repacked: int = 0
     orphans_deleted: int = 0
+    bad_indexes: int = 0
     bytes_freed: int = 0
     dry_run: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # ref name → why it was ignored
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
         return asdict(self)
 
 
-def mark(backend: Backend, store: ObjectStore) -> set[Digest]:
-    """Every object reachable from a ref generation or a mount on this machine."""
-    snapshots = {g.snapshot for r in refs.list_refs(backend) for g in r.generations}
+Where = dict[bytes, list[tuple[str, int, int]]]  # raw digest → (pack, offset, length) claims
+
+
+def mark(backend: Backend, found: list[refs.DiskRef], where: Where) -> set[Digest]:
+    """Every object reachable from a generation of ``found`` or a mount on this machine.
+
+    Manifests are read through the claims in ``where``; a claim that does not verify is passed
+    over for the next, so an index that lies about an object cannot hide a live snapshot.
+    """
+    snapshots = {g.snapshot for r in found for g in r.generations}
     snapshots |= {m.base for m in mounts.all_mounts() if m.base and m.store == backend.url}
     live: set[Digest] = set()
-    for hexd in snapshots:
-        snap = Digest.parse(hexd)
-        try:
-            m = load_manifest(store, snap)
-        except NotFound as exc:
-            raise BackendError(f"gc stopped before deleting anything: snapshot {snap} of a live "
-                               f"disk is missing ({exc})") from exc
+    for snap in snapshots:
+        m = _manifest(backend, where, snap)
         live.add(snap)
         live.update(Digest(bytes.fromhex(h)) for h in m.chunk_digests())
     return live
+
+
+def _manifest(backend: Backend, where: Where, snap: Digest) -> Manifest:
+    problem = "no index lists it"
+    for pack, offset, length in where.get(snap.raw, []):
+        try:
+            plain = codec.decode(backend.get(pack, offset, length), snap)
+        except (IntegrityError, NotFound) as exc:
+            problem = str(exc)
+            continue
+        return Manifest.decode(plain, f"snapshot {snap}")
+    raise BackendError(f"gc stopped before deleting anything: snapshot {snap} of a live disk "
+                       f"is missing or unreadable ({problem})")
+
+
+@dataclass(frozen=True, slots=True)
+class _Pack:
+    mtime: float
+    size: int
+    index: str
+    pack: str
+    entries: list[IndexEntry] | None  # None: an index that claims nothing
+    damaged: bool = False  # unreadable, with its pack present: both are left for an admin
+
+
+def _read_index(backend: Backend, name: str) -> _Pack | None:
+    """An index and its pack; ``entries`` is None unless the index fits the pack it names."""
+    pack = "packs/" + name.split("/", 1)[1]
+    st, ist = backend.stat(pack), backend.stat(name)
+    if ist is None:
+        return None  # deleted since the listing
+    entries: list[IndexEntry] | None
+    try:
+        entries = decode_index(name, backend.get(name))
+    except NotFound:
+        return None
+    except IntegrityError as exc:
+        if st is not None:
+            # Damage rather than a lie (the server checks an index before storing it): its
+            # pack may hold live objects, so neither is deleted.
+            log.warning("gc: %s; its pack is kept", exc)
+            return _Pack(st.mtime, st.size, name, pack, None, damaged=True)
+        entries = None
+    if st is None:
+        if entries is not None:
+            log.warning("gc: %s claims nothing: its pack is missing", name)
+        return _Pack(ist.mtime, 0, name, pack, None)
+    if entries is not None and any(e.length <= 0 or e.offset + e.length > st.size
+                                   for e in entries):
+        log.warning("gc: %s claims nothing: entries lie outside its pack's %d bytes",
+                    name, st.size)
+        entries = None
+    return _Pack(st.mtime, st.size, name, pack, entries)
+
+
+def _holds(backend: Backend, where: tuple[str, int, int], digest: Digest) -> bool:
+    """Whether the pack claiming ``digest`` really holds it at the place its index says."""
+    pack, offset, length = where
+    try:
+        codec.decode(backend.get(pack, offset, length), digest)
+    except (IntegrityError, NotFound):
+        return False
+    return True
 
 
 def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
        dry_run: bool = False) -> GcReport:
     """Collect garbage in the store; ``dry_run`` only reports."""
     backend = open_backend(store_url)
-    store = ObjectStore(backend)
-    live = mark(backend, store)
-    report = GcReport(live_objects=len(live), dry_run=dry_run)
-    now = time.time()
-    claimed: set[Digest] = set()
+    report = GcReport(dry_run=dry_run)
+    # Refs before indexes: a commit publishes its index before it moves its ref.
+    listing = refs.scan_refs(backend)
+    report.skipped = listing.skipped
     indexed = set()
     packs = []
     for name in backend.list("index"):
-        pack = "packs/" + name.split("/", 1)[1]
-        indexed.add(pack)
-        st = backend.stat(pack)
-        packs.append((st.mtime if st else 0.0, st.size if st else 0, name, pack))
+        found = _read_index(backend, name)
+        if found is not None:
+            packs.append(found)
+            if found.entries is not None or found.damaged:
+                indexed.add(found.pack)
     # Oldest first: where two packs hold the same object, the older copy is the one kept.
-    for mtime, size, name, pack in sorted(packs):
-        entries = decode_index(name, backend.get(name))
-        keep = [e for e in entries if e[0] in live and e[0] not in claimed]
-        claimed.update(e[0] for e in keep)
-        if now - mtime < grace:
+    packs.sort(key=lambda p: (p.mtime, p.index))
+    where: Where = {}
+    for p in packs:
+        for e in p.entries or []:
+            where.setdefault(e.digest.raw, []).append((p.pack, e.offset, e.length))
+    live = mark(backend, listing.refs, where)
+    report.live_objects = len(live)
+    now = time.time()
+    claimed: dict[Digest, tuple[str, int, int]] = {}
+    for p in packs:
+        old = now - p.mtime >= grace
+        if p.entries is None:
+            if old and not p.damaged:
+                report.bad_indexes += 1
+                if not dry_run:
+                    backend.delete(p.index)  # its pack, if any, is now an orphan
             continue
-        live_bytes = sum(ln for _, _, ln in keep)
+        keep, elsewhere = [], []
+        for e in p.entries:
+            if e.digest not in live:
+                continue
+            if e.digest in claimed:
+                elsewhere.append(e)
+            else:
+                claimed[e.digest] = (p.pack, e.offset, e.length)
+                keep.append(e)
+        if not old:
+            continue
+        live_bytes = sum(e.length for e in keep)
+        if elsewhere and (not keep or live_bytes < REPACK_BELOW * p.size):
+            # About to drop this pack's copies in favour of another pack's: only if those are
+            # real. A claim that does not verify is replaced by this pack's copy.
+            for e in elsewhere:
+                if not _holds(backend, claimed[e.digest], e.digest):
+                    claimed[e.digest] = (p.pack, e.offset, e.length)
+                    keep.append(e)
+            live_bytes = sum(e.length for e in keep)
         if not keep:
             report.packs_deleted += 1
-            report.bytes_freed += size
+            report.bytes_freed += p.size
             if not dry_run:
-                backend.delete(name)
-                backend.delete(pack)
-        elif live_bytes < REPACK_BELOW * size:
+                backend.delete(p.index)
+                backend.delete(p.pack)
+        elif live_bytes < REPACK_BELOW * p.size:
             report.packs_repacked += 1
-            report.bytes_freed += size - live_bytes
+            report.bytes_freed += p.size - live_bytes
             if not dry_run:
                 # Its replacement is no orphan, however young it looks: S3 mtimes are whole
                 # seconds, so with a short grace it would pass for older than this gc.
-                indexed |= _repack(backend, pack, name, keep)
+                indexed |= _repack(backend, p.pack, p.index, keep)
     for name in [*backend.list("packs"), *backend.list("tmp")]:
         st = backend.stat(name)
         if name not in indexed and st and now - st.mtime >= grace:
@@ -104,13 +210,18 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
     return report
 
 
-def _repack(backend: Backend, pack: str, index: str,
-            keep: list[tuple[Digest, int, int]]) -> set[str]:
+def _repack(backend: Backend, pack: str, index: str, keep: list[IndexEntry]) -> set[str]:
     """Copy the live objects of ``pack`` into new packs, then delete it; return the new packs."""
     fresh = ObjectStore(backend, load_index=False)
     for d, off, ln in keep:
         envelope = backend.get(pack, off, ln)
-        codec.decode(envelope, d)  # never carry a corrupt object into a new pack
+        try:
+            codec.decode(envelope, d)
+        except IntegrityError as exc:
+            # Never carried into a new pack. A good copy in a newer pack stays: this pack's
+            # claim on it fails verification there once this pack is gone.
+            log.warning("gc: %s: %s; not carried over", pack, exc)
+            continue
         fresh.put_envelope(d, envelope)
     fresh.flush()
     backend.delete(index)

@@ -3,42 +3,134 @@
 A ref is a small JSON blob ``refs/<key>``. Every change re-reads it and writes it back with
 ``put_if`` against the etag it read, so two writers can never interleave a half-update; the
 loser re-reads and tries again.
+
+A ref is written by whoever holds a token for its key, a fork's pull request included, so its
+bytes are untrusted input: :meth:`DiskRef.decode` turns them into typed values (a snapshot is a
+:class:`Digest`, never a string that could become a path) or refuses them with an
+``IntegrityError`` naming the ref. Listings skip a ref that does not parse, so one bad ref
+never hides the others.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Any
 
+from ..digest import Digest
 from ..errors import BackendError, IntegrityError, InvalidKey
 from ..store import Backend
 
+log = logging.getLogger("stickyci")
 KEEP_GENERATIONS = 3
-_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# A bound on untrusted input, far above what commits keep: gc loads one manifest per generation.
+MAX_GENERATIONS = 64
+MAX_COMMITTER = 256
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 KEY_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200"
 
 
 def check_key(key: str) -> str:
     """Return ``key`` if valid; otherwise raise ``InvalidKey`` naming the allowed characters."""
-    if not _KEY.match(key):
+    # fullmatch: "$" would also match before a trailing newline.
+    if not _KEY.fullmatch(key):
         raise InvalidKey(f"invalid disk key {key!r}: use {KEY_RULE}")
     return key
 
 
-@dataclass(slots=True)
+class _Malformed(ValueError):
+    """One field of a ref that is not what it must be; the message names the field."""
+
+
+def _obj(doc: object, where: str, fields: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise _Malformed(f"{where} is not a JSON object")
+    missing, unknown = fields - doc.keys(), doc.keys() - fields
+    if missing:
+        raise _Malformed(f"{where} lacks {', '.join(sorted(missing))}")
+    if unknown:
+        raise _Malformed(f"{where} has unknown field(s) {', '.join(sorted(unknown))}")
+    return doc
+
+
+def _count(doc: dict[str, Any], name: str, where: str) -> int:
+    value = doc[name]
+    # bool is an int subclass in Python; True is not a size.
+    if type(value) is not int or value < 0:
+        raise _Malformed(f"{where}.{name} is not a non-negative integer")
+    return value
+
+
+def _time(doc: dict[str, Any], name: str, where: str) -> float:
+    value = doc[name]
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise _Malformed(f"{where}.{name} is not a timestamp")
+    return float(value)
+
+
+def _text(doc: dict[str, Any], name: str, where: str, most: int) -> str:
+    value = doc[name]
+    # Shown in terminals and on the dashboard: no control characters, no unbounded length.
+    if not isinstance(value, str) or len(value) > most or not value.isprintable():
+        raise _Malformed(f"{where}.{name} is not printable text of at most {most} characters")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise _Malformed("a field appears twice")
+    return doc
+
+
+def _no_constant(name: str) -> float:
+    raise _Malformed(f"{name} is not a JSON number")
+
+
+_GEN_FIELDS = frozenset({"gen", "snapshot", "committed_at", "size", "files", "stored_bytes",
+                         "committer"})
+_REF_FIELDS = frozenset({"key", "created", "last_used", "generations"})
+
+
+@dataclass(frozen=True, slots=True)
 class Generation:
     """One committed snapshot of a disk."""
 
     gen: int
-    snapshot: str
+    snapshot: Digest
     committed_at: float
     size: int
     files: int
     stored_bytes: int
     committer: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form (the snapshot as bare hex)."""
+        return {"gen": self.gen, "snapshot": self.snapshot.hex,
+                "committed_at": self.committed_at, "size": self.size, "files": self.files,
+                "stored_bytes": self.stored_bytes, "committer": self.committer}
+
+    @classmethod
+    def parse(cls, doc: object, where: str) -> Generation:
+        """A generation from its JSON form; ``_Malformed`` names the field at fault."""
+        g = _obj(doc, where, _GEN_FIELDS)
+        snapshot = g["snapshot"]
+        if not isinstance(snapshot, str) or len(snapshot) != 64:
+            raise _Malformed(f"{where}.snapshot is not a BLAKE3 digest")
+        try:
+            digest = Digest.parse(snapshot)
+        except ValueError:
+            raise _Malformed(f"{where}.snapshot is not a BLAKE3 digest") from None
+        return cls(_count(g, "gen", where), digest, _time(g, "committed_at", where),
+                   _count(g, "size", where), _count(g, "files", where),
+                   _count(g, "stored_bytes", where),
+                   _text(g, "committer", where, MAX_COMMITTER))
 
 
 @dataclass(slots=True)
@@ -59,19 +151,45 @@ class DiskRef:
         """A generation by number, if it is still kept."""
         return next((g for g in self.generations if g.gen == gen), None)
 
-    def encode(self) -> bytes:
+    def as_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return {"key": self.key, "created": self.created, "last_used": self.last_used,
+                "generations": [g.as_dict() for g in self.generations]}
+
+    def encode(self) -> bytes:
+        """JSON form, as bytes."""
+        return json.dumps(self.as_dict(), sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, data: bytes) -> DiskRef:
-        """Parse the JSON form."""
+    def decode(cls, data: bytes, key: str | None = None) -> DiskRef:
+        """Parse and validate the JSON form of the ref read under ``refs/<key>``.
+
+        Pass ``key`` whenever the name is known: a ref must name the key it is stored under.
+        Raise ``IntegrityError`` naming the ref and the field at fault.
+        """
+        name = f"refs/{key}" if key is not None else "a disk ref"
         try:
-            doc = json.loads(data)
-            gens = [Generation(**g) for g in doc.pop("generations")]
-            return cls(generations=gens, **doc)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # any JSON shape
-            raise IntegrityError(f"disk ref is corrupt: {exc}") from exc
+            doc = json.loads(data, object_pairs_hook=_no_duplicates,
+                             parse_constant=_no_constant)
+            r = _obj(doc, "ref", _REF_FIELDS)
+            if not isinstance(r["key"], str) or not _KEY.fullmatch(r["key"]):
+                raise _Malformed(f"ref.key is not a valid disk key ({KEY_RULE})")
+            if key is not None and r["key"] != key:
+                raise _Malformed(f"ref.key {r['key']!r} is not the key it is stored under")
+            if not isinstance(r["generations"], list):
+                raise _Malformed("ref.generations is not a list")
+            if len(r["generations"]) > MAX_GENERATIONS:
+                raise _Malformed(f"ref.generations has more than {MAX_GENERATIONS} entries")
+            gens = [Generation.parse(g, f"generations[{i}]")
+                    for i, g in enumerate(r["generations"])]
+            if any(a.gen >= b.gen for a, b in itertools.pairwise(gens)):
+                raise _Malformed("generation numbers do not strictly increase")
+            return cls(r["key"], _time(r, "created", "ref"), _time(r, "last_used", "ref"), gens)
+        except (ValueError, RecursionError) as exc:  # _Malformed, or not JSON at all
+            why = exc if isinstance(exc, _Malformed) else "not valid JSON"
+            fix = (f"; remove it with `stickyci disk rm {key}`" if key is not None
+                   and _KEY.fullmatch(key) else "")
+            raise IntegrityError(f"{name} is malformed: {why}{fix}") from None
 
 
 def _name(key: str) -> str:
@@ -81,7 +199,7 @@ def _name(key: str) -> str:
 def read_ref(backend: Backend, key: str) -> DiskRef | None:
     """The current ref of ``key``, or None for an unknown disk."""
     got = backend.read_versioned(_name(key))
-    return DiskRef.decode(got[0]) if got else None
+    return DiskRef.decode(got[0], key) if got else None
 
 
 def update_ref(backend: Backend, key: str,
@@ -94,7 +212,7 @@ def update_ref(backend: Backend, key: str,
     name = _name(key)
     for _ in range(100):
         got = backend.read_versioned(name)
-        current = DiskRef.decode(got[0]) if got else None
+        current = DiskRef.decode(got[0], key) if got else None
         new = change(current)
         if new is None:
             return current
@@ -116,14 +234,38 @@ def touch(backend: Backend, key: str) -> None:
     update_ref(backend, key, change)
 
 
-def list_refs(backend: Backend) -> list[DiskRef]:
-    """Every disk in the store, sorted by key."""
-    refs = []
+@dataclass(slots=True)
+class Listing:
+    """Every ref that parses, sorted by key, and why each other one was skipped."""
+
+    refs: list[DiskRef] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # ref name → one-line reason
+
+
+def scan_refs(backend: Backend) -> Listing:
+    """Read every ref; one that does not parse is skipped, logged as a warning, and listed."""
+    out = Listing()
     for name in backend.list("refs"):
-        got = backend.read_versioned(name)
-        if got:
-            refs.append(DiskRef.decode(got[0]))
-    return sorted(refs, key=lambda r: r.key)
+        key = name.removeprefix("refs/")
+        try:
+            got = backend.read_versioned(_name(key))
+            if got:
+                out.refs.append(DiskRef.decode(got[0], key))
+        except (IntegrityError, InvalidKey) as exc:
+            out.skipped[name] = str(exc)
+            log.warning("skipping %s", exc)
+    out.refs.sort(key=lambda r: r.key)
+    return out
+
+
+def list_refs(backend: Backend) -> list[DiskRef]:
+    """Every disk in the store whose ref parses, sorted by key (see :func:`scan_refs`)."""
+    return scan_refs(backend).refs
+
+
+def exists(backend: Backend, key: str) -> bool:
+    """Whether ``refs/<key>`` exists, parseable or not."""
+    return backend.stat(_name(key)) is not None
 
 
 def delete_ref(backend: Backend, key: str) -> None:

@@ -4,16 +4,24 @@ Both executors run a job with this code: the local one in its own event loop, th
 in the worker process the scheduler picked (``asyncio.run`` of :meth:`JobRunner.run`).
 Disks are mounted and committed through the ``stickyci disk`` CLI in a subprocess: it keeps
 the event loop free while a commit forks its workers, and is exactly what a user would run.
+
+A job succeeds only when it gets to the end with nothing gone wrong: its state is ``running``
+until then. An exception that reaches the runner is a *fault*: a ``StickyError`` is a failure
+the runner understood (a template error at run time, a bad outputs file), anything else an
+internal error; either way the job fails, the ``always()`` steps after it still run, and after
+an internal error no disk is committed, whatever its mode (see :meth:`JobRunner.fault`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import os
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -21,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import UsageError
+from ..errors import StickyError, UsageError
 from ..fsutil import remove_tree
-from .plan import Instance
+from .plan import MIN_SECRET, Instance
 from .record import (
     CANCELLED,
     FAILURE,
+    FINISHED,
     RUNNING,
     SKIPPED,
     SUCCESS,
@@ -39,18 +48,118 @@ from .spec import DiskSpec
 from .template import condition, render
 
 KILL_GRACE = 5.0
+# Step output is read this much at a time, whatever its line lengths.
+READ_CHUNK = 64 * 1024
+# The most of $STICKYCI_OUTPUT that is read: outputs are short values, not artifacts.
+MAX_OUTPUTS = 1024 * 1024
 _NEEDS_STATUS = re.compile(r"\b(always|cancelled|failure)\s*\(")
 
 
 class Masker:
-    """Replaces secret values with ``***`` in any text that leaves a step."""
+    """Replaces secret values with ``***`` in any text that leaves a step.
+
+    A value is masked whole and, stripped of surrounding blanks, line by line: a step can print
+    one line of a multi-line secret (a key file, a JSON credential) on its own, indented, or in
+    another order. A line shorter than ``MIN_SECRET`` characters (``{``, ``-----``) is not masked
+    on its own, for the reason such a secret is refused: it would blank out every log while
+    protecting nothing; it is still masked as part of the whole value.
+    """
 
     def __init__(self, secrets: Mapping[str, str]) -> None:
-        values = sorted({v for v in secrets.values() if v}, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
+        values: set[str] = set()
+        for value in filter(None, secrets.values()):
+            values.add(value)
+            values.update(line.strip() for line in value.splitlines()
+                          if len(line.strip()) >= MIN_SECRET)
+        # Output is decoded with errors="replace": a value holding bytes that are not UTF-8
+        # (os.environ keeps them as surrogates) is looked for in that form too.
+        values |= {_as_output(v) for v in values}
+        self.values = sorted(values, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, self.values))) if values else None
 
     def __call__(self, text: str) -> str:
         return self._pattern.sub("***", text) if self._pattern else text
+
+    def split(self, text: str) -> tuple[str, str]:
+        """``text`` cut where more text cannot change what is masked: the part before it,
+        masked, and the raw rest, which may be the start of a secret.
+
+        The rest is at most one character shorter than the longest secret, so a stream is
+        masked in bounded memory, however long its lines, and a secret cut between two reads
+        is still masked.
+        """
+        if self._pattern is None:
+            return text, ""
+        cut = len(text) - self._held(text)
+        out: list[str] = []
+        pos = 0
+        # A match starting before the cut is final: no secret starting there runs past the
+        # end of ``text`` (else the cut would be earlier). It may end after the cut.
+        for m in self._pattern.finditer(text):
+            if m.start() >= cut:
+                break
+            out += [text[pos:m.start()], "***"]
+            pos = m.end()
+        cut = max(cut, pos)
+        out.append(text[pos:cut])
+        return "".join(out), text[cut:]
+
+    def _held(self, text: str) -> int:
+        """The length of the longest end of ``text`` that a secret starts with (not all of it)."""
+        held = 0
+        for value in self.values:
+            start = max(0, len(text) - len(value) + 1)
+            # The leftmost candidate is the longest; candidates start with the value's first
+            # character, so only those are compared.
+            while (i := text.find(value[0], start)) != -1 and len(text) - i > held:
+                if value.startswith(text[i:]):
+                    held = len(text) - i
+                    break
+                start = i + 1
+        return held
+
+
+class MaskedStream:
+    """Bytes of any shape (no newline for megabytes, not UTF-8) in, masked text out.
+
+    Memory is bounded by what one :meth:`feed` gets plus the longest secret.
+    """
+
+    def __init__(self, mask: Masker) -> None:
+        self._mask = mask
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._rest = ""
+
+    def feed(self, data: bytes) -> str:
+        """The masked text that ``data`` completes (possibly none yet)."""
+        done, self._rest = self._mask.split(self._rest + self._decoder.decode(data))
+        return done
+
+    def close(self) -> str:
+        """Everything still held, masked: the stream has ended."""
+        text, self._rest = self._rest + self._decoder.decode(b"", final=True), ""
+        return self._mask(text)
+
+
+def run_masker(secrets: Mapping[str, str]) -> Masker:
+    """The masker of a run: its declared secrets and the store token, which steps inherit."""
+    return Masker({**secrets, "STICKYCI_TOKEN": os.environ.get("STICKYCI_TOKEN", "")})
+
+
+def _as_output(value: str) -> str:
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: not from a byte string
+        return value
+
+
+def describe_fault(exc: BaseException) -> str:
+    """One line for a job that ``exc`` stopped: the message of an error stickyci raised on
+    purpose, or ``internal error: TYPE: message`` for anything else."""
+    if isinstance(exc, StickyError):
+        return " ".join(str(exc).split())
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return "internal error: " + (text if len(text) <= 300 else text[:300] + " …")
 
 
 def safe(name: str) -> str:
@@ -86,7 +195,7 @@ def file_logs(root: Path) -> Logs:
     def open_log(rel: str) -> Iterator[LogWriter]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as out:
+        with open(path, "w", encoding="utf-8") as out:
             yield out
     return open_log
 
@@ -143,28 +252,54 @@ class JobRunner:
 
     def __init__(self, setup: JobSetup) -> None:
         self.s = setup
+        # The first internal error met (see ``fault``); once set, no disk is committed.
+        self.internal_error = ""
 
     @property
     def cancelled(self) -> bool:
         """Whether the run is being cancelled."""
         return self.s.stop.cancelled
 
+    def fault(self, rec: JobRecord, exc: BaseException, step: StepRecord | None = None) -> None:
+        """Record that ``exc`` stopped the job (in ``step``, if given): the job fails.
+
+        The one place where an exception becomes a job's result, so that none can leave a job
+        looking successful. An error that is not a ``StickyError`` means the runner lost track
+        of the job (its output, its processes), so what its disks hold is not something the
+        pipeline produced: none is committed, not even with ``commit: always``, which is for
+        what failing *steps* leave behind. The previous generation stays.
+        """
+        reason = self.s.mask(describe_fault(exc))
+        if not isinstance(exc, StickyError) and not self.internal_error:
+            self.internal_error = reason
+        if step is not None:
+            if step.state not in FINISHED or step.state == SUCCESS:
+                step.state = FAILURE
+            reason = f"step {step.name!r} failed: {reason}"
+        if rec.state in (FAILURE, TIMED_OUT) and rec.reason:
+            rec.reason = f"{rec.reason}; then {reason}"
+        else:
+            rec.state, rec.reason = FAILURE, reason
+
     async def run(self, inst: Instance, rec: JobRecord, ctx: dict[str, Any],
                   env: dict[str, str]) -> None:
-        """Mount the disks, run the steps, then commit or discard each disk."""
+        """Mount the disks, run the steps, then commit or discard each disk.
+
+        Never raises for a fault of the job (see :meth:`fault`); ``rec`` says how it ended.
+        """
         s = self.s
         ws = s.workspace
-        ws.mkdir(parents=True, exist_ok=True)
         output_file = ws.parent / f"{ws.name}.outputs"
-        env = {**(os.environ if s.base_env is None else s.base_env), **env, **s.extra_env,
-               "STICKYCI_RUN_ID": s.run_id, "STICKYCI_JOB": inst.id,
-               "STICKYCI_WORKSPACE": str(ws), "STICKYCI_SHA": s.sha,
-               "STICKYCI_OUTPUT": str(output_file),
-               "STICKYCI_MATRIX": json.dumps(inst.matrix),
-               "STICKYCI_PIPELINE_DIR": str(s.pipeline_dir)}
         mounted: list[tuple[DiskSpec, DiskRecord, Path]] = []
-        rec.state = SUCCESS
+        rec.state = RUNNING
         try:
+            ws.mkdir(parents=True, exist_ok=True)
+            env = {**(os.environ if s.base_env is None else s.base_env), **env, **s.extra_env,
+                   "STICKYCI_RUN_ID": s.run_id, "STICKYCI_JOB": inst.id,
+                   "STICKYCI_WORKSPACE": str(ws), "STICKYCI_SHA": s.sha,
+                   "STICKYCI_OUTPUT": str(output_file),
+                   "STICKYCI_MATRIX": json.dumps(inst.matrix),
+                   "STICKYCI_PIPELINE_DIR": str(s.pipeline_dir)}
             for i, disk in enumerate(inst.spec.disks):
                 where = f"jobs.{inst.job}.disks[{i}]"
                 key = render(disk.key, ctx, f"{where}.key")
@@ -175,49 +310,69 @@ class JobRunner:
                     rec.state, rec.reason = FAILURE, f"disk {key}: {drec.error}"
                     break
                 mounted.append((disk, drec, path))
-            if rec.state == SUCCESS:
+            if rec.state == RUNNING:
                 await self._steps(inst, rec, ctx, env, ws)
+            # Read even after a failure: the summary shows what a failed job did output.
+            rec.outputs = _read_outputs(output_file, inst.spec.outputs, s.mask)
+            if rec.state == RUNNING:
+                rec.state = SUCCESS
+        except BaseException as exc:
+            self.fault(rec, exc)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             for disk, drec, path in mounted:
-                await self._finish_disk(rec, disk, drec, path)
-            rec.outputs = _read_outputs(output_file, inst.spec.outputs, s.mask)
-            if all(not d.error for d in rec.disks):
-                remove_tree(ws)
+                try:
+                    await self._finish_disk(rec, disk, drec, path)
+                except Exception as exc:
+                    self.fault(rec, exc)
+            try:
+                # Its values are in the record, masked; the raw file must not stay behind.
+                _remove(output_file)
+                if all(not d.error for d in rec.disks):
+                    remove_tree(ws)
+            except Exception as exc:
+                self.fault(rec, exc)
 
     async def _steps(self, inst: Instance, rec: JobRecord, ctx: dict[str, Any],
                      env: dict[str, str], ws: Path) -> None:
+        """Run the steps in order; after a failure only those whose ``if`` asks for it."""
         deadline = time.monotonic() + inst.spec.timeout if inst.spec.timeout else None
-        failed = False
         for n, step in enumerate(inst.spec.steps):
             where = f"jobs.{inst.job}.steps[{n}]"
             srec = StepRecord(step.name or step.run.strip().splitlines()[0][:60],
                               always=bool(_NEEDS_STATUS.search(step.if_)))
             rec.steps.append(srec)
-            timed_out = deadline is not None and time.monotonic() >= deadline
-            status = {"success": not failed and not self.cancelled and not timed_out,
-                      "failure": failed or timed_out, "always": True,
-                      "cancelled": self.cancelled}
-            if not condition(step.if_, ctx, status, f"{where}.if"):
-                srec.state = CANCELLED if self.cancelled else SKIPPED
+            failed = rec.state != RUNNING
+            try:
+                timed_out = deadline is not None and time.monotonic() >= deadline
+                status = {"success": not failed and not self.cancelled and not timed_out,
+                          "failure": failed or timed_out, "always": True,
+                          "cancelled": self.cancelled}
+                if not condition(step.if_, ctx, status, f"{where}.if"):
+                    srec.state = CANCELLED if self.cancelled else SKIPPED
+                    self._step_event(n, srec)
+                    continue
+                timeout = step.timeout
+                if deadline is not None and not srec.always:
+                    left = max(0.01, deadline - time.monotonic())
+                    timeout = min(timeout, left) if timeout else left
+                srec.log = f"{self.s.log_dir}/{n + 1:02d}-{safe(srec.name)}.log"
+                script = render(step.run, ctx, f"{where}.run")
+                cwd = _inside(ws, render(step.working_directory, ctx,
+                                         f"{where}.working_directory"),
+                              where) if step.working_directory else ws
+                await self._step(n, srec, script, cwd, {**env, **step.env}, timeout)
+            except Exception as exc:
+                self.fault(rec, exc, srec)
                 self._step_event(n, srec)
                 continue
-            timeout = step.timeout
-            if deadline is not None and not srec.always:
-                left = max(0.01, deadline - time.monotonic())
-                timeout = min(timeout, left) if timeout else left
-            srec.log = f"{self.s.log_dir}/{n + 1:02d}-{safe(srec.name)}.log"
-            script = render(step.run, ctx, f"{where}.run")
-            cwd = _inside(ws, render(step.working_directory, ctx, f"{where}.working_directory"),
-                          where) if step.working_directory else ws
-            await self._step(n, srec, script, cwd, {**env, **step.env}, timeout)
-            if srec.state != SUCCESS and not step.continue_on_error:
-                if not failed:
-                    rec.reason = (f"step {srec.name!r} "
-                                  + {TIMED_OUT: "timed out", CANCELLED: "was cancelled"}.get(
-                                      srec.state, f"exited {srec.exit_code}"))
-                    rec.state = srec.state if srec.state in (TIMED_OUT, CANCELLED) else FAILURE
-                failed = True
-        if self.cancelled and rec.state == SUCCESS:
+            if srec.state != SUCCESS and not step.continue_on_error and not failed:
+                rec.reason = (f"step {srec.name!r} "
+                              + {TIMED_OUT: "timed out", CANCELLED: "was cancelled"}.get(
+                                  srec.state, f"exited {srec.exit_code}"))
+                rec.state = srec.state if srec.state in (TIMED_OUT, CANCELLED) else FAILURE
+        if self.cancelled and rec.state == RUNNING:
             rec.state, rec.reason = CANCELLED, "run cancelled"
 
     def _step_event(self, n: int, srec: StepRecord) -> None:
@@ -230,34 +385,38 @@ class JobRunner:
         srec.state = RUNNING
         self._step_event(n, srec)
         with self.s.logs(srec.log) as out:
-            proc = await asyncio.create_subprocess_exec(
+            loop = asyncio.get_running_loop()
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _StepProtocol(loop),
                 "bash", "-eo", "pipefail", "-c", script, cwd=cwd, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            proc = asyncio.subprocess.Process(transport, protocol, loop)
             self.s.stop.procs.add(proc)
             if self.s.guard:
                 self.s.guard.add(proc.pid)
             pump = asyncio.create_task(self._pump(proc, out))
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
-                await pump
+                await asyncio.wait_for(_exit_unless_failed(protocol.exited, pump), timeout)
                 srec.state = SUCCESS if proc.returncode == 0 else FAILURE
             except TimeoutError:
                 _kill_group(proc, signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), KILL_GRACE)
-                except TimeoutError:
+                if not (await asyncio.wait({protocol.exited}, timeout=KILL_GRACE))[0]:
                     _kill_group(proc, signal.SIGKILL)
-                    await proc.wait()
-                pump.cancel()
+                    await protocol.exited
                 out.write(f"\nstickyci: step timed out after {timeout:.1f}s; killed\n")
                 srec.state = TIMED_OUT
             finally:
                 self.s.stop.procs.discard(proc)
-                # Whatever the step left in the background dies with it.
+                # Whatever the step left in the background dies with it (and so does the step
+                # itself when we got here by an error: nobody reads its output any more).
                 _kill_group(proc, signal.SIGKILL)
                 if self.s.guard:
                     self.s.guard.discard(proc.pid)
+                try:
+                    await _drain(pump, proc, out)
+                finally:
+                    transport.close()  # its pipe, even if a process outside the group has it
         srec.exit_code = proc.returncode
         if self.cancelled and srec.state != SUCCESS:
             srec.state = CANCELLED
@@ -266,10 +425,18 @@ class JobRunner:
 
     async def _pump(self, proc: asyncio.subprocess.Process, out: LogWriter) -> None:
         assert proc.stdout is not None
-        async for line in proc.stdout:
-            out.write(self.s.mask(line.decode(errors="replace")))
+        stream = MaskedStream(self.s.mask)
+        try:
+            while data := await proc.stdout.read(READ_CHUNK):
+                out.write(stream.feed(data))
+        except asyncio.CancelledError:
+            out.write(stream.close())  # what was held back for masking, masked
+            raise
+        out.write(stream.close())
 
     async def _disk_cli(self, *args: str) -> tuple[int, dict[str, Any], str]:
+        """Run ``stickyci disk ARGS --json``: its exit status, its JSON document, and on a
+        failure its one-line error (masked)."""
         guard = self.s.guard
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "stickyci", "disk", *args, "--json",
@@ -286,20 +453,20 @@ class JobRunner:
             if guard:
                 _kill_group(proc, signal.SIGKILL)
                 guard.discard(proc.pid)
-        doc = json.loads(out) if proc.returncode == 0 and out.strip() else {}
-        lines = [ln for ln in err.decode(errors="replace").splitlines() if "error" in ln]
-        return proc.returncode or 0, doc, self.s.mask(lines[-1] if lines
-                                                      else err.decode()[-300:])
+        if proc.returncode == 0:
+            return 0, json.loads(out) if out.strip() else {}, ""
+        return proc.returncode or 1, {}, self.s.mask(_disk_error(out, err))
 
     def _key(self, key: str) -> str:
         """The key actually used: in a cold run, a copy private to the run, empty at first."""
         return cold_key(self.s.run_id, key) if self.s.cold else key
 
     async def _mount(self, drec: DiskRecord, disk: DiskSpec, path: Path) -> bool:
-        code, doc, err = await self._disk_cli("mount", self._key(drec.key), str(path),
-                                              "--strategy", disk.strategy)
+        code, doc, err = await self._disk_cli(
+            "mount", self._key(drec.key), str(path), "--strategy", disk.strategy,
+            *(["--trust-owners"] if disk.trust_owners else []))
         if code:
-            drec.error = err.removeprefix("stickyci: error: ")
+            drec.error = err
             return False
         drec.strategy, drec.mount_seconds = doc["strategy"], doc["seconds"]
         drec.base_cached, drec.fresh = doc["base_cached"], doc["fresh"]
@@ -308,7 +475,7 @@ class JobRunner:
     async def _finish_disk(self, rec: JobRecord, disk: DiskSpec, drec: DiskRecord,
                            path: Path) -> None:
         ok = rec.state == SUCCESS
-        wanted = not self.cancelled and (
+        wanted = not self.cancelled and not self.internal_error and (
             disk.commit == "always" or (ok and disk.commit != "never"))
         if wanted:
             mode = "if-missing" if disk.commit == "if-missing" else "on-change"
@@ -319,16 +486,30 @@ class JobRunner:
                 drec.size, drec.generation = doc["size"], doc["generation"]
                 drec.raced_with = doc["raced_with"]
                 return
-            drec.error = err.removeprefix("stickyci: error: ")
+            drec.error = err
             if rec.state == SUCCESS:
                 rec.state, rec.reason = FAILURE, f"commit of disk {drec.key} failed: {drec.error}"
         else:
             drec.commit_reason = ("run cancelled" if self.cancelled else
+                                  self.internal_error if self.internal_error else
                                   "commit: never" if disk.commit == "never" else "job failed")
         # Not committed (or the commit failed): discard, and do not let a straggler keep it.
         code, _, err = await self._disk_cli("unmount", str(path), "--kill-holders")
         if code and not drec.error:
-            drec.error = err.removeprefix("stickyci: error: ")
+            drec.error = err
+
+
+def _disk_error(out: bytes, err: bytes) -> str:
+    """The error of a failed ``stickyci disk --json``: its JSON error body, or, when it died
+    before writing one (killed, a crash), the end of what it printed."""
+    try:
+        body = json.loads(out)
+        return " ".join(str(body["error"]).split())
+    except (ValueError, TypeError, KeyError):
+        pass
+    lines = err.decode(errors="replace").strip().splitlines()
+    last = lines[-1] if lines else "it printed nothing"
+    return last.removeprefix("stickyci: error: ")[:300]
 
 
 def _kill_group(proc: asyncio.subprocess.Process, sig: int) -> None:
@@ -344,10 +525,86 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     return path
 
 
+class _StepProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Says when a step's process exits. ``Process.wait()`` also waits for its output pipe to
+    close, which a background child (``daemon &``) holding it can put off forever."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=READ_CHUNK, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _exit_unless_failed(exited: asyncio.Future[None], pump: asyncio.Task[None]) -> None:
+    """Wait for the step's process to exit; raise at once if reading its output failed (the
+    process would block on a full pipe, and nothing would record what it says)."""
+    # asyncio.wait, not wait_for: a timeout must not cancel ``exited``, still awaited after.
+    await asyncio.wait({exited, pump}, return_when=asyncio.FIRST_COMPLETED)
+    if pump.done() and not pump.cancelled() and (exc := pump.exception()) is not None:
+        raise exc
+    await asyncio.shield(exited)
+
+
+async def _drain(pump: asyncio.Task[None], proc: asyncio.subprocess.Process,
+                 out: LogWriter) -> None:
+    """Let the pump read the rest of a step's output once its group is dead, then re-raise
+    what it failed with, if anything."""
+    if not pump.done():
+        await asyncio.wait({pump}, timeout=KILL_GRACE)
+    if not pump.done():
+        # A process outside the step's group (it called setsid) holds the pipe open.
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump
+        out.write("\nstickyci: stopped reading: a process that left the step's process group "
+                  "still holds its output open\n")
+        return
+    if not pump.cancelled() and (exc := pump.exception()) is not None:
+        # Read the rest unlogged, so the pipe gets to its end and closes with the process.
+        assert proc.stdout is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_discard(proc.stdout), KILL_GRACE)
+        raise exc
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    while await stream.read(READ_CHUNK):
+        pass
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``, whatever a step made of it."""
+    if path.is_dir() and not path.is_symlink():
+        remove_tree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _read_outputs(path: Path, declared: list[str], mask: Masker) -> dict[str, str]:
+    """The ``declared`` outputs a job's steps wrote to ``$STICKYCI_OUTPUT``, masked."""
+    fix = "write outputs as NAME=VALUE lines: echo NAME=VALUE >> \"$STICKYCI_OUTPUT\""
     try:
-        lines = path.read_text().splitlines()
+        # Not following a symlink, not blocking on a FIFO: the file is the steps' to shape.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return {}
+    except OSError as exc:
+        raise UsageError(f"$STICKYCI_OUTPUT ({path}) cannot be read ({exc.strerror}): it must "
+                         f"be a plain file; {fix}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"$STICKYCI_OUTPUT ({path}) is not a plain file; {fix}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_OUTPUTS + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_OUTPUTS:
+        raise UsageError(f"$STICKYCI_OUTPUT ({path}) is over {MAX_OUTPUTS} bytes; outputs are "
+                         "short values: hand files to other jobs on a disk")
+    lines = data.decode(errors="replace").splitlines()
     found = dict(line.split("=", 1) for line in lines if "=" in line)
     return {k: mask(found[k]) for k in declared if k in found}

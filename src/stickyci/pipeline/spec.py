@@ -39,6 +39,9 @@ class DiskSpec(_Model):
     strategy: Literal["auto", "overlay", "reflink", "copy"] = "auto"
     # Two jobs committing one key in a run race (last write wins); say so to silence the warning.
     allow_race: bool = False
+    # Restore the owners and setuid/setgid bits the snapshot records (`disk mount
+    # --trust-owners`), e.g. for /nix; without it files belong to the user that mounts them.
+    trust_owners: bool = False
 
 
 class StepSpec(_Model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 from ..errors import UsageError
@@ -32,6 +33,14 @@ _TAIL_BYTES = 64 * 1024
 _MAX_LINE = 1000
 # Colour codes render as junk in Markdown (GitHub's job page included).
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# Control characters (escape sequences start with one) and bidirectional overrides: a job id
+# from a services config or an error message must not move the cursor or reorder the line.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: unprintable characters shown escaped."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def duration(seconds: float) -> str:
@@ -75,10 +84,16 @@ def log_tail(run: RunRecord, step: StepRecord, lines: int = TAIL_LINES) -> list[
     if not step.log or not run.run_dir:
         return None
     try:
-        with open(Path(run.run_dir) / step.log, "rb") as f:
+        # The run directory is within reach of the steps: what is at a log's path may be a
+        # symlink to /dev/zero or a FIFO by now. Only a plain file is read, and only its end.
+        fd = os.open(Path(run.run_dir) / step.log,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             start = max(0, f.seek(0, os.SEEK_END) - _TAIL_BYTES)
             f.seek(start)
-            data = f.read()
+            data = f.read(_TAIL_BYTES)
     except OSError:
         return None
     all_lines = _ANSI.sub("", data.decode(errors="replace")).splitlines()

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -27,11 +28,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import disks
-from ..digest import Digest
 from ..disks import gc as gc_
 from ..disks import refs
 from ..errors import (
     ConflictError,
+    Forbidden,
     IntegrityError,
     NotFound,
     StickyError,
@@ -40,11 +41,12 @@ from ..errors import (
 )
 from ..store import Backend, LocalBackend, open_backend
 from ..store.backend import check_name
-from ..store.objects import decode_index
 from . import protocol as p
 from .auth import ANONYMOUS_READ, Permission, Principal, TokenStore
 from .lru import CacheLRU
-from .metrics import Metrics, Observe
+from .metrics import Metrics, Observe, request_id
+from .verify import Verifier
+from .visibility import Visibility, covered, redact, sees_everything
 
 log = logging.getLogger("stickyci.server")
 T = TypeVar("T")
@@ -59,6 +61,7 @@ _NAMESPACES = {"packs", "index", "refs", "tmp"}
 _IMMUTABLE = {"packs", "index"}
 STREAM_CHUNK = 8 << 20
 INLINE_READ = 256 << 10
+EVICT_EVERY_FLOOR = 1.0
 _CLOCK_SKEW = 300.0
 """How far in the future a reader may set a disk's ``last_used`` (runners' clocks differ)."""
 
@@ -89,6 +92,8 @@ class Server:
         self.tokens = TokenStore(cfg.state_dir, ANONYMOUS_READ if cfg.anonymous_read else None)
         self.lru = CacheLRU(cfg.max_size)
         self.metrics = Metrics()
+        self.visibility = Visibility(self.backend)
+        self.verifier = Verifier(self.backend, cfg.state_dir, self.visibility)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -144,7 +149,10 @@ class Server:
                 return Response(headers={"content-length": str(st.size),
                                          p.MTIME_HEADER: repr(st.mtime)})
             offset, length = _parse_range(request.headers.get("range"))
-            response, size = await self.send_blob(name, offset, length)
+            if ns in _IMMUTABLE and not sees_everything(who):
+                response, size = await self.send_view(who, ns, name, offset, length)
+            else:
+                response, size = await self.send_blob(name, offset, length)
             if length is not None or offset:
                 response.status_code = 206
                 response.headers["content-range"] = f"bytes {offset}-{offset + size - 1}/*"
@@ -153,6 +161,8 @@ class Server:
             perm = Permission.DELETE if key is not None else Permission.ADMIN
             who.require(perm, key, name)
             await self.call(self.backend.delete, name)
+            if key is not None:
+                self.visibility.refs.drop(key)
             return Response(status_code=204)
         if (ns == "refs" and not who.scope.allows(Permission.WRITE, key)
                 and who.scope.allows(Permission.READ, key)):
@@ -161,22 +171,62 @@ class Server:
         if ns == "tmp":
             raise UsageError(f"{name}: the tmp namespace is the server's own; write elsewhere")
         data = await self.body(request)
-        if ns in _IMMUTABLE:  # before the conditional branch: a condition is no way around it
-            await self.hash_check(functools.partial(_verify_immutable, name, data), len(data))
         if_match = request.headers.get("if-match")
         if_none = request.headers.get("if-none-match")
+        if ns in _IMMUTABLE:
+            if if_match is not None or if_none is not None:
+                # A condition must be no way around immutability: a name that is taken keeps
+                # its bytes, whatever etag the writer read.
+                raise UsageError(f"{name} is immutable: PUT it without If-Match or "
+                                 "If-None-Match")
+            await self.store_immutable(who, ns, name, data)
+            return Response(status_code=204)
         if if_none not in (None, "*"):
             raise UsageError("If-None-Match supports only '*' (create if absent); use "
                              "If-Match ETAG to replace a known version")
+        assert key is not None
+        ref = None
+        if not who.scope.admin:  # an admin is trusted with the store; every other writer not
+            current = await self.call(self.backend.read_versioned, name)
+            ref = await self.call(self.verifier.check_ref, who, key, data,
+                                  current[0] if current else None)
         if if_match is not None or if_none == "*":
             won = await self.call(self.backend.put_if, name, data, if_match)
             if not won:
                 return await self.lost_race(name)
-            return Response(status_code=204)
-        if ns in _IMMUTABLE and await self.call(self.backend.stat, name) is not None:
-            return Response(status_code=204)  # content-addressed: already there, same bytes
-        await self.call(self.backend.put, name, data)
+        else:
+            await self.call(self.backend.put, name, data)
+        if ref is None:  # an admin's ref, stored unchecked: it grants reads only if it parses
+            with contextlib.suppress(StickyError):
+                ref = refs.DiskRef.decode(data, key)
+        if ref is not None:
+            self.visibility.refs.put(key, ref)
+        else:
+            self.visibility.refs.drop(key)
         return Response(status_code=204)
+
+    async def store_immutable(self, who: Principal, ns: str, name: str, data: bytes) -> None:
+        """Store a pack or an index once verified; an existing name takes only its own bytes
+        again (a retried upload), so nothing immutable is ever replaced."""
+        ident = name.partition("/")[2]
+        if ns == "packs":
+            # Hashing to the name makes a re-upload byte-identical to what is stored.
+            await self.hash_check(functools.partial(self.verifier.check_pack, name, data),
+                                  len(data))
+            if await self.call(self.backend.stat, name) is None:
+                await self.call(self.backend.put, name, data)
+            self.verifier.pack_stored(who, ident, data)
+            return
+        if not await self.call(self.verifier.check_same, name, data):
+            trusted = who.scope.admin
+            entries = await self.hash_check(
+                functools.partial(self.verifier.check_index, name, data, trusted),
+                len(data) if trusted else INLINE_READ + 1)
+            # Two verified indexes of one pack are equal (an index describes its pack
+            # exactly), so two uploads racing past check_same store the same bytes.
+            await self.call(self.backend.put, name, data)
+            self.visibility.remember_index(ident, entries)
+        await self.call(self.verifier.index_stored, who, ident)  # may append to a log file
 
     async def touch(self, request: Request, name: str, key: str | None,
                     who: Principal) -> Response:
@@ -191,6 +241,55 @@ class Server:
         if not await self.call(self.backend.put_if, name, data, if_match):
             return await self.lost_race(name)
         return Response(status_code=204)
+
+    async def send_view(self, who: Principal, ns: str, name: str, offset: int,
+                        length: int | None) -> tuple[Response, int]:
+        """A pack or index as a filtered token may see it: an index lists only the objects it
+        may read (a partial index); a pack has every other byte zeroed. What it may read in
+        full is served as stored."""
+        ident = name.partition("/")[2]
+        if ns == "index":
+            # What was worked out for this token before is at hand without a thread hop.
+            memo = self.visibility.memo(who)
+            if memo is not None and ident in memo.indexes:
+                view = memo.indexes[ident]
+            else:
+                view = await self.call(self.visibility.index_view, who, ident)
+            if view is None:
+                return await self.send_blob(name, offset, length)
+            end = len(view) if length is None else min(len(view), offset + length)
+            return Response(view[offset:end], media_type="application/octet-stream",
+                            headers={p.VIEW_HEADER: "partial"}), max(0, end - offset)
+        memo = self.visibility.memo(who)
+        if memo is not None and ident in memo.spans:
+            spans: list[tuple[int, int]] | None = memo.spans[ident]
+        else:
+            spans = await self.call(self.visibility.pack_spans, who, ident)
+        if spans is not None and length is not None and covered(spans, offset, offset + length):
+            # A range of visible objects (a runner reading one object): no stat needed.
+            return await self.send_blob(name, offset, length)
+        st = await self.call(self.backend.stat, name)
+        if st is None:
+            raise NotFound(f"store object {name} is missing")
+        end = st.size if length is None else min(st.size, offset + length)
+        if spans is None or covered(spans, offset, end):
+            return await self.send_blob(name, offset, length)
+        headers = {p.VIEW_HEADER: "redacted"}
+        if end - offset <= STREAM_CHUNK:
+            data = await self.call(self.backend.get, name, offset, max(0, end - offset))
+            shown = await self.hash_check(functools.partial(redact, data, offset, spans),
+                                          len(data))
+            return Response(shown, media_type="application/octet-stream",
+                            headers=headers), len(shown)
+
+        async def chunks() -> AsyncIterator[bytes]:  # bounded memory, as send_blob
+            for pos in range(offset, end, STREAM_CHUNK):
+                piece = await self.call(self.backend.get, name, pos, min(STREAM_CHUNK, end - pos))
+                yield await self.call(redact, piece, pos, spans)
+
+        headers["content-length"] = str(end - offset)
+        return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                 headers=headers), end - offset
 
     async def send_blob(self, name: str, offset: int = 0,
                         length: int | None = None) -> tuple[Response, int]:
@@ -241,8 +340,12 @@ class Server:
     async def versioned(self, request: Request) -> Response:
         """A blob with its etag, for compare-and-swap updates."""
         name = request.path_params["name"]
-        _, key = _blob_scope(name)
-        self.who(request).require(Permission.READ, key, name)
+        ns, key = _blob_scope(name)
+        who = self.who(request)
+        who.require(Permission.READ, key, name)
+        if ns in _IMMUTABLE and not sees_everything(who):
+            raise Forbidden(f"token {who.id} may read {name} only through GET "
+                            f"{p.PREFIX}/blobs/{name}, which shows what its scope covers")
         got = await self.call(self.backend.read_versioned, name)
         if got is None:
             raise NotFound(f"store object {name} is missing")
@@ -302,6 +405,7 @@ class Server:
     def evict_disks(self, ttl: float, dry_run: bool = False) -> dict[str, Any]:
         """Disk TTL eviction, counted in the metrics."""
         result = disks.evict(ttl, dry_run=dry_run, store=self.backend)
+        self.visibility.refs.invalidate()
         if not dry_run:
             self.metrics.evictions.labels("disk").inc(len(result["evicted"]))
         return result
@@ -361,7 +465,8 @@ class Server:
     async def healthz(self, request: Request) -> Response:
         """Up, and the store answers a listing."""
         await self.call(self.backend.stat, "refs/healthz")
-        return _json(p.Health(status="ok", store=self.backend.url))
+        scheme = urlparse(self.backend.url).scheme or "file"
+        return _json(p.Health(status="ok", store=scheme))
 
     async def metrics_page(self, request: Request) -> Response:
         """Prometheus exposition."""
@@ -396,7 +501,11 @@ class Server:
                 log.info("gc freed %d bytes", report.bytes_freed)
             except StickyError as exc:
                 log.warning("scheduled disk eviction failed: %s", exc)
-            await asyncio.sleep(self.cfg.evict_every)
+            except Exception:  # a bug must not end the schedule: log it, try next time
+                log.exception("scheduled disk eviction failed unexpectedly; trying again in "
+                              "%ss", self.cfg.evict_every)
+            # A period of 0 would spin the event loop; the CLI refuses one, a caller may not.
+            await asyncio.sleep(max(self.cfg.evict_every, EVICT_EVERY_FLOOR))
 
 
 def _parse(model: type[M], data: bytes) -> M:
@@ -436,15 +545,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _verify_immutable(name: str, data: bytes) -> None:
-    """A pack must hash to its name and an index must pass its own checksum."""
-    ns, _, ident = name.partition("/")
-    if ns == "packs" and Digest.of(data).hex != ident:
-        raise IntegrityError(f"{name}: the body does not hash to its name; nothing stored")
-    if ns == "index":
-        decode_index(name, data)
-
-
 def _parse_range(header: str | None) -> tuple[int, int | None]:
     if header is None:
         return 0, None
@@ -463,10 +563,15 @@ def _parse_range(header: str | None) -> tuple[int, int | None]:
 def _error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StickyError)
     status = p.status_of(exc)
-    kind = next((c.__name__ for c in type(exc).__mro__ if c in p.STATUS), "StickyError")
+    rid = request_id(request.scope)
     if status >= 500:
-        log.warning("%s %s: %s", request.method, request.url.path, exc)
-    body = p.ErrorBody(error=str(exc), kind=kind)
+        # The server's own trouble: its message names endpoints, buckets and paths, which are
+        # the operator's business. The log keeps it; the client gets its kind and the id.
+        log.warning("request %s: %s %r: %s", rid, request.method, request.url.path, exc)
+        message = f"{exc.summary}; the server log has details under request id {rid}"
+    else:
+        message = str(exc)  # about the client's own request: the specifics help it
+    body = p.ErrorBody(error=message, kind=p.kind_of(exc), request_id=rid)
     headers = {"www-authenticate": 'Bearer realm="stickyci"'} if status == 401 else None
     return Response(body.model_dump_json(), status_code=status, media_type="application/json",
                     headers=headers)

@@ -6,7 +6,8 @@ are glob patterns over disk keys (``main-*``, ``pr-123-*``) per permission; ``wr
 ``read`` on the same patterns, and so does ``delete`` (removing a disk reads it first);
 ``admin`` implies everything. Content-addressed objects (packs,
 Bazel CAS) carry no key: reading them needs some read scope, writing some write scope, and
-deleting them (garbage collection) needs admin.
+deleting them (garbage collection) needs admin. A blank pattern grants nothing, wherever it
+comes from: ``create`` refuses one, and ``Scope.allows`` ignores one already in a token file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import fcntl
 import hashlib
 import hmac
 import json
+import math
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -27,10 +30,12 @@ from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..errors import AuthError, Forbidden, NotFound, UsageError
+from ..errors import AuthError, Forbidden, NotFound, StoreMisconfigured, UsageError
 
 TOKEN_FILE = "tokens.json"
 _PREFIX = "sci"
+# A disk key's characters plus fnmatch's; anything else could never match a key.
+_PATTERN = re.compile(r"^[A-Za-z0-9._*?\[\]!-]+$")
 
 
 class Permission(enum.StrEnum):
@@ -55,12 +60,12 @@ class Scope:
         """Whether this scope permits ``perm`` on disk ``key`` (None: an unkeyed object)."""
         if self.admin:
             return True
-        patterns = {
+        patterns = [p for p in {
             Permission.READ: self.read + self.write + self.delete,
             Permission.WRITE: self.write,
             Permission.DELETE: self.delete,
             Permission.ADMIN: (),
-        }[perm]
+        }[perm] if isinstance(p, str) and p.strip()]  # a token file may hold anything
         if key is None:
             return bool(patterns)
         return any(fnmatchcase(key, p) for p in patterns)
@@ -114,6 +119,14 @@ class Principal:
                             f"whose --{perm.value} pattern covers it")
 
 
+def check_pattern(option: str, pattern: str) -> str:
+    """Return ``pattern`` if it can stand in ``--OPTION``: a glob over disk keys, not blank."""
+    if not _PATTERN.match(pattern):
+        raise UsageError(f"--{option} {pattern!r}: a pattern is a glob over disk keys "
+                         "(letters, digits, '.', '_', '-' and * ? [ ] !), e.g. pr-123-*")
+    return pattern
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -155,8 +168,11 @@ class TokenStore:
                 rows = json.loads(self.path.read_bytes())["tokens"]
                 self._tokens = {t["id"]: Token(**t) for t in rows}
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UsageError(f"token file {self.path} is unreadable ({exc}); restore it "
-                                 "or delete it and create new tokens") from exc
+                # The server's own state, not the request: a 500 whose body names no path.
+                raise StoreMisconfigured(
+                    f"token file {self.path} is unreadable ({exc}); restore it or delete it "
+                    "and create new tokens",
+                    summary="the server's token file is unreadable") from exc
             self._seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         return self._tokens
 
@@ -185,9 +201,15 @@ class TokenStore:
         """Add a token; returns the only copy of its secret form and its stored record."""
         if not (read or write or delete or admin):
             raise UsageError("a token needs at least one of --read, --write, --delete, --admin")
+        for option, patterns in (("read", read), ("write", write), ("delete", delete)):
+            for pattern in patterns or ():
+                check_pattern(option, pattern)
+        if ttl is not None and not (ttl > 0 and math.isfinite(ttl)):
+            raise UsageError(f"a token's lifetime must be a positive duration, not {ttl!r} s; "
+                             "omit --expires for a token that never expires")
         now = time.time()
         token = Token(id=secrets.token_hex(4), digest="", name=name, created=now,
-                      expires=now + ttl if ttl else None, read=list(read or ()),
+                      expires=None if ttl is None else now + ttl, read=list(read or ()),
                       write=list(write or ()), delete=list(delete or ()), admin=admin)
         secret = secrets.token_urlsafe(32)
         token.digest = _hash(secret)

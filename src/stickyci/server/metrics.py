@@ -2,20 +2,26 @@
 
 The middleware sits outside the router, so it sees every response, errors included. Routes are
 labelled by their family (``blobs``, ``ac``, ``cas``…), never by the requested name, so a
-scrape stays small however many objects the store holds.
+scrape stays small however many objects the store holds. It also gives every request an id,
+sent back as ``X-Request-Id`` and written in the access log line, so a client's error and the
+server's log of it can be matched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import protocol as p
+
 ACCESS_LOG = logging.getLogger("stickyci.access")
+_REQUEST_ID = "request_id"
 _FAMILIES = {"blobs", "versioned", "list", "missing", "disks", "evict", "healthz", "metrics"}
 
 
@@ -48,6 +54,17 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def request_id(scope: Scope) -> str:
+    """The id of the request ``scope`` belongs to, made on first use."""
+    state: dict[str, Any] = scope.setdefault("state", {})
+    rid = state.get(_REQUEST_ID)
+    if rid is None:
+        # Always ours, never a client's header: a client-chosen id could forge or merge
+        # entries in the server's log.
+        rid = state[_REQUEST_ID] = secrets.token_hex(8)
+    return str(rid)
+
+
 def route_family(path: str) -> str:
     """``/v1/blobs/packs/ab…`` → ``blobs``; ``/ci/ac/…`` → ``ac``; unknown → ``other``."""
     parts = path.strip("/").split("/")
@@ -75,6 +92,7 @@ class Observe:
             return
         start = time.perf_counter()
         seen: dict[str, int] = {"status": 500, "in": 0, "out": 0}
+        rid = (p.REQUEST_ID_HEADER.encode(), request_id(scope).encode())
 
         async def counted_receive() -> Message:
             message = await receive()
@@ -85,6 +103,7 @@ class Observe:
         async def counted_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), rid]}
             elif message["type"] == "http.response.body" and scope["method"] != "HEAD":
                 # the server drops a HEAD answer's body (an error's JSON): none is sent
                 seen["out"] += len(message.get("body", b""))
@@ -106,7 +125,8 @@ class Observe:
             state: dict[str, Any] = scope.get("state") or {}
             client = scope.get("client")
             ACCESS_LOG.info(json.dumps({
-                "ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"],
+                "ts": round(time.time(), 3), "id": state.get(_REQUEST_ID),
+                "method": scope["method"], "path": scope["path"],
                 "status": seen["status"], "in": seen["in"], "out": seen["out"],
                 "ms": round(elapsed * 1000, 2), "token": state.get("principal"),
                 "client": client[0] if client else None,

@@ -3,6 +3,8 @@
 Big jobs run in forked workers (``stickyci.forked``). Each inherits the store's index, so it
 skips objects stored before the commit, and writes its own packs; the parent then reloads the
 index.
+Content is read through ``fsutil.Opener``: every path is resolved from the tree's root one
+component at a time without following symlinks, in the parent and in each worker alike.
 """
 
 from __future__ import annotations
@@ -11,24 +13,28 @@ import mmap
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .. import chunking
 from ..digest import Digest
 from ..forked import PARALLEL_MIN_BYTES, aborted, forked_map
+from ..fsutil import Opener, Tree
 from ..store import ObjectStore
 from .model import FILE, ChunkRef, Entry, Manifest
-from .scan import is_special, skip_special, to_entry, walk
+from .scan import is_special, keep_base_meta, skip_special, to_entry
 
 # Reading small files whole is cheaper than mapping them; big ones are mapped to bound memory.
 _MMAP_MIN = 8 << 20
 _BATCH_BYTES = 32 << 20
+_ROOT = os.geteuid() == 0
 
 Reuse = Callable[[Entry, os.stat_result], Entry | None]
 
 
-def store_file(store: ObjectStore, path: str) -> tuple[int, list[ChunkRef]]:
-    """Chunk one file into the store; return its size and chunk list."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def store_file(store: ObjectStore, opener: Opener, path: str) -> tuple[int, list[ChunkRef]]:
+    """Chunk the file at ``path`` below the opener's tree into the store; return its size and
+    chunk list."""
+    fd = opener.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size == 0:
@@ -60,8 +66,9 @@ def _read_rest(fd: int) -> bytes:
     return b"".join(parts)
 
 
-def fill_content(store: ObjectStore, root: str, entries: Iterable[Entry]) -> None:
+def fill_content(store: ObjectStore, root: Tree | str, entries: Iterable[Entry]) -> None:
     """Store the content of ``entries`` (files under ``root``), hardlinked content once."""
+    tree = root if isinstance(root, Tree) else Tree.at(root)
     leaders: dict[int, Entry] = {}
     todo: list[Entry] = []
     followers: list[Entry] = []
@@ -74,10 +81,11 @@ def fill_content(store: ObjectStore, root: str, entries: Iterable[Entry]) -> Non
         todo.append(e)
 
     if sum(e.size for e in todo) < PARALLEL_MIN_BYTES:
-        for e in todo:
-            e.size, e.chunks = store_file(store, os.path.join(root, e.path))
+        with Opener(tree) as opener:
+            for e in todo:
+                e.size, e.chunks = store_file(store, opener, e.path)
     else:
-        _fill_forked(store, root, todo)
+        _fill_forked(store, tree, todo)
     for e in followers:
         leader = leaders[e.link]
         e.size, e.chunks = leader.size, leader.chunks
@@ -93,12 +101,32 @@ class Scan:
     todo: list[Entry] = field(default_factory=list)
     skipped: int = 0
     touched: set[str] | None = None
+    # (type and mode, inode, ctime, size) of every entry as scanned, when the scan was a walk
+    seen: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+
+    def unchanged(self, root: Path) -> bool:
+        """True if the tree at ``root`` is still exactly the tree this scan walked.
+
+        Any change to an entry since (a write, chmod, rename, link or unlink) moves its ctime,
+        which no process can set back, and a new entry is not in ``seen``.
+        """
+        return {f.path: _identity(f.stat) for f in Tree.at(root).walk()} == self.seen
+
+    @property
+    def adoptable(self) -> bool:
+        """True if the scanned tree can become a base as it is: nothing was left out, and it
+        is what a restore without ``trust_owners`` writes (no setuid/setgid bit, every owner
+        the user restoring; a user who is not root never sets owners)."""
+        me = (os.geteuid(), os.getegid())
+        return self.skipped == 0 and not any(
+            e.mode & 0o6000 or (_ROOT and (e.uid, e.gid) != me)
+            for e in self.manifest.entries.values())
 
 
 Packs = list[tuple[str, list[tuple[bytes, int, int]]]]
 
 
-def _fill_forked(store: ObjectStore, root: str, todo: list[Entry]) -> None:
+def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
     store.flush()
     batches = list(_batches(todo, _BATCH_BYTES))
 
@@ -106,10 +134,11 @@ def _fill_forked(store: ObjectStore, root: str, todo: list[Entry]) -> None:
         before = store.bytes_written, store.objects_written
         known = set(store.written)
         out = []
-        for e in batches[i]:
-            if aborted():  # another batch failed: the commit is over, publish nothing more
-                return i, [], 0, 0, []
-            out.append(store_file(store, os.path.join(root, e.path)))
+        with Opener(tree) as opener:
+            for e in batches[i]:
+                if aborted():  # another batch failed: the commit is over, publish nothing more
+                    return i, [], 0, 0, []
+                out.append(store_file(store, opener, e.path))
         store.flush()  # each batch ends in a published pack: the parent sees only those
         packs = [(p, entries) for p, entries in store.written.items() if p not in known]
         return (i, out, store.bytes_written - before[0], store.objects_written - before[1],
@@ -140,29 +169,43 @@ def _batches(entries: list[Entry], limit: int) -> Iterable[list[Entry]]:
         yield group
 
 
-def scan_tree(root: str, reuse: Reuse | None = None) -> Scan:
+def scan_tree(root: Tree | str, reuse: Reuse | None = None,
+              base: Manifest | None = None) -> Scan:
     """Describe ``root``; ``reuse`` may return a previous entry for a file it knows is unchanged,
-    whose chunks are then kept instead of read again.
+    whose chunks and metadata are then kept instead of read again. Directories and symlinks
+    keep the metadata of their entry in ``base`` where the disk shows only what a restore of
+    it wrote (``keep_base_meta``).
     """
+    tree = root if isinstance(root, Tree) else Tree.at(root)
     out = Scan()
     m, todo = out.manifest, out.todo
     groups: dict[tuple[int, int], int] = {}
-    for path, st in walk(root):
+    for found in tree.walk():
+        path, st = found.path, found.stat
+        out.seen[path] = _identity(st)
         if is_special(st):
             skip_special(path, st)
             out.skipped += 1
             continue
-        e = to_entry(root, path, st)
+        e = to_entry(found)
+        if base is not None:
+            keep_base_meta(e, base.entries.get(path))
         if e.kind == FILE:
             if st.st_nlink > 1:
                 e.link = groups.setdefault((st.st_dev, st.st_ino), len(groups) + 1)
             old = reuse(e, st) if reuse else None
-            if old is not None and old.size == e.size:
-                e.chunks = old.chunks
+            if old is not None and old.kind == FILE and old.size == e.size:
+                # Untouched since it was restored, so the entry still describes it, including
+                # owners and special bits a restore without trust_owners left off the disk.
+                e.chunks, e.mode, e.uid, e.gid = old.chunks, old.mode, old.uid, old.gid
             else:
                 todo.append(e)
         m.entries[path] = e
     return out
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_mode, st.st_ino, st.st_ctime_ns, st.st_size
 
 
 def save_manifest(store: ObjectStore, m: Manifest) -> Digest:
@@ -175,8 +218,9 @@ def save_manifest(store: ObjectStore, m: Manifest) -> Digest:
 def snapshot_tree(store: ObjectStore, root: str,
                   reuse: Reuse | None = None) -> tuple[Digest, Manifest]:
     """Scan, store and save ``root`` in one go."""
-    scan = scan_tree(root, reuse)
-    fill_content(store, root, scan.todo)
+    tree = Tree.at(root)
+    scan = scan_tree(tree, reuse)
+    fill_content(store, tree, scan.todo)
     return save_manifest(store, scan.manifest), scan.manifest
 
 

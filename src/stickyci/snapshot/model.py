@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,12 @@ from ..errors import IntegrityError, UnsafePath
 
 FORMAT = 1
 DIR, FILE, SYMLINK = "dir", "file", "symlink"
+KINDS = frozenset({DIR, FILE, SYMLINK})
+MODE_BITS = 0o7777  # permissions with setuid, setgid and sticky: all a manifest records
+ID_MAX = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown(2), so it is no owner
+SIZE_MAX = 2**63 - 1
+MTIME_LIMIT = 2**63 * 10**9  # nanoseconds whose seconds fit a 64-bit time_t
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # A chunk reference: [hex digest, length]. A list, not a tuple, because that is what JSON
@@ -69,6 +76,7 @@ class Manifest:
     """A whole tree: entries by path."""
 
     entries: dict[str, Entry] = field(default_factory=dict)
+    name: str = field(default="manifest", compare=False)  # what errors call it
 
     def sorted_entries(self) -> list[Entry]:
         """Entries in path order (parents first)."""
@@ -125,7 +133,7 @@ class Manifest:
             entries = [Entry.from_row(r) for r in rows]
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise IntegrityError(f"{name} is not a valid manifest: {exc}") from exc
-        return cls({e.path: e for e in entries})
+        return cls({e.path: e for e in entries}, name)
 
 
 def _escape(text: str) -> str | dict[str, str]:
@@ -149,16 +157,58 @@ def check_path(path: str) -> None:
                          "refusing to restore it")
 
 
-def validate(m: Manifest, name: str = "manifest") -> None:
-    """Check every path is relative and clean, and that every parent is a directory entry.
+def _int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
 
-    The second rule is what stops a restore from writing through a symlink: a child can only
-    be created under a directory that the restore itself made.
+
+def _check_fields(e: Entry) -> str | None:
+    """What is impossible about ``e``'s fields, if anything: no filesystem gives such values."""
+    if not isinstance(e.kind, str) or e.kind not in KINDS:
+        return f"unknown type {e.kind!r}"
+    if not _int(e.mode, 0, MODE_BITS):
+        return f"mode {e.mode!r} (not permission bits 0..0o7777)"
+    if not _int(e.uid, 0, ID_MAX) or not _int(e.gid, 0, ID_MAX):
+        return f"owner {e.uid!r}:{e.gid!r} (not ids 0..{ID_MAX})"
+    if not _int(e.mtime_ns, -MTIME_LIMIT, MTIME_LIMIT - 1):
+        return f"mtime {e.mtime_ns!r} (not nanoseconds a filesystem can hold)"
+    if not _int(e.size, 0, SIZE_MAX) or not _int(e.link, 0, SIZE_MAX):
+        return f"size {e.size!r} or hardlink group {e.link!r} (not a count)"
+    if not isinstance(e.chunks, list) or not isinstance(e.target, str):
+        return "chunks that are not a list or a link target that is not a string"
+    if e.kind != FILE and (e.size or e.chunks or e.link):
+        return "content, which only files have"
+    if (e.kind == SYMLINK) != bool(e.target) or "\0" in e.target:
+        return f"link target {e.target!r} (only symlinks have one, without NUL)"
+    total = 0
+    for ref in e.chunks:
+        if (not isinstance(ref, list) or len(ref) != 2 or not isinstance(ref[0], str)
+                or not _HEX.fullmatch(ref[0]) or not _int(ref[1], 1, SIZE_MAX)):
+            return f"chunk reference {ref!r} (not [64 hex digits, length])"
+        total += ref[1]
+    if e.kind == FILE and total != e.size:
+        return f"chunks of {total} bytes for a size of {e.size}"
+    return None
+
+
+def validate(m: Manifest, name: str | None = None) -> None:
+    """Check every entry before anything is written from ``m``.
+
+    Paths must be relative and clean, and every parent a directory entry: that second rule is
+    what stops a restore from writing through a symlink, since a child can only be created
+    under a directory the restore itself made. Fields must be values a filesystem can hold
+    (a mode of permission bits, ids, sizes, times): anything else is corrupt or hostile data,
+    refused as ``IntegrityError`` rather than passed on to a system call.
     """
+    name = name or m.name
     for path, e in m.entries.items():
+        if not isinstance(path, str) or path != e.path:
+            raise IntegrityError(f"{name}: entry {path!r} has a malformed path; refusing to "
+                                 "restore it")
         check_path(path)
-        if e.kind not in (DIR, FILE, SYMLINK):
-            raise IntegrityError(f"{name}: entry {path!r} has unknown type {e.kind!r}")
+        problem = _check_fields(e)
+        if problem is not None:
+            raise IntegrityError(f"{name}: entry {path!r} has {problem}; the snapshot is "
+                                 "corrupt or forged, refusing to restore it")
         parent = path.rpartition("/")[0]
         if parent and (parent not in m.entries or m.entries[parent].kind != DIR):
             raise UnsafePath(

@@ -1,13 +1,24 @@
-"""Restoring a snapshot into an empty directory: bytes, modes, times, links and ownership."""
+"""Restoring a snapshot into an empty directory: bytes, modes, times, links and ownership.
+
+Everything is created through ``fsutil.Opener`` (each path resolved from the root's fd without
+following symlinks), so a process racing the restore cannot make it write outside its target.
+
+Owners and the setuid and setgid bits come from whoever wrote the manifest, which may be any
+writer the store accepts: they are restored only when the mount trusts them (``trust_owners``,
+as a ``/nix`` disk needs); otherwise the tree belongs to the user restoring it and carries no
+setuid or setgid bit. The sticky bit only restricts deletion and is kept.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..digest import Digest
 from ..errors import UsageError
 from ..forked import PARALLEL_MIN_BYTES, WORKERS, aborted, forked_map
+from ..fsutil import Opener, Tree, changed_error
 from ..store import ObjectStore
 from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
 
@@ -17,8 +28,9 @@ _ROOT = os.geteuid() == 0
 WriteContent = Callable[[Entry, int], None]
 
 
-def restore(store: ObjectStore, m: Manifest, root: str) -> None:
-    """Write the tree ``m`` describes into ``root`` (existing, empty), content from the store."""
+def restore(store: ObjectStore, m: Manifest, root: str, *, trust_owners: bool = False) -> None:
+    """Write the tree ``m`` describes into ``root`` (existing, empty), content from the store;
+    owners and setuid/setgid bits only with ``trust_owners``."""
 
     def write(e: Entry, fd: int) -> None:
         for hexd, _ in e.chunks:
@@ -31,85 +43,128 @@ def restore(store: ObjectStore, m: Manifest, root: str) -> None:
         return (loc.pack, loc.offset) if loc else ("", 0)
 
     # In pack order, each pack is read once, front to back, however the tree was walked.
-    materialize(m, root, write, order=where)
+    materialize(m, root, write, order=where, trust_owners=trust_owners)
 
 
 def materialize(m: Manifest, root: str, write_content: WriteContent,
-                order: Callable[[Entry], tuple[str, int]] | None = None) -> None:
+                order: Callable[[Entry], tuple[str, int]] | None = None, *,
+                trust_owners: bool = False) -> None:
     """Write the tree ``m`` describes into ``root``, which must exist and be empty.
 
     ``write_content`` fills each regular file (once per hardlink group) through an open fd;
-    ``order`` may sort the files for the content source's sake.
+    ``order`` may sort the files for the content source's sake. Without ``trust_owners`` the
+    tree is owned by the caller and setuid/setgid bits are dropped.
 
     The manifest is validated first, so an unsafe entry is refused before anything is written.
     Directories get their final modes and times last, since writing into them changes both.
     """
     validate(m)
-    if os.listdir(root):
-        raise UsageError(f"{root} is not empty; restore needs an empty directory")
-    entries = m.sorted_entries()
-    dirs = [e for e in entries if e.kind == DIR]
-    for e in dirs:
-        os.mkdir(os.path.join(root, e.path), 0o700)
+    tree = Tree.at(root)
+    meta = _Meta(trust_owners)
+    with Opener(tree) as op:
+        if os.listdir(op.root):
+            raise UsageError(f"{root} is not empty; restore needs an empty directory")
+        entries = m.sorted_entries()
+        dirs = [e for e in entries if e.kind == DIR]
+        for e in dirs:
+            parent, name = op.parent(e.path)
+            with _creating(tree, e):
+                os.mkdir(name, 0o700, dir_fd=parent)
 
-    leaders: dict[int, str] = {}
-    files: list[Entry] = []
-    links: list[Entry] = []
-    for e in entries:
-        if e.kind != FILE:
-            continue
-        if e.link and e.link in leaders:
-            links.append(e)
-            continue
-        if e.link:
-            leaders[e.link] = e.path
-        files.append(e)
+        leaders: dict[int, str] = {}
+        files: list[Entry] = []
+        links: list[Entry] = []
+        for e in entries:
+            if e.kind != FILE:
+                continue
+            if e.link and e.link in leaders:
+                links.append(e)
+                continue
+            if e.link:
+                leaders[e.link] = e.path
+            files.append(e)
 
-    if order:
-        files.sort(key=order)
-    if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
-        for e in files:
-            _write_file(root, e, write_content)
-    else:
-        # Contiguous runs of files, so each worker reads its packs front to back.
-        step = max(1, len(files) // (WORKERS * 8))
-        runs = [files[i:i + step] for i in range(0, len(files), step)]
+        if order:
+            files.sort(key=order)
+        if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
+            for e in files:
+                _write_file(op, e, write_content, meta)
+        else:
+            # Contiguous runs of files, so each worker reads its packs front to back.
+            step = max(1, len(files) // (WORKERS * 8))
+            runs = [files[i:i + step] for i in range(0, len(files), step)]
 
-        def work(i: int) -> None:
-            for e in runs[i]:
-                if aborted():
-                    return
-                _write_file(root, e, write_content)
+            def work(i: int) -> None:
+                with Opener(tree) as mine:
+                    for e in runs[i]:
+                        if aborted():
+                            return
+                        _write_file(mine, e, write_content, meta)
 
-        for _ in forked_map(work, range(len(runs))):
-            pass
-    for e in links:
-        os.link(os.path.join(root, leaders[e.link]), os.path.join(root, e.path))
-    for e in entries:
-        if e.kind == SYMLINK:
-            path = os.path.join(root, e.path)
-            os.symlink(e.target, path)
-            _finish(path, e, follow=False)
-    for e in reversed(dirs):
-        _finish(os.path.join(root, e.path), e, follow=True)
+            for _ in forked_map(work, range(len(runs))):
+                pass
+        for e in links:
+            _link(op, leaders[e.link], e)
+        for e in entries:
+            if e.kind == SYMLINK:
+                parent, name = op.parent(e.path)
+                with _creating(tree, e):
+                    os.symlink(e.target, name, dir_fd=parent)
+                meta.apply_to_symlink(parent, name, e)
+        for e in reversed(dirs):
+            fd = op.open(e.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                meta.apply(fd, e)
+            finally:
+                os.close(fd)
 
 
-def _write_file(root: str, e: Entry, write_content: WriteContent) -> None:
-    path = os.path.join(root, e.path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+class _Meta:
+    """Sets an entry's metadata on what the restore created, as far as it is trusted."""
+
+    def __init__(self, trust_owners: bool) -> None:
+        self.chown = trust_owners and _ROOT
+        self.keep = 0o7777 if trust_owners else 0o1777
+
+    def apply(self, fd: int, e: Entry) -> None:
+        """Owner (if trusted), mode and mtime of the file or directory open as ``fd``."""
+        if self.chown:
+            os.fchown(fd, e.uid, e.gid)
+        os.fchmod(fd, e.mode & self.keep)
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
+    def apply_to_symlink(self, parent: int, name: str, e: Entry) -> None:
+        """Owner (if trusted) and mtime of the symlink ``name`` in ``parent``."""
+        if self.chown:
+            os.chown(name, e.uid, e.gid, dir_fd=parent, follow_symlinks=False)
+        os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=parent, follow_symlinks=False)
+
+
+@contextlib.contextmanager
+def _creating(tree: Tree, e: Entry) -> Iterator[None]:
+    try:
+        yield
+    except FileExistsError as exc:  # only a process racing the restore can have put it there
+        raise changed_error(tree.path, e.path) from exc
+
+
+def _write_file(op: Opener, e: Entry, write_content: WriteContent, meta: _Meta) -> None:
+    fd = op.open(e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         write_content(e, fd)
-        if _ROOT:
-            os.fchown(fd, e.uid, e.gid)
-        os.fchmod(fd, e.mode)
-        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        meta.apply(fd, e)
     finally:
         os.close(fd)
 
 
-def _finish(path: str, e: Entry, *, follow: bool) -> None:
-    if _ROOT:
-        os.chown(path, e.uid, e.gid, follow_symlinks=follow)
-    if follow:
-        os.chmod(path, e.mode)
-    os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=follow)
+def _link(op: Opener, leader: str, e: Entry) -> None:
+    # The leader's directory fd is the opener's until its next call: keep a copy for linkat.
+    src_dir, src_name = op.parent(leader)
+    src_dir = os.dup(src_dir)
+    try:
+        dst_dir, dst_name = op.parent(e.path)
+        with _creating(op.tree, e):
+            os.link(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir,
+                    follow_symlinks=False)
+    finally:
+        os.close(src_dir)

@@ -14,12 +14,13 @@ from typing import Protocol
 
 from ..errors import UsageError
 
-_NAME = re.compile(r"^[a-z]+/[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_NAME = re.compile(r"[a-z]+/[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a valid blob name, else raise."""
-    if not _NAME.match(name) or ".." in name:
+    # fullmatch: "$" would also match before a trailing newline.
+    if not _NAME.fullmatch(name) or ".." in name:
         raise UsageError(f"invalid store object name {name!r}")
     return name
 

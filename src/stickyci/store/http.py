@@ -1,10 +1,12 @@
 """The ``http://HOST:PORT`` backend: a stickyci server (``stickyci serve``) as the store.
 
 The token comes from ``STICKYCI_TOKEN`` and travels only in the Authorization header. Transport
-failures and 502/503/504 are retried with backoff for ``STICKYCI_HTTP_RETRY_SECONDS`` (default
-30), long enough to ride out a server restart; every request is idempotent (content-addressed
-puts, compare-and-swap on refs), so a retry never stores anything twice. Anything else the
-server answers is rebuilt into the error it reported (``protocol.error_from``).
+failures and 502/503/504 (transient trouble) are retried with backoff for
+``STICKYCI_HTTP_RETRY_SECONDS`` (default 30), long enough to ride out a server restart; every
+request is idempotent (content-addressed puts, compare-and-swap on refs), so a retry never
+stores anything twice. Anything else the server answers, a permanent 5xx included, is rebuilt
+at once into the error it reported (``protocol.error_from``), naming the server and, for the
+server's own failures, the request id its log files the details under.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from urllib.parse import urlparse
 
 import httpx
 
-from ..errors import BackendError, NotFound, UsageError
+from ..errors import NotFound, StoreMisconfigured, StoreUnavailable, UsageError
 from ..server import protocol as p
 from .backend import Stat, check_name
 
 T = TypeVar("T")
-_RETRY_STATUS = {502, 503, 504}
 POOL_SIZE = 32
 
 
@@ -80,23 +81,25 @@ class HttpBackend:
             except httpx.TransportError as exc:
                 problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
             else:
-                if response.status_code in (404, 409) and not response.headers.get(
+                status = response.status_code
+                if status in (404, 409) and not response.headers.get(
                         "content-type", "").startswith("application/json"):
                     # Not a stickyci answer (every error of ours is JSON): a wrong host or
                     # path must not pass for an empty store.
-                    raise BackendError(f"{self.url} is not a stickyci server: it answered "
-                                       f"{what} with HTTP {response.status_code}; check "
-                                       "STICKYCI_STORE")
-                if response.status_code in ok or response.status_code in (404, 409):
+                    raise StoreMisconfigured(f"{self.url} is not a stickyci server: it answered "
+                                             f"{what} with HTTP {status}; check STICKYCI_STORE")
+                if status in ok or status in (404, 409):
                     return response
-                if response.status_code not in _RETRY_STATUS:
-                    raise p.error_from(response.status_code, response.content,
-                                       f"{self.url} {what}")
-                # Keep the server's own words (a 503 from a failing store says what failed).
-                problem = str(p.error_from(response.status_code, response.content, what))
+                rid = response.headers.get(p.REQUEST_ID_HEADER)
+                if status not in p.RETRY_STATUS:
+                    # Permanent: every runner asking again would get the same answer.
+                    raise p.error_from(status, response.content,
+                                       f"stickyci server {self.url} {what}", rid)
+                # Keep the server's own words (a 503 says what kind of trouble, and its id).
+                problem = str(p.error_from(status, response.content, f"HTTP {status}", rid))
             if time.monotonic() + delay > deadline:
-                raise BackendError(f"stickyci server {self.url} failed {what} ({problem}); "
-                                   "check that stickyci serve is running there")
+                raise StoreUnavailable(f"stickyci server {self.url} failed {what} ({problem}); "
+                                       "check that stickyci serve is running there")
             time.sleep(delay * (0.5 + random.random()))  # jitter: many runners retry at once
             delay = min(delay * 2, 2.0)
 

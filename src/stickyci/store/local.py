@@ -1,4 +1,10 @@
-"""The ``file://`` backend: one file per blob in a directory, written temp → fsync → rename."""
+"""The ``file://`` backend: one file per blob in a directory, written temp → fsync → rename.
+
+OS errors are translated by kind: a full disk is ``StorageFull``; a refusal that lasts until
+someone acts (permissions, a read-only filesystem) is ``StoreMisconfigured``; trouble that can
+pass (an I/O error on a network filesystem, a stale handle, too many open files) is
+``StoreUnavailable``.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +17,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..digest import Digest
-from ..errors import BackendError, NotFound, StorageFull
+from ..errors import BackendError, NotFound, StorageFull, StoreMisconfigured, StoreUnavailable
 from .backend import Stat, check_name
 
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
+_PASSING = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE,
+            errno.ENFILE, errno.ENOMEM, errno.EBUSY}
 
-def _translate(exc: OSError, what: str) -> Exception:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+
+def _translate(exc: OSError, root: Path, what: str) -> BackendError | StorageFull:
+    if exc.errno in _FULL:
         return StorageFull(f"the store is full while writing {what}; free space and retry")
-    return BackendError(f"store I/O failed on {what}: {exc.strerror}")
+    if exc.errno in _REFUSED:
+        return StoreMisconfigured(f"the store at {root} refused access to {what}: "
+                                  f"{exc.strerror}; fix its permissions or mount options",
+                                  summary="the server's store denied it access")
+    if exc.errno in _PASSING:
+        return StoreUnavailable(f"store I/O failed on {what} in {root}: {exc.strerror}")
+    return BackendError(f"store I/O failed on {what} in {root}: {exc.strerror}")
 
 
 class LocalBackend:
@@ -30,10 +47,19 @@ class LocalBackend:
         try:
             (root / "tmp").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BackendError(f"cannot create the store at {root}: {exc.strerror}") from exc
+            raise _translate(exc, root, "its tmp directory") from exc
 
     def _path(self, name: str) -> Path:
         return self.root / check_name(name)
+
+    @contextlib.contextmanager
+    def _boundary(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise  # each method decides what an absent blob means
+        except OSError as exc:
+            raise _translate(exc, self.root, what) from exc
 
     def put(self, name: str, data: bytes | memoryview) -> None:
         """Write to a temp file, fsync it, rename it into place, fsync the directory."""
@@ -54,7 +80,7 @@ class LocalBackend:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise _translate(exc, name) from exc
+            raise _translate(exc, self.root, name) from exc
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read a byte range of a blob."""
@@ -68,41 +94,43 @@ class LocalBackend:
         except FileNotFoundError as exc:
             raise NotFound(f"store object {name} is missing") from exc
         except OSError as exc:
-            raise _translate(exc, name) from exc
+            raise _translate(exc, self.root, name) from exc
 
     def stat(self, name: str) -> Stat | None:
         """Size and mtime, or None."""
+        path = self._path(name)
         try:
-            st = self._path(name).stat()
+            with self._boundary(name):
+                st = path.stat()
         except FileNotFoundError:
             return None
         return Stat(st.st_size, st.st_mtime)
 
     def missing(self, names: Sequence[str]) -> list[str]:
         """Names with no file."""
-        return [n for n in names if not self._path(n).exists()]
+        return [n for n in names if self.stat(n) is None]
 
     def list(self, namespace: str) -> list[str]:
         """Names under a namespace; lock files are private and not listed."""
         check_name(f"{namespace}/x")
         try:
-            return [
-                f"{namespace}/{e.name}"
-                for e in os.scandir(self.root / namespace)
-                if not e.name.startswith(".")
-            ]
+            with self._boundary(namespace), os.scandir(self.root / namespace) as it:
+                return [f"{namespace}/{e.name}" for e in it if not e.name.startswith(".")]
         except FileNotFoundError:
             return []
 
     def delete(self, name: str) -> None:
         """Remove a blob if present."""
-        with contextlib.suppress(FileNotFoundError):
-            self._path(name).unlink()
+        path = self._path(name)
+        with contextlib.suppress(FileNotFoundError), self._boundary(name):
+            path.unlink()
 
     def read_versioned(self, name: str) -> tuple[bytes, str] | None:
         """Content and etag (the BLAKE3 of the content)."""
+        path = self._path(name)
         try:
-            data = self._path(name).read_bytes()
+            with self._boundary(name):
+                data = path.read_bytes()
         except FileNotFoundError:
             return None
         return data, Digest.of(data).hex
@@ -119,8 +147,10 @@ class LocalBackend:
 
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[None]:
-        path.parent.mkdir(exist_ok=True)
-        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        with self._boundary(f"the lock of {path.parent.name}/{path.name}"):
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(path.parent / f".{path.name}.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -1,7 +1,9 @@
 """Content-addressed objects, grouped into pack files so a tree of 50k files is a few dozen writes.
 
 A pack ``packs/<id>`` is a run of object envelopes; its index ``index/<id>`` lists, for each
-object, its digest, offset and length, and ends with the BLAKE3 of the listing. A pack is
+object, its digest, offset and length, and ends with the BLAKE3 of the listing. A server may
+answer a reader with a *partial* index (magic ``SCXP``): the entries that reader may see, a view
+that grows as refs change, never the stored blob. A pack is
 written before its index, so an object is visible only once its bytes are durable; a pack
 without an index (a writer killed mid-commit) is garbage for ``gc``.
 """
@@ -11,8 +13,11 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import zstandard
 
 from .. import codec
 from ..digest import Digest
@@ -21,7 +26,19 @@ from .backend import Backend
 
 PACK_TARGET = 16 << 20
 INDEX_MAGIC = b"SCX1"
+PARTIAL_MAGIC = b"SCXP"
+MAX_OBJECT = 1 << 30
+"""The largest object an upload is verified against (a chunk is at most 1 MiB; a manifest of
+a huge tree is the big one)."""
 _ENTRY = struct.Struct("<32sQI")
+
+
+class IndexEntry(NamedTuple):
+    """One object of a pack: its digest and where its envelope lies."""
+
+    digest: Digest
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,22 +50,74 @@ class Location:
     length: int
 
 
-def encode_index(entries: Iterable[tuple[Digest, int, int]]) -> bytes:
-    """Serialise a pack index: magic, entries, then the BLAKE3 of everything before it."""
-    body = INDEX_MAGIC + b"".join(_ENTRY.pack(d.raw, off, ln) for d, off, ln in entries)
+def encode_index(entries: Iterable[tuple[Digest, int, int]], *, partial: bool = False) -> bytes:
+    """Serialise a pack index: magic, entries, then the BLAKE3 of everything before it.
+
+    ``partial`` marks a view of an index (some of its entries), which no reader may keep as
+    the stored index.
+    """
+    magic = PARTIAL_MAGIC if partial else INDEX_MAGIC
+    body = magic + b"".join(_ENTRY.pack(d.raw, off, ln) for d, off, ln in entries)
     return body + Digest.of(body).raw
 
 
-def decode_index(name: str, data: bytes) -> list[tuple[Digest, int, int]]:
-    """Parse a pack index, raising ``IntegrityError`` if it was damaged."""
-    return [(Digest(d), off, ln) for d, off, ln in _decode_index_raw(name, data)]
+def decode_index(name: str, data: bytes) -> list[IndexEntry]:
+    """Parse a pack index (stored or partial), raising ``IntegrityError`` if it was damaged."""
+    return [IndexEntry(Digest(d), off, ln) for d, off, ln in _decode_index_raw(name, data)]
+
+
+def index_is_partial(data: bytes) -> bool:
+    """Whether an index is a reader's partial view rather than the stored blob."""
+    return data.startswith(PARTIAL_MAGIC)
 
 
 def _decode_index_raw(name: str, data: bytes) -> Iterator[tuple[bytes, int, int]]:
     body, check = data[:-32], data[-32:]
-    if not body.startswith(INDEX_MAGIC) or Digest.of(body).raw != check:
+    if (not body.startswith((INDEX_MAGIC, PARTIAL_MAGIC))
+            or Digest.of(body).raw != check or (len(body) - 4) % _ENTRY.size):
         raise IntegrityError(f"pack index {name} is corrupt; restore it from a backup")
     return _ENTRY.iter_unpack(body[len(INDEX_MAGIC) :])
+
+
+def verify_index(name: str, pack: bytes | memoryview, entries: Sequence[IndexEntry]) -> None:
+    """Raise ``IntegrityError`` unless ``entries`` describe ``pack`` exactly: together they
+    cover every byte of it without overlap, and each envelope decodes to its digest.
+
+    Exact coverage makes the index of a pack unique, so nobody can publish one that hides
+    objects of a pack from gc (which would then sweep them) or claims objects it lacks.
+    """
+    view = memoryview(pack)
+    end = 0
+    for e in sorted(entries, key=lambda e: e.offset):
+        if e.offset != end or e.length <= 0:
+            what = "overlaps the previous entry" if e.offset < end else "leaves a gap before it"
+            raise IntegrityError(f"{name}: the entry for {e.digest} at {e.offset} {what}; "
+                                 "an index must describe every byte of its pack once")
+        end = e.offset + e.length
+        if end > len(view):
+            raise IntegrityError(f"{name}: the entry for {e.digest} ends past its pack's "
+                                 f"{len(view)} bytes; nothing stored")
+        try:
+            _check_declared_size(view[e.offset : end], e.digest)
+            codec.decode(view[e.offset : end], e.digest)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{name}: {exc}; the index does not describe its pack") \
+                from exc
+    if end != len(view):
+        raise IntegrityError(f"{name}: the entries cover {end} of the pack's {len(view)} bytes; "
+                             "an index must describe every byte of its pack")
+
+
+def _check_declared_size(envelope: memoryview, digest: Digest) -> None:
+    # zstd allocates the size a frame declares: an upload must not make the server do that.
+    if bytes(envelope[3:5]) == bytes((codec.VERSION, codec.ZSTD)):
+        try:
+            size = zstandard.frame_content_size(envelope[codec.HEADER_SIZE :])
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"object {digest} is corrupt: {exc}") from exc
+        if size < 0 or size > MAX_OBJECT:
+            raise IntegrityError(f"object {digest} declares {size} bytes of content; objects "
+                                 f"hold at most {MAX_OBJECT}")
 
 
 class ObjectStore:
@@ -82,15 +151,19 @@ class ObjectStore:
                 continue
             pack = "packs/" + name.split("/", 1)[1]
             try:
-                entries = _decode_index_raw(name, self.backend.get(name))
+                data = self.backend.get(name)
             except NotFound:
                 continue
+            entries = _decode_index_raw(name, data)
             with self._lock:
                 index = self._index
                 for d, off, ln in entries:
                     if d not in index:
                         index[d] = (pack, off, ln)
-                self._loaded.add(name)
+                # A partial view grows when refs this reader may read change: re-read it on
+                # the next miss instead of taking it for the whole index.
+                if not index_is_partial(data):
+                    self._loaded.add(name)
 
     def has(self, digest: Digest) -> bool:
         """True if the object is stored or on its way into a pack."""

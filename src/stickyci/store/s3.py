@@ -3,7 +3,10 @@
 Endpoint, region and credentials come from the standard AWS configuration (environment,
 ``~/.aws``, instance roles); ``STICKYCI_S3_ENDPOINT`` names a non-AWS endpoint. botocore
 retries throttling and transient failures with backoff ("standard" mode, or "adaptive" if
-configured); any other error is reported at once, translated into stickyci's exception tree.
+configured); any other error is reported at once, translated into stickyci's exception tree
+by kind: ``StoreUnavailable`` for trouble a later attempt may not meet (a connection refused or
+cut, a timeout, a 5xx or SlowDown), ``StoreMisconfigured`` for refusals that only a change of
+configuration ends (credentials, access, a missing bucket, a bad endpoint or TLS setup).
 
 ``put_if`` is a conditional write (``If-None-Match: *`` / ``If-Match``). A server that ignores
 those headers is detected once per backend; compare-and-swap then runs under a lease object
@@ -27,10 +30,11 @@ from urllib.parse import urlparse
 
 import boto3
 import botocore.session
+from botocore import exceptions as bx
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from ..errors import BackendError, NotFound, UsageError
+from ..errors import BackendError, NotFound, StoreMisconfigured, StoreUnavailable, UsageError
 from .backend import Stat, check_name
 
 if TYPE_CHECKING:
@@ -45,14 +49,30 @@ LEASE_SETTLE = 0.1  # wait after writing a lease so a concurrent writer's overwr
 LEASE_WAIT = 2 * LEASE_TTL
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_REFUSED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-            "ExpiredToken", "403"}
+_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                    "ExpiredToken"}
+_DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem"}
+_BUSY = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError", "Throttling",
+         "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+         "OperationAborted"}
+# Transport trouble, except TLS: a handshake that fails does so on every attempt.
+_TRANSIENT_TRANSPORT = (bx.ConnectionError, bx.HTTPClientError, bx.IncompleteReadError)
+_SETUP = (bx.SSLError, bx.PartialCredentialsError, bx.CredentialRetrievalError,
+          bx.ProfileNotFound, bx.BaseEndpointResolverError, bx.ValidationError,
+          bx.InvalidConfigError, bx.ConfigNotFound, bx.ConfigParseError,
+          bx.InvalidEndpointConfigurationError, bx.UnknownCredentialError,
+          bx.TokenRetrievalError, bx.SSOError, bx.InvalidRetryConfigurationError,
+          bx.UnknownSignatureVersionError, bx.InvalidS3AddressingStyleError)
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict"}
 _MISSING = {"NoSuchKey", "404"}  # HEAD responses have no body, so only the status code
 
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
 def _no_expect_header(params: dict[str, Any], **_: Any) -> None:
@@ -136,31 +156,55 @@ class S3Backend:
     def _error(self, exc: Exception, op: str, name: str) -> Exception:
         where = self._where()
         if isinstance(exc, NoCredentialsError):
-            return BackendError(f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+            return StoreMisconfigured(
+                f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+                summary="the server has no credentials for its store")
         if isinstance(exc, BotoCoreError):
             detail = " ".join(str(exc).split())
-            return BackendError(f"S3 {op} of {name} in {self.url} failed ({where}): {detail}")
+            message = f"S3 {op} of {name} in {self.url} failed ({where}): {detail}"
+            if isinstance(exc, _TRANSIENT_TRANSPORT) and not isinstance(exc, bx.SSLError):
+                return StoreUnavailable(message)
+            if isinstance(exc, _SETUP):
+                return StoreMisconfigured(message)
+            return BackendError(message)
         assert isinstance(exc, ClientError)
         code = _code(exc)
         if code == "NoSuchKey":
             return NotFound(f"store object {name} is missing from {self.url}")
         if code == "NoSuchBucket":
             return self._no_bucket()
-        if code in _REFUSED:
-            return BackendError(
+        fix = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+        if code in _BAD_CREDENTIALS:
+            return StoreMisconfigured(
                 f"S3 at {where} refused the credentials ({code}) for {op} of {name} in "
-                f"{self.url}; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+                f"{self.url}; {fix}", summary="the server's store refused its credentials")
+        if code in _DENIED or code == "403":  # a HEAD's 403 has no body to say which
+            return StoreMisconfigured(
+                f"S3 at {where} refused the credentials ({code}) for {op} of {name} in "
+                f"{self.url}; {fix}, and the bucket's policy",
+                summary="the server's store denied it access" if code in _DENIED
+                else "the server's store refused its credentials or denied it access")
+        if code == "RequestTimeTooSkewed":
+            return StoreMisconfigured(
+                f"S3 at {where} refused {op} of {name} in {self.url}: this machine's clock is "
+                "too far from the server's (RequestTimeTooSkewed); synchronise it (NTP)",
+                summary="the server's clock is too far from its store's")
         message = " ".join(str(exc.response.get("Error", {}).get("Message", "")).split())
         # Named like a connection failure: which server answered is half of the diagnosis.
-        return BackendError(
-            f"S3 {op} of {name} in {self.url} failed ({where}): {code} {message}".strip())
+        text = f"S3 {op} of {name} in {self.url} failed ({where}): {code} {message}".strip()
+        status = _status(exc)
+        if code in _BUSY or (status >= 500 and status != 501):  # 501: a feature it lacks
+            return StoreUnavailable(text)
+        return BackendError(text)
 
-    def _no_bucket(self) -> UsageError:
+    def _no_bucket(self) -> StoreMisconfigured:
         where = self._where()
         flag = "" if where.endswith(".amazonaws.com") else f" --endpoint-url {where}"
-        return UsageError(f"S3 bucket {self.bucket!r} does not exist at {where}; create it "
-                          f"with `aws s3 mb s3://{self.bucket}{flag}`")
+        return StoreMisconfigured(
+            f"S3 bucket {self.bucket!r} does not exist at {where}; create it with "
+            f"`aws s3 mb s3://{self.bucket}{flag}`",
+            summary="the server's store has no bucket of the configured name")
 
     @contextlib.contextmanager
     def _boundary(self, op: str, name: str) -> Iterator[None]:
@@ -350,8 +394,10 @@ class S3Backend:
                 if held is not None and held[0] == owner:
                     break
             if time.monotonic() > deadline:
-                raise BackendError(f"the lease on {name} in {self.url} was held for over "
-                                   f"{LEASE_WAIT:.0f} s; delete {key} if no writer is alive")
+                raise StoreUnavailable(
+                    f"the lease on {name} in {self.url} was held for over {LEASE_WAIT:.0f} s; "
+                    f"delete {key} if no writer is alive",
+                    summary="the server's store is busy with another writer of the same ref")
             time.sleep(random.uniform(0.02, 0.1))  # jitter, so waiters do not move in step
         try:
             yield

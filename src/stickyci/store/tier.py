@@ -4,6 +4,10 @@ Packs and indexes are immutable and named by content, so a local copy can never 
 reads try the local tier first, and a miss fetches the whole blob once from the remote and
 keeps it. Refs change, so they always go to the remote. Writes go to the remote (the shared
 truth) and then to the local tier, so a runner reads back what it committed without a download.
+
+A server shows a token only what it may read: a partial index, or a pack with other scopes'
+objects zeroed. Those are views, not the blobs, so the tier never keeps them; it keeps a pack
+only once it hashes to its name, and reads a redacted pack by ranges from then on.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import contextlib
 import os
 from collections.abc import Sequence
 
+from ..digest import Digest
 from ..errors import NotFound, StickyError
 from .backend import Backend, Stat
 from .local import LocalBackend
+from .objects import index_is_partial
 
 _IMMUTABLE = ("packs/", "index/")
 LOW_WATER = 0.8
@@ -32,6 +38,7 @@ class TieredBackend:
         self.limit = limit
         self._added = 0
         self._touched: set[str] = set()
+        self._views: set[str] = set()  # blobs the remote shows this token only in part
 
     def put(self, name: str, data: bytes | memoryview) -> None:
         """Write through: remote first (the commit is durable there), then local."""
@@ -50,8 +57,13 @@ class TieredBackend:
                 with contextlib.suppress(OSError):
                     os.utime(self.local.root / name)
             return data
+        if name in self._views:
+            return self.remote.get(name, offset, length)
         data = self.remote.get(name)
-        self._keep(name, data)
+        if _is_whole(name, data):
+            self._keep(name, data)
+        else:
+            self._views.add(name)
         return data[offset:] if length is None else data[offset : offset + length]
 
     def _keep(self, name: str, data: bytes | memoryview) -> None:
@@ -106,3 +118,10 @@ class TieredBackend:
     def put_if(self, name: str, data: bytes, etag: str | None) -> bool:
         """Always the remote."""
         return self.remote.put_if(name, data, etag)
+
+
+def _is_whole(name: str, data: bytes) -> bool:
+    """Whether ``data`` is the stored blob ``name``, not a server's view of part of it."""
+    if name.startswith("index/"):
+        return not index_is_partial(data)
+    return Digest.of(data).hex == name.partition("/")[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ...errors import StickyError, UsageError
-from ...fsutil import empty_dir, remove_tree
+from ...fsutil import Tree, empty_dir, remove_tree
 from ...snapshot import Manifest, Scan
 from .clone import Clone
 from .overlay import Overlay
@@ -26,8 +26,13 @@ class Strategy(Protocol):
     name: str
     unsupported: frozenset[int]
 
-    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest]) -> None:
-        """Make ``path`` a writable view of ``base``; ``manifest()`` loads its description."""
+    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest],
+              trust_owners: bool) -> None:
+        """Make ``path`` a writable view of ``base``; ``manifest()`` loads its description.
+
+        ``base`` was restored with or without the manifest's owners and special bits as
+        ``trust_owners`` says, and a strategy that writes the tree itself does the same.
+        """
 
     def is_mounted(self, path: Path) -> bool:
         """True if the mount is still in place."""
@@ -35,8 +40,14 @@ class Strategy(Protocol):
     def unmount(self, path: Path, sdir: Path) -> None:
         """Discard the view, leaving ``path`` an empty directory."""
 
-    def changes(self, path: Path, sdir: Path, base: Manifest) -> tuple[Scan, str]:
-        """The tree now at ``path``, and the directory to read new file content from."""
+    def changes(self, path: Path, sdir: Path, base: Manifest,
+                trust_owners: bool) -> tuple[Scan, Tree]:
+        """The tree now at ``path``, and the directory to read new file content from.
+
+        Without ``trust_owners`` the base was restored without owners and special bits, so
+        a dir or symlink showing only that keeps its base entry's (``keep_base_meta``); with
+        it, what the disk shows is what the user made.
+        """
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -57,13 +68,13 @@ def get(name: str) -> Strategy:
 
 
 def mount(choice: str, base: Path, path: Path, sdir: Path,
-          manifest: Callable[[], Manifest]) -> str:
+          manifest: Callable[[], Manifest], *, trust_owners: bool = False) -> str:
     """Mount with ``choice`` (or the first working one for ``auto``); return the one used."""
     names = AUTO_ORDER if choice == "auto" else (get(choice).name,)
     for name in names:
         strategy = STRATEGIES[name]
         try:
-            strategy.mount(base, path, sdir, manifest)
+            strategy.mount(base, path, sdir, manifest, trust_owners)
             return name
         except OSError as exc:
             _cleanup(path, sdir)

@@ -2,7 +2,9 @@
 
 Right after cloning, every file's (inode, size, mtime, ctime) is recorded; at commit a file
 whose stat still matches keeps the base's chunk list unread. ctime cannot be set from user
-space, so a tool that restores an old mtime after writing is still caught.
+space, so a tool that restores an old mtime after writing is still caught. The clone's root
+inode is recorded too: a commit reads the directory that was mounted, not whatever a racing
+process has since renamed into its place.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...errors import UsageError
-from ...fsutil import empty_dir
+from ...fsutil import Opener, Tree, empty_dir
 from ...snapshot import Entry, Manifest, Scan, materialize, scan_tree
-from ...snapshot.scan import StatKey, walk
+from ...snapshot.scan import StatKey
 
 FICLONE = 0x40049409
 
@@ -47,37 +49,51 @@ class Clone:
             {errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
             if name == "reflink" else set())
 
-    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest]) -> None:
+    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest],
+              trust_owners: bool) -> None:
         """Clone the base tree into ``path`` and record the stat of every file."""
         sdir.mkdir(parents=True, exist_ok=True)
         if self.name == "reflink":
             self._probe(base, path)
 
-        def write(e: Entry, fd: int) -> None:
-            src = os.open(base / e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                self._clone(src, fd)
-            finally:
-                os.close(src)
+        # The base is read like any tree: never through a symlink, in case it does not match
+        # its manifest. Forked workers inherit the opener; each then has its own copy.
+        with Opener(Tree.at(base)) as source:
 
-        try:
-            materialize(manifest(), str(path), write)
-        except OSError:
-            empty_dir(path)
-            raise
-        stats = {p: list(StatKey.of(s)) for p, s in walk(str(path)) if st_.S_ISREG(s.st_mode)}
-        (sdir / "stat.json").write_text(json.dumps(stats))
+            def write(e: Entry, fd: int) -> None:
+                src = source.open(e.path, os.O_RDONLY)
+                try:
+                    self._clone(src, fd)
+                finally:
+                    os.close(src)
+
+            try:
+                materialize(manifest(), str(path), write, trust_owners=trust_owners)
+            except OSError:
+                empty_dir(path)
+                raise
+        tree = Tree.at(path)
+        stats = {f.path: list(StatKey.of(f.stat)) for f in tree.walk()
+                 if st_.S_ISREG(f.stat.st_mode)}
+        (sdir / "stat.json").write_text(json.dumps({"root": [tree.dev, tree.ino],
+                                                    "files": stats}))
 
     def _probe(self, base: Path, path: Path) -> None:
         # One clone up front, so an unsupported filesystem falls through before any work.
         src_path, dst_path = base.parent / f".probe-{os.getpid()}", path / ".stickyci-probe"
         src_path.write_bytes(b"x")
         try:
-            with open(src_path, "rb") as s, open(dst_path, "wb") as d:
-                _reflink(s.fileno(), d.fileno())
+            # Only a new file: a symlink planted at the probe's name must not be written through.
+            dst = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+            try:
+                with open(src_path, "rb") as s:
+                    _reflink(s.fileno(), dst)
+            finally:
+                os.close(dst)
+                dst_path.unlink(missing_ok=True)
         finally:
             src_path.unlink()
-            dst_path.unlink(missing_ok=True)
 
     def is_mounted(self, path: Path) -> bool:
         """A clone is a plain directory; the mount record alone says it is one."""
@@ -88,12 +104,15 @@ class Clone:
         if path.is_dir():
             empty_dir(path)
 
-    def changes(self, path: Path, sdir: Path, base: Manifest) -> tuple[Scan, str]:
-        """Rescan the clone; files whose stat is unchanged since the clone keep their chunks."""
+    def changes(self, path: Path, sdir: Path, base: Manifest,
+                trust_owners: bool) -> tuple[Scan, Tree]:
+        """Rescan the clone; files whose stat is unchanged since the clone keep their entry."""
         try:
             recorded = json.loads((sdir / "stat.json").read_text())
-            stats = {p: StatKey(*v) for p, v in recorded.items()}
-        except (OSError, ValueError) as exc:
+            dev, ino = recorded["root"]
+            tree = Tree(str(path), int(dev), int(ino))
+            stats = {p: StatKey(*v) for p, v in recorded["files"].items()}
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             raise UsageError(f"the mount record of {path} is damaged ({exc}); unmount it") from exc
 
         def reuse(e: Entry, st: os.stat_result) -> Entry | None:
@@ -101,4 +120,4 @@ class Clone:
                 return base.entries.get(e.path)
             return None
 
-        return scan_tree(str(path), reuse), str(path)
+        return scan_tree(tree, reuse, None if trust_owners else base), tree

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...errors import UsageError
+from ...fsutil import Found, Tree
 from ...snapshot import Entry, Manifest, Scan
 from ...snapshot.model import DIR, FILE
-from ...snapshot.scan import is_special, skip_special, to_entry, walk
+from ...snapshot.scan import is_special, keep_base_meta, skip_special, to_entry
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Fixed features, so the upper dir always has the layout this module reads: no redirects or
@@ -38,7 +39,8 @@ class Overlay:
     unsupported = frozenset({errno.EPERM, errno.ENODEV, errno.EINVAL, errno.EOPNOTSUPP,
                              errno.ENOSYS})
 
-    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest]) -> None:
+    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest],
+              trust_owners: bool) -> None:
         """Mount ``base`` (read-only lower) with a fresh upper under ``sdir`` at ``path``."""
         upper, work = sdir / "upper", sdir / "work"
         upper.mkdir(parents=True)
@@ -62,15 +64,17 @@ class Overlay:
         if os.path.ismount(path):
             _check(_libc.umount2(str(path).encode(), 0), str(path))
 
-    def changes(self, path: Path, sdir: Path, base: Manifest) -> tuple[Scan, str]:
+    def changes(self, path: Path, sdir: Path, base: Manifest,
+                trust_owners: bool) -> tuple[Scan, Tree]:
         """The new tree: the base with the upper dir's whiteouts, opaque dirs and files applied."""
-        upper = str(sdir / "upper")
+        upper = Tree.at(sdir / "upper")
         up: dict[str, Entry] = {}
         gone: set[str] = set()
         opaque: set[str] = set()
         scan = Scan()
         groups: dict[int, int] = {}
-        for rel, st in walk(upper):
+        for found in upper.walk():
+            rel, st = found.path, found.stat
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 gone.add(rel)
                 continue
@@ -78,10 +82,12 @@ class Overlay:
                 skip_special(rel, st)
                 scan.skipped += 1
                 continue
-            e = to_entry(upper, rel, st)
+            e = to_entry(found)
+            if not trust_owners:
+                keep_base_meta(e, base.entries.get(rel))
             # A non-dir in the upper layer hides everything under its path in the lower one
             # (a directory replaced by a file leaves no whiteouts for its children).
-            if e.kind != DIR or _is_opaque(os.path.join(upper, rel)):
+            if e.kind != DIR or _is_opaque(found):
                 opaque.add(rel)
             if e.kind == FILE:
                 if st.st_nlink > 1:
@@ -98,9 +104,9 @@ class Overlay:
         return scan, upper
 
 
-def _is_opaque(path: str) -> bool:
+def _is_opaque(found: Found) -> bool:
     try:
-        return os.getxattr(path, _OPAQUE, follow_symlinks=False) == b"y"
+        return found.getxattr(_OPAQUE) == b"y"
     except OSError:
         return False
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -16,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import StickyError
-from ..job import Masker, Stopper, cold_key, disk_keys
+from ..job import Stopper, cold_key, describe_fault, disk_keys, run_masker
 from ..plan import Instance, Plan
 from ..record import (
     CANCELLED,
@@ -54,8 +52,7 @@ class Executor:
 
     def __init__(self, plan: Plan, run: RunRecord, opts: Options) -> None:
         self.plan, self.run, self.opts = plan, run, opts
-        # The store token is as secret as the declared secrets (steps inherit it).
-        self.mask = Masker({**plan.secrets, "STICKYCI_TOKEN": os.environ.get("STICKYCI_TOKEN", "")})
+        self.mask = run_masker(plan.secrets)
         self.stop = Stopper()
         self.records = {r.id: r for r in run.jobs}
         self.done = {i: asyncio.Event() for i in plan.instances}
@@ -121,8 +118,10 @@ class Executor:
             for need in inst.needs:
                 await self.done[need].wait()
             await self._gate_and_run(inst, rec)
-        except StickyError as exc:
-            rec.state, rec.reason = FAILURE, self.mask(str(exc))
+        except Exception as exc:
+            # Whatever went wrong around the job (its `if`, its context, the executor) fails
+            # this job alone: the others run on and the run ends, recorded as failed.
+            rec.state, rec.reason = FAILURE, self.mask(describe_fault(exc))
             self._report(rec, rec.state)
         finally:
             self.done[inst.id].set()

@@ -263,7 +263,7 @@ class DaskExecutor(Executor):
         for key in keys:
             ref = refs.read_ref(self.backend, key)
             if ref and ref.latest:
-                out[ref.latest.snapshot] = ref.latest.size
+                out[ref.latest.snapshot.hex] = ref.latest.size
         return out
 
     # --- events from the workers, in the order each worker sent them -------------------------

@@ -27,11 +27,12 @@ from typing import Any, Generic, TypeVar
 from distributed import Variable, get_worker
 
 from ... import __version__
+from ...digest import Digest
 from ...disks import basecache, holders, mounts
 from ...errors import StickyError
 from ...fsutil import remove_tree
 from ...store import cache_home
-from ..job import JobRunner, JobSetup, LogWriter, Masker, Stopper, safe
+from ..job import JobRunner, JobSetup, LogWriter, Masker, Stopper, describe_fault, safe
 from ..plan import Instance
 from ..record import CANCELLED, FAILURE, AttemptRecord, JobRecord
 
@@ -129,8 +130,8 @@ def run_job(ticket: Ticket) -> JobRecord:
                                                     "step": asdict(s)}))
     try:
         asyncio.run(_attempt(JobRunner(setup), ticket, rec, logs))
-    except StickyError as exc:
-        rec.state, rec.reason = FAILURE, mask(str(exc))
+    except Exception as exc:  # around the runner (which records its own faults): the events
+        rec.state, rec.reason = FAILURE, mask(describe_fault(exc))
     finally:
         if not ws.exists():  # kept after a disk error; swept once this process is gone
             _forget(ws)
@@ -335,7 +336,7 @@ def probe(pipeline_dir: str) -> dict[str, Any]:
 
 def held(snapshots: list[str]) -> list[str]:
     """Which of ``snapshots`` this worker's base cache holds: a mount of them is instant."""
-    return [s for s in snapshots if basecache.base_path(s).is_dir()]
+    return [s for s in snapshots if basecache.base_path(Digest.parse(s)).is_dir()]
 
 
 def cancel_run(run_id: str) -> int:

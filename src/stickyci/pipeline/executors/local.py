@@ -24,8 +24,6 @@ class LocalExecutor(Executor):
                          log_dir=f"logs/{safe(inst.id)}", logs=file_logs(run_dir),
                          mask=self.mask, stop=self.stop, cold=self.opts.cold,
                          extra_env={"STICKYCI_WORKER": "local", "STICKYCI_ATTEMPT": "1"})
-        try:
-            await JobRunner(setup).run(inst, rec, ctx, env)
-        finally:
-            rec.attempts = [AttemptRecord(1, "local", "", rec.started_at, time.time(),
-                                          rec.state, self.mask(rec.reason))]
+        await JobRunner(setup).run(inst, rec, ctx, env)
+        rec.attempts = [AttemptRecord(1, "local", "", rec.started_at, time.time(),
+                                      rec.state, self.mask(rec.reason))]
