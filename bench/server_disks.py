@@ -249,7 +249,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="HEAD",
-                   help="git revision to compare this checkout with (default HEAD)")
+                   help="git revision to compare with (default HEAD)")
+    p.add_argument("--candidate", metavar="REV",
+                   help="git revision to measure instead of this checkout's src/")
     p.add_argument("--scale", type=float, default=1.0,
                    help="file counts of the generated tree (1.0: ~1 GB, ~33k files)")
     p.add_argument("--seed", type=int, default=42, help="seed of the generated tree")
@@ -278,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       else ["bench/server_disks.py", *argv])
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
     work = args.work_dir.resolve()
-    this = Revision("this checkout", HERE.parent / "src")
+    this = (baseline_tree(work, args.candidate) if args.candidate
+            else Revision("this checkout", HERE.parent / "src"))
     revisions = [this, baseline_tree(work, args.baseline)]
     dataset = base.generated_dataset(work, args.seed, args.scale)
     log(f"data set {dataset.key}: {dataset.stats.summary()}")

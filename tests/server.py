@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from stickyci.digest import Digest
-from stickyci.server import protocol as p
+from stickyci.store import protocol as p
 
 START_TIMEOUT = 30.0
 

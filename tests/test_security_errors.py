@@ -26,7 +26,7 @@ from conftest import IS_ROOT, Env
 from seaweed import Seaweed, SeaweedUnavailable, seaweed, start_seaweed  # noqa: F401
 from server import Server, blob, create_token, free_port, pack, start_server, stop, unique
 
-from stickyci.server import protocol as p
+from stickyci.store import protocol as p
 from stickyci.store.http import HttpBackend
 
 START_TIMEOUT = 30.0

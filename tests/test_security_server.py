@@ -26,11 +26,11 @@ from stickyci import codec
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
 from stickyci.errors import Forbidden
-from stickyci.server import protocol as p
 from stickyci.server.app import STREAM_CHUNK
 from stickyci.snapshot import load_manifest, save_manifest
 from stickyci.snapshot.model import FILE, Entry, Manifest
 from stickyci.store import LocalBackend, ObjectStore
+from stickyci.store import protocol as p
 from stickyci.store.http import HttpBackend
 from stickyci.store.objects import (
     IndexEntry,

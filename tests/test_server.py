@@ -26,11 +26,11 @@ from server import Server, blob, pack, start_server, store_dir, unique
 
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
-from stickyci.server import protocol as p
 from stickyci.server.app import STREAM_CHUNK
 from stickyci.snapshot import save_manifest
 from stickyci.snapshot.model import Manifest
 from stickyci.store import ObjectStore
+from stickyci.store import protocol as p
 from stickyci.store.http import HttpBackend
 from stickyci.store.objects import encode_index
 

@@ -30,7 +30,7 @@ from server import Server, blob, free_port, pack, start_server, store_dir, uniqu
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
 from stickyci.errors import NotFound, StorageFull, TooLarge, UsageError
-from stickyci.server import protocol as p
+from stickyci.store import protocol as p
 from stickyci.store.http import HttpBackend
 
 MiB = 1 << 20

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import UsageError
+from ..paths import cache_home
 from ..pipeline import plan as plan_
 from ..pipeline import spec as spec_
 from ..pipeline.compare import chart, compare, table
@@ -28,7 +29,7 @@ from ..pipeline.plan import Plan
 from ..pipeline.record import CANCELLED, FAILURE, FINISHED, SUCCESS, JobRecord, RunRecord
 from ..pipeline.summary import printable, write_reports
 from ..runs.history import History
-from ..store import cache_home, default_store_url, open_backend
+from ..store import default_store_url, open_backend
 from .progress import LiveTable, lines
 
 EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ..store import cache_home, default_store_url
+from ..paths import cache_home
+from ..store import default_store_url
 from ..units import parse_duration, parse_size
 from .disk import emit, json_option
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from ..digest import Digest
 from ..errors import UsageError
 from ..fsutil import remove_tree
+from ..paths import cache_home
 from ..snapshot import load_manifest, restore
-from ..store import ObjectStore, cache_home
+from ..store import ObjectStore
 from ..units import parse_size
 from . import mounts
 from .policy import Used, over_budget

@@ -17,7 +17,7 @@ from typing import Any
 from ..digest import Digest
 from ..errors import IntegrityError, NotAMount, StickyError
 from ..fsutil import remove_later
-from ..store import cache_home
+from ..paths import cache_home
 from .refs import check_key
 
 log = logging.getLogger("stickyci")

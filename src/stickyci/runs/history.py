@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound, StickyError, UsageError
+from ..paths import cache_home
 from ..pipeline.record import (
     FAILURE,
     TIMED_OUT,
@@ -69,8 +70,6 @@ class History:
 
     def __init__(self, path: Path | None = None) -> None:
         if path is None:
-            from ..store import cache_home  # the store package is heavy; only the default needs it
-
             path = cache_home() / "runs.db"
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,8 +40,8 @@ from ..errors import (
     UsageError,
 )
 from ..store import Backend, LocalBackend, open_backend
+from ..store import protocol as p
 from ..store.backend import check_name
-from . import protocol as p
 from .auth import ANONYMOUS_READ, Permission, Principal, TokenStore
 from .lru import CacheLRU
 from .metrics import Metrics, Observe, request_id

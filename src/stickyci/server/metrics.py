@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import protocol as p
+from ..store import protocol as p
 
 ACCESS_LOG = logging.getLogger("stickyci.access")
 _REQUEST_ID = "request_id"

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UsageError
+from ..paths import cache_home
 from ..units import parse_size
 from .backend import Backend, Stat
 from .local import LocalBackend
@@ -15,16 +16,7 @@ from .objects import ObjectStore
 
 DEFAULT_TIER_SIZE = "10G"
 
-__all__ = ["Backend", "LocalBackend", "ObjectStore", "Stat", "cache_home", "open_backend"]
-
-
-def cache_home() -> Path:
-    """stickyci's directory under the user's cache directory (``STICKYCI_CACHE_DIR`` wins)."""
-    explicit = os.environ.get("STICKYCI_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "stickyci"
+__all__ = ["Backend", "LocalBackend", "ObjectStore", "Stat", "open_backend"]
 
 
 def default_store_url() -> str:

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import httpx
 
 from ..errors import NotFound, StoreMisconfigured, StoreUnavailable, UsageError
-from ..server import protocol as p
+from . import protocol as p
 from .backend import Stat, check_name
 
 T = TypeVar("T")

@@ -31,7 +31,7 @@ from ...digest import Digest
 from ...disks import basecache, holders, mounts
 from ...errors import StickyError
 from ...fsutil import remove_tree
-from ...store import cache_home
+from ...paths import cache_home
 from ..job import JobRunner, JobSetup, LogWriter, Masker, Stopper, describe_fault, safe
 from ..plan import Instance
 from ..record import CANCELLED, FAILURE, AttemptRecord, JobRecord
