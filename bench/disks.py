@@ -20,41 +20,46 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import logging
-import math
 import os
-import platform
 import random
-import resource
 import shlex
-import shutil
 import stat
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from harness import cli
+from harness.datasets import (
+    RESTIC_PASSWORD,
+    Dataset,
+    generated_dataset,
+    real_dataset,
+)
+from harness.fs import (
+    drop_caches,
+    du_bytes,
+    read_tree,
+    remove,
+    settle,
+    sync_seconds,
+    walk,
+)
+from harness.machine import machine, src_fingerprint, stickyci_revision
+from harness.noise import WATCH, timed
+from harness.proc import log, run
+from harness.report import MB, Target, mb, ratio, secs, target_table, write_section
+from harness.treebench import TreeBench
 
 from stickyci import disks
-from stickyci.errors import NotAMount, StickyError
+from stickyci.errors import NotAMount
 
-MB = 1_000_000
 KEY = "bench"
-DEFAULT_WORK = Path("/var/tmp/stickyci-bench")
-RESTIC_PASSWORD = "stickyci-bench"  # a throwaway repo under the work dir; not a secret
-
-# Bump when the generator's output changes, so stale cached trees are not reused.
-GEN_VERSION = 1
-# Counts at --scale 1; sizes are not scaled, so a smaller tree has the same file-size mix.
-BASE_COUNTS = {"text": 16_000, "obj": 14_000, "meta": 3_200, "large": 28, "blob": 4}
-N_CRATES = 48
-APP_SIZE = 42_000_000
-EPOCH_NS = 1_700_000_000 * 10**9
 
 # The incremental change from the issue.
 CHANGE_EVERY = 100
@@ -80,469 +85,6 @@ RESTIC_INC = "restic backup (parent snapshot)"
 CP = "cp -a"
 # The stickyci row each operation's peers are compared with.
 REFERENCE = {SAVE: ST_SAVE_OVL, RESTORE: ST_MOUNT_OVL, WARM: ST_MOUNT_OVL, INCR: ST_INC_OVL}
-
-
-def log(msg: str) -> None:
-    """Progress on stderr, so stdout carries only the Markdown report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Processes, files and the page cache
-
-
-def run(cmd: str | Sequence[str], *, env: dict[str, str] | None = None,
-        data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run a command (a string runs in bash with pipefail); raise with its stderr on failure."""
-    argv = ["bash", "-o", "pipefail", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-    proc = subprocess.run(argv, env=env, input=data, capture_output=True, check=False)
-    if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip()[-2000:]
-        raise RuntimeError(f"{cmd!r} exited {proc.returncode}: {err}")
-    return proc
-
-
-def timed(cmd: str | Sequence[str], *, env: dict[str, str] | None = None) -> float:
-    """Wall seconds of one command, process start-up included (that is what a job pays)."""
-    start = WATCH.begin()
-    run(cmd, env=env)
-    return WATCH.end() - start
-
-
-class CpuWatch:
-    """CPU time that processes other than this benchmark's used during a measurement.
-
-    The machine may be shared (tests running next to the benchmark); this puts a number on it.
-    Kernel threads (write-back, I/O completion) and hypervisor steal count as "other" too.
-    """
-
-    def __init__(self) -> None:
-        self._busy = self._own = self._start = 0.0
-        self._share = 0.0
-        self._tick = os.sysconf("SC_CLK_TCK")
-        self.quiet_wait = 0.0
-
-    def _busy_total(self) -> float:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        return (user + nice + system + irq + softirq + steal) / self._tick
-
-    @staticmethod
-    def _own_total() -> float:
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-            resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def wait_quiet(self) -> None:
-        """Wait (up to ``quiet_wait`` s) until other processes use < 10% of the CPUs; this
-        process is idle meanwhile, so all busy time is theirs."""
-        deadline = time.perf_counter() + self.quiet_wait
-        ncpu = os.cpu_count() or 1
-        waited = False
-        while time.perf_counter() < deadline:
-            busy = self._busy_total()
-            time.sleep(0.5)
-            if (self._busy_total() - busy) / (0.5 * ncpu) < 0.10:
-                break
-            if not waited:
-                log("  waiting for other processes to quiet down before measuring ...")
-                waited = True
-
-    def begin(self) -> float:
-        """Start a measurement; returns ``time.perf_counter()``."""
-        self.wait_quiet()
-        self._busy, self._own = self._busy_total(), self._own_total()
-        self._start = time.perf_counter()
-        return self._start
-
-    def end(self) -> float:
-        """End a measurement; returns ``time.perf_counter()``."""
-        now = time.perf_counter()
-        wall = now - self._start
-        other = (self._busy_total() - self._busy) - (self._own_total() - self._own)
-        # /proc/stat counts in clock ticks (10 ms): too coarse to say anything about shorter
-        # measurements, which are then taken as undisturbed.
-        self._share = (max(0.0, other) / (wall * (os.cpu_count() or 1)) if wall >= 0.2
-                       else 0.0)
-        return now
-
-    @property
-    def other_share(self) -> float:
-        """Other processes' CPU during the last measurement, as a share of all CPUs."""
-        return self._share
-
-
-WATCH = CpuWatch()
-
-
-def sync_seconds() -> float:
-    """How long ``sync`` takes: the write-back a tool left behind, for the ``+ sync`` column."""
-    start = time.perf_counter()
-    os.sync()
-    return time.perf_counter() - start
-
-
-def du_bytes(path: Path) -> int:
-    """Apparent size of a tree (``du -sb``), what a store or archive occupies."""
-    return int(run(["du", "-sb", str(path)]).stdout.split()[0])
-
-
-def remove(path: Path) -> None:
-    """Delete a file or tree if present; refuse to delete through a live mount."""
-    if not os.path.lexists(path):
-        return
-    if path.is_dir() and not path.is_symlink():
-        if mounts_under(path, include_self=True):
-            raise RuntimeError(f"refusing to delete {path}: something is mounted inside it")
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def mounts_under(root: Path, *, include_self: bool = False) -> list[str]:
-    """Mount points inside ``root``, deepest first."""
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    prefix = str(root).rstrip("/") + "/"
-    return sorted((p for p in points
-                   if p.startswith(prefix) or (include_self and p == str(root))), reverse=True)
-
-
-def unmount_leftovers(root: Path) -> None:
-    """Last resort for mounts a killed earlier run left behind (normal runs unmount via the API)."""
-    for point in mounts_under(root):
-        log(f"unmounting leftover mount {point}")
-        subprocess.run(["umount", "-l", point], check=False)
-
-
-def settle(cache: Path, since: float) -> float:
-    """Wait for deletions stickyci left running in the background under ``cache`` (an overlay's
-    upper dir goes to ``mounts/.trash`` and a detached ``rm`` deletes it), so they do not run
-    into the next measurement. Returns about how long they ran after ``since`` (0: done)."""
-    trash = cache / "mounts" / ".trash"
-    if not (trash.is_dir() and any(trash.iterdir())):
-        return 0.0
-    deadline = time.perf_counter() + 600
-    while trash.is_dir() and any(trash.iterdir()):
-        if time.perf_counter() > deadline:
-            log(f"WARNING: {trash} is still not empty after 10 minutes")
-            break
-        time.sleep(0.02)
-    return time.perf_counter() - since
-
-
-def drop_caches() -> bool:
-    """Write back and drop the page cache, so the next read comes from the disk."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError as exc:
-        log(f"cannot drop the page cache ({exc.strerror}); 'cold' figures are not cold")
-        return False
-    return True
-
-
-def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
-    """``(relative path, lstat)`` for everything under ``root``: stickyci's own tree walk."""
-    from stickyci.snapshot.scan import walk as tree_walk
-
-    return tree_walk(str(root))
-
-
-def read_tree(root: Path) -> None:
-    """Read every file once, so a 'warm' measurement really starts with the data cached."""
-    for rel, st in walk(root):
-        if stat.S_ISREG(st.st_mode):
-            fd = os.open(root / rel, os.O_RDONLY)
-            try:
-                while os.read(fd, 1 << 20):
-                    pass
-            finally:
-                os.close(fd)
-
-
-@dataclass(slots=True)
-class TreeStats:
-    """What a tree holds: regular files and their bytes, dirs, symlinks, the largest file."""
-
-    files: int = 0
-    bytes: int = 0
-    dirs: int = 0
-    symlinks: int = 0
-    largest: int = 0
-
-    @classmethod
-    def of(cls, root: Path) -> TreeStats:
-        """Count a tree."""
-        out = cls()
-        for _, st in walk(root):
-            if stat.S_ISREG(st.st_mode):
-                out.files += 1
-                out.bytes += st.st_size
-                out.largest = max(out.largest, st.st_size)
-            elif stat.S_ISDIR(st.st_mode):
-                out.dirs += 1
-            elif stat.S_ISLNK(st.st_mode):
-                out.symlinks += 1
-        return out
-
-    def summary(self) -> str:
-        """One line for the report."""
-        return (f"{self.files:,} files, {self.bytes / MB:,.0f} MB, {self.dirs:,} dirs, "
-                f"{self.symlinks:,} symlinks, largest file {self.largest / MB:.1f} MB")
-
-
-# --------------------------------------------------------------------------------------------
-# The generated data set: a build tree, deterministic from a seed
-
-SYLLABLES = ("core", "pack", "store", "net", "http", "json", "sync", "time", "hash", "tree",
-             "io", "fs", "log", "cli", "test", "util", "derive", "macro", "proto", "cache",
-             "disk", "ci", "build", "graph")
-WORDS = ("fn", "let", "mut", "pub", "struct", "impl", "return", "if", "else", "match", "for",
-         "in", "while", "use", "self", "Self", "Option", "Result", "Vec", "String", "u64",
-         "usize", "&", "->", "=>", "::", "(", ")", "{", "}", "=", "+", "==", "Ok", "Err",
-         "Some", "None", "0", "1", "len()", "clone()", "?")
-MODS = ("lib", "parse", "codec", "net", "util", "tests")
-ELF_HEADER = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x01\x00\x3e\x00\x01" + bytes(43)
-
-
-@dataclass(frozen=True, slots=True)
-class FileSpec:
-    """One entry of the generated tree."""
-
-    path: str
-    kind: str  # text, meta, obj, large, app, blob or symlink
-    size: int
-    crate: int
-    mode: int = 0o644
-    target: str = ""
-
-
-def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
-    # Build trees have many small files and few big ones: log-uniform sizes give that shape.
-    return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-
-
-def _crate(i: int) -> str:
-    return f"{SYLLABLES[i % len(SYLLABLES)]}-{SYLLABLES[(i * 7 + 3) % len(SYLLABLES)]}{i}"
-
-
-def plan_tree(seed: int, scale: float) -> list[FileSpec]:
-    """The entries of the generated tree. Each kind has its own stream of random numbers, so a
-    scaled-down tree is a prefix of each kind of the full one."""
-
-    def count(kind: str) -> int:
-        return max(1, round(BASE_COUNTS[kind] * scale))
-
-    specs: list[FileSpec] = []
-    rng = random.Random(f"{seed}:text")
-    exts = ("rs", "rs", "rs", "rs", "rs", "rs", "c", "h", "py", "toml")
-    for i in range(count("text")):
-        c = i % N_CRATES
-        sub = rng.choice(("", "", "imp/", "detail/"))
-        specs.append(FileSpec(f"src/{_crate(c)}/src/{rng.choice(MODS)}/{sub}f{i:05d}."
-                              f"{rng.choice(exts)}", "text", _log_uniform(rng, 200, 40_000), c))
-    rng = random.Random(f"{seed}:obj")
-    for i in range(count("obj")):
-        c = i % N_CRATES
-        specs.append(FileSpec(f"target/debug/incremental/{_crate(c)}-{c:04x}/s-{i % 7}/"
-                              f"{rng.getrandbits(32):08x}-cgu.{i:05d}.o", "obj",
-                              _log_uniform(rng, 500, 160_000), c))
-    rng = random.Random(f"{seed}:meta")
-    for i in range(count("meta")):
-        c = i % N_CRATES
-        name = rng.choice(("dep-lib", "lib.json", "invoked.timestamp", "output.d"))
-        specs.append(FileSpec(f"target/debug/.fingerprint/{_crate(c)}-{i // N_CRATES:04x}/"
-                              f"{name}-{i:05d}", "meta", _log_uniform(rng, 60, 6_000), c))
-    rng = random.Random(f"{seed}:large")
-    for i in range(count("large")):
-        c = i % N_CRATES
-        ext = ("rlib", "so", "a")[i % 3]
-        name = f"lib{_crate(c)}-{rng.getrandbits(64):016x}.{ext}"
-        specs.append(FileSpec(f"target/debug/deps/{name}", "large",
-                              _log_uniform(rng, 3 << 20, 48 << 20), c,
-                              0o755 if ext == "so" else 0o644))
-        specs.append(FileSpec(f"target/debug/lib{_crate(c)}-{i}.{ext}", "symlink", 0, c,
-                              target=f"deps/{name}"))
-    # The ~42 MB binary the incremental change replaces (like cargo in the Rust toolchain).
-    specs.append(FileSpec("target/release/app", "app", APP_SIZE, N_CRATES, 0o755))
-    specs.append(FileSpec("target/debug/app", "symlink", 0, 0, target="../release/app"))
-    rng = random.Random(f"{seed}:blob")
-    for i in range(count("blob")):
-        specs.append(FileSpec(f"assets/pack{i}.bin", "blob", _log_uniform(rng, 4 << 20, 24 << 20),
-                              0))
-    return specs
-
-
-class Content:
-    """File bytes for a spec. Randomness comes from ``random.Random`` seeded per file (so the
-    tree is reproducible); compressibility comes from repeating per-crate material."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._segments: dict[int, list[bytes]] = {}
-        self._lines: dict[int, list[bytes]] = {}
-
-    def segments(self, crate: int) -> list[bytes]:
-        """Instruction-like byte runs shared by a crate's objects: a small 'opcode' alphabet."""
-        if crate not in self._segments:
-            rng = random.Random(f"{self.seed}:segments:{crate}")
-            ops = [rng.randbytes(rng.randint(1, 4)) for _ in range(64)]
-            self._segments[crate] = [b"".join(rng.choices(ops, k=rng.randint(4, 24)))
-                                     for _ in range(512)]
-        return self._segments[crate]
-
-    def lines(self, crate: int) -> list[bytes]:
-        """Source lines shared by a crate's files: keywords, identifiers, comments."""
-        if crate not in self._lines:
-            rng = random.Random(f"{self.seed}:lines:{crate}")
-            idents = ["_".join(rng.choices(SYLLABLES, k=rng.randint(1, 3)))
-                      + rng.choice(("", "", str(rng.randint(0, 99)))) for _ in range(300)]
-            vocab = [*WORDS, *idents]
-            prose = [*idents, "the", "a", "is", "of", "when", "returns", "not", "if", "every"]
-            out = []
-            for _ in range(1500):
-                indent = " " * (4 * rng.randint(0, 3))
-                if rng.random() < 0.12:
-                    body = "// " + " ".join(rng.choices(prose, k=rng.randint(3, 12)))
-                else:
-                    body = " ".join(rng.choices(vocab, k=rng.randint(2, 12)))
-                    body += rng.choice((";", ";", ",", " {", "}", ""))
-                out.append(f"{indent}{body}\n".encode())
-            self._lines[crate] = out
-        return self._lines[crate]
-
-    def make(self, spec: FileSpec) -> bytes:
-        """The bytes of one file."""
-        rng = random.Random(f"{self.seed}:{spec.path}")
-        if spec.kind == "text":
-            head = b"// SPDX-License-Identifier: MIT OR Apache-2.0\n"
-            return (head + b"".join(rng.choices(self.lines(spec.crate),
-                                                k=spec.size // 24 + 8)))[:spec.size]
-        if spec.kind == "meta":
-            crate = _crate(spec.crate)
-            rows = [f"{crate}/src/{rng.choice(MODS)}/f{rng.randrange(16000):05d}.rs: "
-                    f"{rng.getrandbits(64):016x}\n" for _ in range(spec.size // 40 + 2)]
-            return "".join(rows).encode()[:spec.size]
-        if spec.kind == "blob":
-            return rng.randbytes(spec.size)  # already-compressed assets: incompressible
-        return self._object(rng, spec.size, self.segments(spec.crate))
-
-    @staticmethod
-    def _object(rng: random.Random, size: int, segments: list[bytes]) -> bytes:
-        # Object-file-like: shared instruction runs with random operands between them, some
-        # zero padding and mangled symbol names. Compresses about 3x with zstd -3, like real
-        # objects and binaries (cargo: 2.8x, libcore.rlib: 3.4x).
-        out = bytearray(ELF_HEADER)
-        choices, randbytes, bits = rng.choices, rng.randbytes, rng.getrandbits
-        while len(out) < size:
-            for seg in choices(segments, k=16):
-                out += seg
-                out += randbytes(4 + bits(3))
-            if bits(2) == 0:
-                out += bytes(8 << bits(2))
-            if bits(1) == 0:
-                out += b"_ZN4core3ptr13drop_in_place17h%sE\x00" % randbytes(8).hex().encode()
-        del out[size:]
-        return bytes(out)
-
-
-def generate_tree(root: Path, seed: int, scale: float) -> None:
-    """Write the generated tree into ``root`` (an empty directory)."""
-    content = Content(seed)
-    made: set[str] = set()
-    specs = plan_tree(seed, scale)
-    for i, spec in enumerate(specs):
-        path = root / spec.path
-        parent = os.path.dirname(spec.path)
-        if parent not in made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made.add(parent)
-        if spec.kind == "symlink":
-            os.symlink(spec.target, path)
-            continue
-        path.write_bytes(content.make(spec))
-        os.chmod(path, spec.mode)
-        # Fixed mtimes: the tree is the same bytes and metadata on every machine.
-        t = EPOCH_NS + i * 10**9
-        os.utime(path, ns=(t, t))
-        if i and i % 5000 == 0:
-            log(f"  generated {i:,} of {len(specs):,} entries")
-
-
-@dataclass(slots=True)
-class Dataset:
-    """A cached source tree the benchmark reads."""
-
-    key: str
-    title: str
-    root: Path
-    description: str
-    stats: TreeStats
-
-
-def _cached_tree(work: Path, name: str, describe: str,
-                 build: Callable[[Path], object]) -> tuple[Path, TreeStats]:
-    """``work/data/name``, built once by ``build(tmp)``; the .json beside it marks it complete."""
-    data = work / "data"
-    root, meta = data / name, data / f"{name}.json"
-    if root.is_dir() and meta.is_file():
-        log(f"using cached data set {root}")
-        return root, TreeStats(**json.loads(meta.read_text())["stats"])
-    log(f"building data set {root} ({describe}) ...")
-    remove(root)
-    tmp = data / f".tmp-{name}"
-    remove(tmp)
-    tmp.mkdir(parents=True)
-    start = time.perf_counter()
-    build(tmp)
-    seconds = time.perf_counter() - start
-    os.rename(tmp, root)
-    stats = TreeStats.of(root)
-    meta.write_text(json.dumps({"stats": asdict(stats), "seconds": seconds,
-                                "describe": describe}))
-    log(f"built {root} in {seconds:.1f} s: {stats.summary()}")
-    return root, stats
-
-
-def generated_dataset(work: Path, seed: int, scale: float) -> Dataset:
-    """The generated build tree for ``seed`` and ``scale``, generated once and cached."""
-    name = f"generated-seed{seed}-scale{scale:g}-v{GEN_VERSION}"
-    root, stats = _cached_tree(work, name, f"seed {seed}, scale {scale:g}",
-                               lambda tmp: generate_tree(tmp, seed, scale))
-    key = "generated" if scale == 1 else f"generated-scale{scale:g}"
-    desc = (f"generated by `bench/disks.py` (seed {seed}, scale {scale:g}): Rust/C-like sources, "
-            "object files and fingerprints, rlib/so/a archives of 3-48 MB, a 42 MB binary and "
-            "incompressible asset blobs; objects and binaries compress about 3x with zstd -3")
-    return Dataset(key, f"generated build tree (seed {seed}, scale {scale:g})", root, desc, stats)
-
-
-def real_source(override: str | None) -> tuple[str, Path, str]:
-    """The real tree to copy: the Rust toolchain (``rustc --print sysroot``), else Python's lib."""
-    if override:
-        path = Path(override).resolve()
-        return path.name, path, f"{path}"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True,
-                                 text=True, check=True).stdout.strip()
-        version = subprocess.run(["rustc", "--version"], capture_output=True, text=True,
-                                 check=False).stdout.strip()
-        if sysroot and Path(sysroot).is_dir():
-            return "rust-toolchain", Path(sysroot), f"the Rust toolchain at {sysroot} ({version})"
-    lib = Path(sys.prefix) / "lib"
-    return "python-lib", lib, f"the Python installation's lib dir {lib} (Python {sys.version})"
-
-
-def real_dataset(work: Path, override: str | None) -> Dataset:
-    """A real tree from this machine, copied once (``cp -a``) so every tool reads local data."""
-    kind, src, what = real_source(override)
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(src).strip("/"))
-    root, stats = _cached_tree(work, f"real-{slug}", str(src),
-                               lambda tmp: run(["cp", "-a", f"{src}/.", f"{tmp}/"]))
-    return Dataset(f"real-{kind}", f"real tree: {kind}", root, f"{what}, copied with `cp -a`",
-                   stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,15 +183,18 @@ class Row:
         """Median wall seconds."""
         return statistics.median(self.seconds)
 
+    def drop_last(self) -> None:
+        """Forget the last run's figures (it is measured again)."""
+        n = len(self.seconds) - 1
+        for samples in (self.seconds, self.synced, self.other_cpu, self.stored, self.background):
+            del samples[n:]
 
-class Bench:
+
+class Bench(TreeBench[Row]):
     """Runs every operation on one data set and keeps the rows."""
 
     def __init__(self, args: argparse.Namespace, dataset: Dataset, work: Path) -> None:
-        self.args = args
-        self.ds = dataset
-        self.run_dir = work / "run"
-        self.tree = self.run_dir / "tree"
+        super().__init__(args, dataset, work / "run", need=6 * dataset.stats.bytes)
         self.mnt = self.run_dir / "mnt"
         self.saved_store = self.run_dir / "saved-store"
         self.tar_out = self.run_dir / "full.tar.zst"
@@ -657,11 +202,8 @@ class Bench:
         self.restic_cache = self.run_dir / "restic-cache"
         self.cp_out = self.run_dir / "cp-out"
         self.warm_cache = self.run_dir / "cache-warm"
-        self.rows: dict[tuple[str, str], Row] = {}
-        self.facts: dict[str, Any] = {}
         self.cold_ok = True
         self.snapshot = ""
-        self.disk_peak = 0
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -682,13 +224,6 @@ class Bench:
             + (f"  stored {stored / MB:9.2f} MB" if stored is not None else "")
             + f"  other CPU {row.other_cpu[-1]:.0%}")
 
-    def sample_disk(self) -> None:
-        """Note the run dir's disk use (allocated, mounts skipped) at a moment it may peak."""
-        out = subprocess.run(["du", "-sx", "-B1", str(self.run_dir)], capture_output=True,
-                             text=True, check=False).stdout.split()
-        if out:
-            self.disk_peak = max(self.disk_peak, int(out[0]))
-
     def restic_env(self, repo: Path | None = None) -> dict[str, str]:
         """restic's environment: password, repository and a cache dir under the run dir."""
         return {**os.environ, "RESTIC_PASSWORD": RESTIC_PASSWORD,
@@ -699,13 +234,6 @@ class Bench:
         """Drop the page cache before a cold measurement."""
         self.cold_ok = drop_caches() and self.cold_ok
 
-    def check_tree(self, root: Path, what: str) -> None:
-        """Warn if a restored tree does not hold what the data set holds (counted, not timed)."""
-        got, want = TreeStats.of(root), self.ds.stats
-        if (got.files, got.bytes, got.symlinks) != (want.files, want.bytes, want.symlinks):
-            log(f"WARNING: {what} restored {got.summary()}; expected {want.summary()}")
-            self.facts.setdefault("mismatches", []).append(what)
-
     @contextlib.contextmanager
     def mounted(self, path: Path, strategy: str, store: Path,
                 cache: Path) -> Iterator[tuple[disks.MountResult, float]]:
@@ -714,7 +242,7 @@ class Bench:
         os.environ["STICKYCI_CACHE_DIR"] = str(cache)
         path.mkdir(parents=True, exist_ok=True)
         start = WATCH.begin()
-        result = disks.mount(KEY, path, strategy=strategy, store_url=f"file://{store}")
+        result = disks.mount(KEY, path, strategy=strategy, store=f"file://{store}")
         seconds = WATCH.end() - start
         try:
             yield result, seconds
@@ -737,46 +265,6 @@ class Bench:
         return self.mnt
 
     # -- set-up ----------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        """A clean run dir with a working copy of the data set (restic and tar read it)."""
-        unmount_leftovers(self.run_dir)
-        remove(self.run_dir)
-        self.run_dir.mkdir(parents=True)
-        free = shutil.disk_usage(self.run_dir).free
-        if free < 6 * self.ds.stats.bytes:
-            log(f"WARNING: {free / MB:,.0f} MB free under {self.run_dir}; a run needs about "
-                f"{6 * self.ds.stats.bytes / MB:,.0f} MB")
-        log(f"copying the data set to {self.tree}")
-        run(["cp", "-a", str(self.ds.root), str(self.tree)])
-
-    def teardown(self) -> None:
-        """Remove everything the run wrote, unless ``--keep``."""
-        unmount_leftovers(self.run_dir)
-        if not self.args.keep:
-            remove(self.run_dir)
-
-    def attempt(self, op: str, tool: str, measure: Callable[[], object]) -> None:
-        """Run one measurement; redo it (at most twice) when other processes took more than
-        ``--max-other-cpu`` of the CPUs meanwhile, so a busy neighbour does not set the median."""
-        for tries in range(3):
-            try:
-                measure()
-            except (RuntimeError, OSError, StickyError) as exc:
-                # One tool failing (a peer, or the CLI while src/ is being edited) must not
-                # lose the other measurements; the report lists the failure.
-                msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
-                log(f"  FAILED: {tool} ({op}): {msg}")
-                self.facts.setdefault("failures", []).append(f"{tool} ({op}): {msg}")
-                return
-            row = self.rows[(op, tool)]
-            if row.other_cpu[-1] <= self.args.max_other_cpu or tries == 2:
-                return
-            log(f"  other processes used {row.other_cpu[-1]:.0%} of the CPUs; measuring again")
-            row.retried += 1
-            n = len(row.seconds) - 1
-            for samples in (row.seconds, row.synced, row.other_cpu, row.stored, row.background):
-                del samples[n:]
 
     # -- 1. full save ------------------------------------------------------------------------
 
@@ -1066,18 +554,6 @@ class Bench:
 # The report
 
 
-def _secs(x: float) -> str:
-    return f"{x:.3f}" if x < 10 else f"{x:.2f}"
-
-
-def _mb(x: float) -> str:
-    return f"{x / MB:,.1f}" if x >= MB else f"{x / MB:.3f}"
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
-
-
 def timing_table(bench: Bench) -> str:
     """Medians per operation and tool, with stickyci / peer ratios."""
     size = bench.ds.stats.bytes
@@ -1088,16 +564,16 @@ def timing_table(bench: Bench) -> str:
     for row in bench.rows.values():
         ref = bench.rows.get((row.op, REFERENCE[row.op]))
         if row.tool == REFERENCE[row.op]:
-            ratio = "(reference)"
+            versus = "(reference)"
         elif ref is not None and not row.tool.startswith(("stickyci", "python3 -m stickyci")):
-            ratio = _ratio(ref.median, row.median)
+            versus = ratio(ref.median, row.median)
         else:
-            ratio = ""
-        stored = _mb(statistics.median(row.stored)) if row.stored else ""
-        lines.append(f"| {row.op} | {row.tool} | {row.cache} | {_secs(row.median)} | "
-                     f"{_secs(min(row.seconds))}-{_secs(max(row.seconds))} | "
-                     f"{_secs(statistics.median(row.synced))} | {size / MB / row.median:,.0f} | "
-                     f"{stored} | {ratio} | {statistics.median(row.other_cpu):.0%} |")
+            versus = ""
+        stored = mb(statistics.median(row.stored)) if row.stored else ""
+        lines.append(f"| {row.op} | {row.tool} | {row.cache} | {secs(row.median)} | "
+                     f"{secs(min(row.seconds))}-{secs(max(row.seconds))} | "
+                     f"{secs(statistics.median(row.synced))} | {size / MB / row.median:,.0f} | "
+                     f"{stored} | {versus} | {statistics.median(row.other_cpu):.0%} |")
     return "\n".join(lines)
 
 
@@ -1107,7 +583,7 @@ def size_table(bench: Bench, sizes: list[tuple[str, int]]) -> str:
     lines = ["| what | bytes | MB | tree / this | stickyci / this |", "|---|---:|---:|---:|---:|"]
     ours = sizes[0][1]
     for name, n in sizes:
-        lines.append(f"| {name} | {n:,} | {_mb(n)} | {_ratio(tree, n)} | {_ratio(ours, n)} |")
+        lines.append(f"| {name} | {n:,} | {mb(n)} | {ratio(tree, n)} | {ratio(ours, n)} |")
     return "\n".join(lines)
 
 
@@ -1118,41 +594,22 @@ def incremental_table(bench: Bench) -> str:
     lines = ["| what | bytes | MB | / changed bytes (zstd -3) | / changed files (zstd -3) |",
              "|---|---:|---:|---:|---:|",
              f"| changed bytes: the appended KiBs + the 50 MiB file, zstd -3 | {new_zst:,} | "
-             f"{_mb(new_zst)} | 1.00x | {_ratio(new_zst, files_zst)} |",
+             f"{mb(new_zst)} | 1.00x | {ratio(new_zst, files_zst)} |",
              f"| changed files, whole new content ({f['changed_files_bytes'] / MB:,.1f} MB), "
-             f"zstd -3 | {files_zst:,} | {_mb(files_zst)} | {_ratio(files_zst, new_zst)} | 1.00x |"]
+             f"zstd -3 | {files_zst:,} | {mb(files_zst)} | {ratio(files_zst, new_zst)} | 1.00x |"]
     for strategy in ("overlay", "copy"):
         n = f.get(f"inc_stored_bytes_{strategy}")
         if n is not None:
-            lines.append(f"| stickyci commit ({strategy}): pack bytes written | {n:,} | {_mb(n)} "
-                         f"| {_ratio(n, new_zst)} | {_ratio(n, files_zst)} |")
+            lines.append(f"| stickyci commit ({strategy}): pack bytes written | {n:,} | {mb(n)} "
+                         f"| {ratio(n, new_zst)} | {ratio(n, files_zst)} |")
     for tool in (ST_INC_OVL, ST_INC_COPY, RESTIC_INC, TAR_INC):
         row = bench.rows.get((INCR, tool))
         if row and row.stored:
             n = int(statistics.median(row.stored))
             what = "archive size" if tool == TAR_INC else "store growth (`du -sb`)"
-            lines.append(f"| {tool}: {what} | {n:,} | {_mb(n)} | {_ratio(n, new_zst)} | "
-                         f"{_ratio(n, files_zst)} |")
+            lines.append(f"| {tool}: {what} | {n:,} | {mb(n)} | {ratio(n, new_zst)} | "
+                         f"{ratio(n, files_zst)} |")
     return "\n".join(lines)
-
-
-@dataclass(slots=True)
-class Target:
-    """A target from the issue and how the run did against it."""
-
-    name: str
-    measured: float | None
-    limit: float | None
-    unit: str
-
-    def verdict(self) -> tuple[str, str]:
-        """PASS or MISS, and by how much."""
-        if self.measured is None or self.limit is None:
-            return "n/a", "peer not measured"
-        ratio = self.measured / self.limit if self.limit else math.inf
-        if self.measured <= self.limit:
-            return "PASS", f"{ratio:.2f}x of the limit"
-        return "MISS", f"{ratio:.2f}x the limit ({self.measured - self.limit:+,.3f} {self.unit})"
 
 
 def targets(bench: Bench, sizes: list[tuple[str, int]]) -> list[Target]:
@@ -1187,73 +644,6 @@ def targets(bench: Bench, sizes: list[tuple[str, int]]) -> list[Target]:
     ]
 
 
-def target_table(found: list[Target]) -> str:
-    """PASS/MISS per target."""
-    lines = ["| target | measured | limit | result | margin |", "|---|---:|---:|---|---|"]
-    for t in found:
-        verdict, margin = t.verdict()
-        m = "" if t.measured is None else f"{t.measured:,.3f} {t.unit}"
-        lim = "" if t.limit is None else f"{t.limit:,.3f} {t.unit}"
-        lines.append(f"| {t.name} | {m} | {lim} | **{verdict}** | {margin} |")
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, str]:
-    """The machine and software the figures come from."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                   cpu)
-    mem = 0
-    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
-        mem = int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1]) * 1024
-
-    def out(cmd: list[str]) -> str:
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True,
-                                  check=False).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "?"
-
-    vm = []
-    balloon = Path("/sys/bus/virtio/drivers/virtio_balloon")
-    if balloon.is_dir() and any(p.name.startswith("virtio") for p in balloon.iterdir()):
-        vm.append("virtio-balloon")
-    with contextlib.suppress(OSError, ValueError):
-        if int(Path("/sys/kernel/mm/damon/admin/kdamonds/nr_kdamonds").read_text()) > 0:
-            vm.append("DAMON")
-    return {"cpu": cpu, "nproc": str(os.cpu_count()), "ram": f"{mem / 2**30:.1f} GiB",
-            "vm": ", ".join(vm),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "restic": out(["restic", "version"]),
-            "zstd": out(["zstd", "--version"]).strip("* ").replace(", by Yann Collet", ""),
-            "tar": out(["tar", "--version"])}
-
-
-def src_fingerprint() -> str:
-    """A digest of stickyci's source files, to notice src/ changing during a run."""
-    import hashlib
-
-    import stickyci
-
-    h = hashlib.sha256()
-    for f in sorted(Path(stickyci.__file__).resolve().parent.rglob("*.py")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def stickyci_revision() -> str:
-    """The git revision of the stickyci source the run imported, and whether src/ was dirty."""
-    import stickyci
-
-    src = Path(stickyci.__file__).resolve().parent
-    rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True, check=False).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "."],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    return f"{rev}{' + uncommitted changes in src/' if dirty else ''}"
-
-
 def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: str,
            revision: str) -> str:
     """The Markdown section for this data set."""
@@ -1285,12 +675,7 @@ def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: st
         notes.append(f"- **Noise:** other processes used up to {max(other):.0%} of the CPUs "
                      "during some measurements (column *other CPU*, median per row); those "
                      "figures are pessimistic.")
-    retried = [f"{row.tool} ({row.op}) x{row.retried}" for row in bench.rows.values()
-               if row.retried]
-    if retried:
-        notes.append(f"- **Re-measured** because other processes used more than "
-                     f"{bench.args.max_other_cpu:.0%} of the CPUs meanwhile: "
-                     f"{', '.join(retried)}.")
+    notes += bench.retried_note()
     for row in bench.rows.values():
         if row.background and max(row.background) > 0.05:
             notes.append(f"- **Background work:** after *{row.tool}* ({row.op}) returned, a "
@@ -1316,111 +701,29 @@ def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: st
     return "\n".join(parts)
 
 
-DOC_HEADER = """# Benchmarks
-
-Produced by `bench/disks.py`: every figure below comes from one invocation on the data set named
-in its section, with stickyci and its peers run back to back on the same local copy of the data.
-Each section is replaced in place when the benchmark is re-run with `--write`.
-
-How the operations are measured:
-
-- **full save**: stickyci mounts a new key on an empty store, the tree is copied in (not timed),
-  the page cache is written back (`sync`, not timed), then only `commit` is timed: through the
-  Python API for the overlay and copy strategies, and as a `python3 -m stickyci disk commit`
-  process (interpreter start-up included). The peers read the same tree, already in the page
-  cache: `tar -C DIR -cf - . | zstd -T0 -3`, `restic backup` into a fresh repository (restic
-  0.14 has no `--no-scan`; its scanner runs alongside), and `cp -a`.
-- **cold restore**: `sync; echo 3 > /proc/sys/vm/drop_caches` before each one. stickyci mounts
-  with an empty base cache (`STICKYCI_CACHE_DIR` emptied), so the mount restores the snapshot
-  from the store; restic restores with an empty local cache (`RESTIC_CACHE_DIR` wiped).
-- **warm mount**: the snapshot's base is already in stickyci's base cache.
-- **incremental save**: each run starts from a copy of the full save's store (and restic
-  repository); the disk is mounted with its base cached, the change is applied (not timed) and
-  the commit is timed. restic backs up the changed tree with the full save as its parent
-  snapshot; tar+zstd archives the whole changed tree again.
-- **+ sync s** is the wall time plus a `sync` run right after: stickyci fsyncs its packs, the
-  peers leave their writes in the page cache, so this column compares durable saves.
-- **stickyci / tool** is the stickyci reference row's median over the tool's median: below 1.00x
-  stickyci is faster. MB/s is the tree's size over the wall time.
-- **other CPU** is the CPU time processes other than the benchmark's (kernel threads included)
-  used during the measurement, as a share of all CPUs. Before each measurement the benchmark
-  waits (up to 60 s) for the machine to be idle, and it measures again (at most twice) when that
-  share went over 25%.
-- Deletions stickyci leaves running in the background after a commit are waited for (not
-  timed) before the next measurement; their duration is reported.
-"""
-
-
-def write_docs(path: Path, key: str, section: str) -> None:
-    """Write or replace this data set's section of the benchmarks document."""
-    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
-    block = f"{start}\n{section}\n{end}"
-    text = path.read_text() if path.exists() else ""
-    # The header is this benchmark's too: rewrite it, keep the other data sets' sections.
-    marker = text.find("<!-- bench:")
-    text = DOC_HEADER + ("\n" + text[marker:] if marker >= 0 else "")
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    log(f"wrote the {key} section of {path}")
-
-
-# --------------------------------------------------------------------------------------------
-
-
-def add_noise_options(p: argparse.ArgumentParser) -> None:
-    """``--max-other-cpu`` and ``--quiet-wait``: how a benchmark copes with a shared machine."""
-    p.add_argument("--max-other-cpu", type=float, default=0.25, metavar="SHARE",
-                   help="redo a measurement (at most twice) when processes other than the "
-                   "benchmark used more than this share of the CPUs during it (default 0.25)")
-    p.add_argument("--quiet-wait", type=float, default=60, metavar="S",
-                   help="before each measurement, wait up to S seconds for other processes "
-                   "to stop using the CPUs (default 60; 0: never wait)")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--dataset", choices=("generated", "real"), default="generated",
                    help="generated build tree (default) or a real tree from this machine")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="file counts of the generated tree (1.0: ~1 GB, ~33k files)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the generated tree and change")
     p.add_argument("--real-source", help="tree to copy for --dataset real (default: the Rust "
                    "toolchain, else Python's lib dir)")
-    p.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
-    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
-                   help=f"cached data sets and scratch space (default {DEFAULT_WORK})")
-    p.add_argument("--write", type=Path, metavar="MD",
-                   help="write/replace this data set's section in a Markdown file")
+    cli.add_tree_options(p, write="this data set's section",
+                     seed="seed of the generated tree and change")
     p.add_argument("--stickyci-only", action="store_true", help="skip the peers (profiling)")
     p.add_argument("--no-cli", action="store_true", help="skip the CLI commit measurement")
     p.add_argument("--keep", action="store_true", help="keep <work dir>/run afterwards")
-    add_noise_options(p)
-    args = p.parse_args(argv)
-    if args.runs < 1 or args.scale <= 0:
-        p.error("--runs must be >= 1 and --scale > 0")
-    return args
+    return cli.parse_tree_args(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="stickyci: %(message)s")
-    if os.geteuid() != 0:
-        log("this benchmark needs root: overlay mounts and dropping the page cache")
+    if not cli.preflight("restic", "zstd", "tar", "du", "cp"):
         return 2
-    for tool in ("restic", "zstd", "tar", "du", "cp"):
-        if shutil.which(tool) is None:
-            log(f"{tool} is not installed (apt-get install {tool})")
-            return 2
-    command = "python3 " + shlex.join(sys.argv if argv is None else ["bench/disks.py", *argv])
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    command = cli.command_line("bench/disks.py", argv)
+    started = cli.started_at()
     # Taken now: src/ may change while the benchmark runs, and this is the code it imported.
     revision = stickyci_revision()
     work = args.work_dir.resolve()
@@ -1445,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = report(bench, command, sizes, started, revision)
     print(section)
     if args.write:
-        write_docs(args.write, dataset.key, section)
+        write_section(args.write, dataset.key, section)
     return 0
 
 

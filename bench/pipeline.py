@@ -21,18 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "monorepo" / "pipeline.yml"
-START, END = "<!-- bench:pipeline:start -->", "<!-- bench:pipeline:end -->"
+from harness.datasets import EXAMPLE_PIPELINE as EXAMPLE
+from harness.proc import stickyci
+from harness.report import write_section
 
-
-def stickyci(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run the stickyci CLI; fail loudly if it fails."""
-    proc = subprocess.run([sys.executable, "-m", "stickyci", *args], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"stickyci {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return proc
+KEY = "pipeline"
 
 
 def direct(n: int) -> float:
@@ -74,7 +67,7 @@ def markdown(n: int, runs: int, over: dict[str, float], ex: dict[str, object],
     rows = ex["rows"]
     assert isinstance(rows, list)
     total = next(r for r in rows if r["job"] == "total")
-    lines = [START, "## Pipeline runner", "",
+    lines = ["## Pipeline runner", "",
              f"- **Command:** `{command}`",
              f"- **Machine:** {os.cpu_count()} CPUs, Linux {os.uname().release}; "
              f"**date** {time.strftime('%Y-%m-%d %H:%M')} (UTC); medians of {runs} runs.", "",
@@ -94,20 +87,8 @@ def markdown(n: int, runs: int, over: dict[str, float], ex: dict[str, object],
     lines += ["", f"Warm total is **{total['ratio']:.0%}** of cold (target <= 35%: "
               f"{'PASS' if total['ratio'] <= 0.35 else 'MISS'}). Cold runs start every disk "
               "empty (warm-deps compiles the 125 dependency objects); warm runs mount the "
-              "committed disks and compile none.", END]
+              "committed disks and compile none."]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str, start: str = START, end: str = END) -> None:
-    """Replace (or append) a benchmark's section, between its ``start`` and ``end`` markers
-    (this benchmark's by default), in ``path``."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + section.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -129,7 +110,7 @@ def main() -> None:
     section = markdown(args.jobs, args.runs, over, ex, command.strip())
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, KEY, section)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """stickyci on S3 side by side with restic, both against one real SeaweedFS started here.
 
-This is a benchmark, not a test. On the generated tree of ``bench/disks.py`` it measures a full
-commit and a cold mount of a sticky disk whose store is ``s3://`` on a local SeaweedFS, and
-``restic backup`` / ``restic restore`` with the same server as their S3 repository. Requests are
-counted by the server (its Prometheus counter ``SeaweedFS_s3_request_total``), so both tools are
-counted the same way. It also commits with a few pack sizes::
+This is a benchmark, not a test. On the generated tree ``bench/disks.py`` uses (from
+``bench/harness/datasets.py``) it measures a full commit and a cold mount of a sticky disk
+whose store is ``s3://`` on a local SeaweedFS, and ``restic backup`` / ``restic restore``
+with the same server as their S3 repository. Requests are counted by the server (its
+Prometheus counter ``SeaweedFS_s3_request_total``), so both tools are counted the same way. It
+also commits with a few pack sizes::
 
     python3 bench/s3.py --scale 0.05 --runs 1                   # smoke run (~60 MB tree)
     python3 bench/s3.py --runs 3 --write docs/benchmarks.md     # the 1 GB generated tree
@@ -19,41 +20,44 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import re
-import shlex
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-HERE = Path(__file__).resolve().parent
-# bench/disks.py (data set, measurement helpers, report pieces) and tests/seaweed.py (the server)
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+from harness import cli
+from harness.datasets import (
+    RESTIC_PASSWORD,
+    Dataset,
+    generated_dataset,
+)
+from harness.fs import drop_caches, read_tree, remove, settle
+from harness.machine import machine, stickyci_revision, versions
+from harness.noise import NCPU, TICK, WATCH, timed
+from harness.proc import log, run, tests_helpers, tree_ticks
+from harness.report import MB, Target, mb, ratio, secs, target_table, write_section
+from harness.treebench import TreeBench
 
-import disks as base  # noqa: E402  (bench/disks.py)
+from stickyci import disks
+from stickyci.errors import NotAMount
+from stickyci.snapshot import build as snapshot_build
+from stickyci.snapshot import load_manifest
+from stickyci.store import ObjectStore
+from stickyci.store import objects as store_objects
+from stickyci.store.s3 import S3Backend
+
+tests_helpers()
 from seaweed import Seaweed, SeaweedUnavailable, _free_ports, start_seaweed  # noqa: E402
 
-from stickyci import disks  # noqa: E402
-from stickyci.digest import Digest  # noqa: E402
-from stickyci.disks import refs  # noqa: E402
-from stickyci.errors import NotAMount, StickyError  # noqa: E402
-from stickyci.snapshot import build as snapshot_build  # noqa: E402
-from stickyci.snapshot import load_manifest  # noqa: E402
-from stickyci.store import ObjectStore  # noqa: E402
-from stickyci.store import objects as store_objects  # noqa: E402
-from stickyci.store.s3 import S3Backend  # noqa: E402
-
-MB, MiB = base.MB, 1 << 20
+MiB = 1 << 20
 KEY = "bench"
 BUCKET = "stickyci-bench"
 DEFAULT_PACK, DEFAULT_BATCH = store_objects.PACK_TARGET, snapshot_build._BATCH_BYTES
@@ -64,9 +68,6 @@ RESTIC_BACKUP, RESTIC_RESTORE = "restic backup", "restic restore"
 REFERENCE = {COMMIT: ST_COMMIT, MOUNT: ST_MOUNT}
 _COUNTER = re.compile(r'^SeaweedFS_s3_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-log = base.log
-
 
 # --------------------------------------------------------------------------------------------
 # The server and its request counter
@@ -79,13 +80,10 @@ class Requests:
     def __init__(self, port: int, pid: int) -> None:
         self.url = f"http://127.0.0.1:{port}/metrics"
         self.pid = pid
-        self._tick = os.sysconf("SC_CLK_TCK")
 
     def cpu(self) -> float:
         """CPU seconds the server process has used (all of SeaweedFS is one process)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self._tick
+        return tree_ticks([self.pid]) / TICK
 
     def _scrape(self) -> Counter[str]:
         with urllib.request.urlopen(self.url, timeout=10) as resp:
@@ -124,7 +122,7 @@ def seaweed(root: Path) -> Iterator[tuple[Seaweed, Requests]]:
         with start_seaweed(root, BUCKET, extra_args=args) as server:
             yield server, Requests(port, server.process.pid)
     finally:
-        base.remove(root)
+        remove(root)
 
 
 def bucket_bytes(server: Seaweed, prefix: str) -> tuple[int, dict[str, list[int]]]:
@@ -180,20 +178,14 @@ def pack_rows(mib: int) -> tuple[str, str]:
     return f"{ST_COMMIT}, {mib} MiB packs", f"{ST_MOUNT}, {mib} MiB packs"
 
 
-class S3Bench:
+class S3Bench(TreeBench[Row]):
     """Every measurement of one invocation."""
 
-    def __init__(self, args: argparse.Namespace, ds: base.Dataset, work: Path) -> None:
-        self.args = args
-        self.ds = ds
-        self.run_dir = work / "s3-run"
-        self.tree = self.run_dir / "tree"
+    def __init__(self, args: argparse.Namespace, ds: Dataset, work: Path) -> None:
+        super().__init__(args, ds, work / "s3-run")
         self.mnt = self.run_dir / "mnt"
         self.target = self.run_dir / "restore"
         self.restic_cache = self.run_dir / "restic-cache"
-        self.rows: dict[tuple[str, str], Row] = {}
-        self.facts: dict[str, Any] = {}
-        self.disk_peak = 0
         self.attempts = 0
         # Where the latest commit / backup went: each attempt writes to a prefix of its own.
         self.prefix = self.restic_prefix = ""
@@ -201,14 +193,14 @@ class S3Bench:
     def record(self, op: str, tool: str, seconds: float, requests: Counter[str],
                server_cpu: float, stored: int | None = None, packs: int | None = None) -> None:
         """Add one run's figures to a row."""
-        self.disk_peak = max(self.disk_peak, _du(self.run_dir))
+        self.sample_disk()
         row = self.rows.setdefault((op, tool), Row(op, tool))
         row.seconds.append(seconds)
         row.requests.append(requests)
         row.server_cpu.append(server_cpu)
         # The server's CPU is part of the measured work, not a neighbour's noise.
-        row.other_cpu.append(max(0.0, base.WATCH.other_share
-                                 - server_cpu / (seconds * (os.cpu_count() or 1))))
+        row.other_cpu.append(max(0.0, WATCH.other_share
+                                 - server_cpu / (seconds * NCPU)))
         if stored is not None:
             row.stored.append(stored)
         if packs is not None:
@@ -216,40 +208,6 @@ class S3Bench:
         log(f"  {op:20} {tool:48} {seconds:7.3f} s  {sum(requests.values()):5,} requests "
             f"({', '.join(f'{k} {v}' for k, v in sorted(requests.items()))})"
             f"  server CPU {server_cpu:.2f} s  other CPU {row.other_cpu[-1]:.0%}")
-
-    def attempt(self, op: str, tool: str, measure: Callable[[], object]) -> None:
-        """Run one measurement; redo it (at most twice) when other processes took more than
-        ``--max-other-cpu`` of the CPUs meanwhile (this machine may be shared)."""
-        for tries in range(3):
-            try:
-                measure()
-            except (RuntimeError, OSError, StickyError) as exc:
-                msg = (str(exc).strip().splitlines() or [repr(exc)])[-1][:300]
-                log(f"  FAILED: {tool} ({op}): {msg}")
-                self.facts.setdefault("failures", []).append(f"{tool} ({op}): {msg}")
-                return
-            row = self.rows[(op, tool)]
-            if row.other_cpu[-1] <= self.args.max_other_cpu or tries == 2:
-                return
-            log(f"  other processes used {row.other_cpu[-1]:.0%} of the CPUs; measuring again")
-            row.retried += 1
-            row.drop_last()
-
-    # -- set-up ----------------------------------------------------------------------------
-
-    def setup(self) -> None:
-        """A clean run dir with a working copy of the data set (restic reads it)."""
-        base.unmount_leftovers(self.run_dir)
-        base.remove(self.run_dir)
-        self.run_dir.mkdir(parents=True)
-        log(f"copying the data set to {self.tree}")
-        base.run(["cp", "-a", str(self.ds.root), str(self.tree)])
-
-    def teardown(self) -> None:
-        """Remove everything the run wrote, unless ``--keep``."""
-        base.unmount_leftovers(self.run_dir)
-        if not self.args.keep:
-            base.remove(self.run_dir)
 
     def s3_environ(self, server: Seaweed) -> None:
         """The AWS configuration stickyci's backend reads (in this process and its workers)."""
@@ -260,7 +218,7 @@ class S3Bench:
 
     def restic_env(self, server: Seaweed) -> dict[str, str]:
         """restic's environment: the server's credentials, its S3 repository, a cache dir."""
-        return {**os.environ, "RESTIC_PASSWORD": base.RESTIC_PASSWORD,
+        return {**os.environ, "RESTIC_PASSWORD": RESTIC_PASSWORD,
                 "RESTIC_REPOSITORY": f"s3:{server.endpoint}/{BUCKET}/{self.restic_prefix}",
                 "RESTIC_CACHE_DIR": str(self.restic_cache)}
 
@@ -276,29 +234,29 @@ class S3Bench:
         self.attempts += 1
         self.prefix = f"stickyci-{self.attempts}"
         cache = self.run_dir / "cache-commit"
-        base.remove(cache)
-        base.remove(self.mnt)
+        remove(cache)
+        remove(self.mnt)
         self.mnt.mkdir()
         os.environ["STICKYCI_CACHE_DIR"] = str(cache)
-        res = disks.mount(KEY, self.mnt, strategy="overlay", store_url=self.url)
+        res = disks.mount(KEY, self.mnt, strategy="overlay", store=self.url)
         try:
             if res.strategy != "overlay":
                 raise RuntimeError(f"asked for overlay, stickyci mounted {res.strategy}")
-            base.run(["cp", "-a", f"{self.tree}/.", f"{self.mnt}/"])
-            base.read_tree(self.mnt)  # in the page cache, like restic's input
+            run(["cp", "-a", f"{self.tree}/.", f"{self.mnt}/"])
+            read_tree(self.mnt)  # in the page cache, like restic's input
             os.sync()
-            self.disk_peak = max(self.disk_peak, _du(self.run_dir))
+            self.sample_disk()
             before, cpu = req.now(), req.cpu()
-            start = base.WATCH.begin()
+            start = WATCH.begin()
             doc = disks.commit(self.mnt)
-            seconds = base.WATCH.end() - start
+            seconds = WATCH.end() - start
             requests, cpu = req.now() - before, req.cpu() - cpu
         finally:
             with contextlib.suppress(NotAMount):
                 disks.unmount(self.mnt)
-        base.settle(cache, time.perf_counter())
-        base.remove(cache)
-        base.remove(self.mnt)
+        settle(cache, time.perf_counter())
+        remove(cache)
+        remove(self.mnt)
         if not doc.committed or doc.files != self.ds.stats.files:
             log(f"WARNING: stickyci committed {doc.files} files: {doc}")
         stored, sizes = bucket_bytes(server, self.prefix)
@@ -310,43 +268,37 @@ class S3Bench:
     def stickyci_mount(self, req: Requests, tool: str = ST_MOUNT) -> None:
         """A mount with an empty base cache and a dropped page cache: restored from S3."""
         cache = self.run_dir / "cache-mount"
-        base.remove(cache)
-        base.remove(self.target)
+        remove(cache)
+        remove(self.target)
         self.target.mkdir()
         os.environ["STICKYCI_CACHE_DIR"] = str(cache)
-        base.drop_caches()
+        drop_caches()
         before, cpu = req.now(), req.cpu()
-        start = base.WATCH.begin()
-        res = disks.mount(KEY, self.target, strategy="overlay", store_url=self.url)
-        seconds = base.WATCH.end() - start
+        start = WATCH.begin()
+        res = disks.mount(KEY, self.target, strategy="overlay", store=self.url)
+        seconds = WATCH.end() - start
         requests, cpu = req.now() - before, req.cpu() - cpu
         try:
             if res.base_cached:
                 log("WARNING: the cold mount found its base cached")
-            self._check(self.target, tool)
+            self.check_tree(self.target, tool)
         finally:
             disks.unmount(self.target)
-        base.settle(cache, time.perf_counter())
-        base.remove(cache)
-        base.remove(self.target)
+        settle(cache, time.perf_counter())
+        remove(cache)
+        remove(self.target)
         self.record(MOUNT, tool, seconds, requests, cpu)
 
     def per_chunk_layout(self) -> None:
         """Requests a store with one object per chunk would make: a PUT (commit) or a GET
         (mount) per distinct chunk, plus the manifest."""
         backend = S3Backend(self.url)
-        ref = refs.read_ref(backend, KEY)
+        ref = disks.read_ref(backend, KEY)
         assert ref is not None and ref.latest is not None
         store = ObjectStore(backend)
-        m = load_manifest(store, Digest.parse(ref.latest.snapshot))
+        m = load_manifest(store, ref.latest.snapshot)
         self.facts["chunks"] = len(m.chunk_digests())
         self.facts["per_chunk"] = len(m.chunk_digests()) + 1
-
-    def _check(self, root: Path, what: str) -> None:
-        got, want = base.TreeStats.of(root), self.ds.stats
-        if (got.files, got.bytes, got.symlinks) != (want.files, want.bytes, want.symlinks):
-            log(f"WARNING: {what} restored {got.summary()}; expected {want.summary()}")
-            self.facts.setdefault("mismatches", []).append(what)
 
     # -- restic ----------------------------------------------------------------------------
 
@@ -354,29 +306,29 @@ class S3Bench:
         """``restic backup`` of the tree into a fresh repository on the server."""
         self.attempts += 1
         self.restic_prefix = f"restic-{self.attempts}"
-        base.remove(self.restic_cache)
+        remove(self.restic_cache)
         env = self.restic_env(server)
-        base.run(["restic", "init", "-q"], env=env)
-        base.read_tree(self.tree)
+        run(["restic", "init", "-q"], env=env)
+        read_tree(self.tree)
         os.sync()
         before, cpu = req.now(), req.cpu()
-        seconds = base.timed(["restic", "backup", "-q", str(self.tree)], env=env)
+        seconds = timed(["restic", "backup", "-q", str(self.tree)], env=env)
         requests, cpu = req.now() - before, req.cpu() - cpu
         self.record(COMMIT, RESTIC_BACKUP, seconds, requests, cpu,
                     bucket_bytes(server, self.restic_prefix)[0])
 
     def restic_restore(self, server: Seaweed, req: Requests) -> None:
         """``restic restore latest`` with an empty restic cache and a dropped page cache."""
-        base.remove(self.restic_cache)
-        base.remove(self.target)
-        base.drop_caches()
+        remove(self.restic_cache)
+        remove(self.target)
+        drop_caches()
         before, cpu = req.now(), req.cpu()
-        seconds = base.timed(["restic", "restore", "latest", "-q", "--target",
+        seconds = timed(["restic", "restore", "latest", "-q", "--target",
                               str(self.target)], env=self.restic_env(server))
         requests, cpu = req.now() - before, req.cpu() - cpu
         # restic restores under the absolute path it backed up.
-        self._check(self.target / self.tree.relative_to("/"), RESTIC_RESTORE)
-        base.remove(self.target)
+        self.check_tree(self.target / self.tree.relative_to("/"), RESTIC_RESTORE)
+        remove(self.target)
         self.record(MOUNT, RESTIC_RESTORE, seconds, requests, cpu)
 
     # -- the runs --------------------------------------------------------------------------
@@ -426,12 +378,6 @@ def batch_for(target: int) -> int:
     return max(DEFAULT_BATCH, 2 * target)
 
 
-def _du(path: Path) -> int:
-    out = subprocess.run(["du", "-sx", "-B1", str(path)], capture_output=True, text=True,
-                         check=False).stdout.split()
-    return int(out[0]) if out else 0
-
-
 # --------------------------------------------------------------------------------------------
 # The report
 
@@ -453,15 +399,15 @@ def timing_table(bench: S3Bench) -> str:
         if row.tool not in (ST_COMMIT, ST_MOUNT, RESTIC_BACKUP, RESTIC_RESTORE):
             continue  # the pack size rows have a table of their own
         ref = bench.rows.get((row.op, REFERENCE[row.op]))
-        ratio = ("(reference)" if row.tool == REFERENCE[row.op]
-                 else base._ratio(ref.median, row.median) if ref else "")
-        stored = base._mb(statistics.median(row.stored)) if row.stored else ""
+        versus = ("(reference)" if row.tool == REFERENCE[row.op]
+                 else ratio(ref.median, row.median) if ref else "")
+        stored = mb(statistics.median(row.stored)) if row.stored else ""
         share = f"1/{per_chunk / row.total_requests:,.0f}" if row.total_requests else ""
         lines.append(
-            f"| {row.op} | {row.tool} | {base._secs(row.median)} | "
-            f"{base._secs(min(row.seconds))}-{base._secs(max(row.seconds))} | "
+            f"| {row.op} | {row.tool} | {secs(row.median)} | "
+            f"{secs(min(row.seconds))}-{secs(max(row.seconds))} | "
             f"{size / MB / row.median:,.0f} | {row.total_requests:,} | {_types(row.requests)} | "
-            f"{share} | {stored} | {ratio} | {statistics.median(row.server_cpu):.2f} | "
+            f"{share} | {stored} | {versus} | {statistics.median(row.server_cpu):.2f} | "
             f"{statistics.median(row.other_cpu):.0%} |")
     return "\n".join(lines)
 
@@ -481,14 +427,14 @@ def pack_table(bench: S3Bench) -> str:
         note = " (default)" if mib << 20 == DEFAULT_PACK else ""
         lines.append(
             f"| {mib} MiB{note} | {batch_for(mib << 20) >> 20} MiB | {packs:,.0f} | "
-            f"{mean:.1f} | {base._secs(commit.median)} ({base._secs(min(commit.seconds))}-"
-            f"{base._secs(max(commit.seconds))}) | {commit.total_requests:,} | "
-            f"{base._secs(mount.median)} ({base._secs(min(mount.seconds))}-"
-            f"{base._secs(max(mount.seconds))}) | {mount.total_requests:,} |")
+            f"{mean:.1f} | {secs(commit.median)} ({secs(min(commit.seconds))}-"
+            f"{secs(max(commit.seconds))}) | {commit.total_requests:,} | "
+            f"{secs(mount.median)} ({secs(min(mount.seconds))}-"
+            f"{secs(max(mount.seconds))}) | {mount.total_requests:,} |")
     return "\n".join(lines)
 
 
-def targets(bench: S3Bench) -> list[base.Target]:
+def targets(bench: S3Bench) -> list[Target]:
     """The issue's S3 targets against this run's medians."""
 
     def row(op: str, tool: str) -> Row | None:
@@ -505,13 +451,13 @@ def targets(bench: S3Bench) -> list[base.Target]:
     per_chunk = bench.facts.get("per_chunk")
     limit = per_chunk / 20 if per_chunk else None
     return [
-        base.Target("commit to S3 <= restic backup to S3", med(COMMIT, ST_COMMIT),
+        Target("commit to S3 <= restic backup to S3", med(COMMIT, ST_COMMIT),
                     med(COMMIT, RESTIC_BACKUP), "s"),
-        base.Target("cold mount from S3 <= restic restore from S3", med(MOUNT, ST_MOUNT),
+        Target("cold mount from S3 <= restic restore from S3", med(MOUNT, ST_MOUNT),
                     med(MOUNT, RESTIC_RESTORE), "s"),
-        base.Target("commit requests <= 1/20 of one object per chunk", reqs(COMMIT), limit,
+        Target("commit requests <= 1/20 of one object per chunk", reqs(COMMIT), limit,
                     "requests"),
-        base.Target("cold mount requests <= 1/20 of one object per chunk", reqs(MOUNT), limit,
+        Target("cold mount requests <= 1/20 of one object per chunk", reqs(MOUNT), limit,
                     "requests"),
     ]
 
@@ -527,7 +473,7 @@ def weed_version() -> str:
 
 def report(bench: S3Bench, command: str, started: str, revision: str) -> str:
     """The Markdown section."""
-    m = base.machine()
+    m = machine()
     sizes = bench.facts.get("pack_sizes", [])
     notes = [
         "Produced by `bench/s3.py`. Each run starts a fresh SeaweedFS (`weed server -s3`, one "
@@ -552,8 +498,8 @@ def report(bench: S3Bench, command: str, started: str, revision: str) -> str:
         f"- **Data set:** {bench.ds.description}. {bench.ds.stats.summary()}.",
         f"- **Machine:** {m['cpu']}, {m['nproc']} CPUs, {m['ram']} RAM, Linux {m['kernel']}; "
         f"work dir `{bench.run_dir.parent}`.",
-        f"- **Software:** stickyci {revision}, Python {m['python']}, boto3 "
-        f"{_version('boto3')}; {m['restic']}; SeaweedFS {weed_version()}.",
+        f"- **Software:** stickyci {revision}, Python {m['python']}, "
+        f"{versions('boto3')}; {m['restic']}; SeaweedFS {weed_version()}.",
         f"- **Date:** {started} (UTC). **Runs:** {bench.args.runs}, medians reported. Peak "
         f"disk use of the run dir {bench.disk_peak / 2**30:.1f} GiB.",
         f"- **Command:** `{command}`",
@@ -564,16 +510,11 @@ def report(bench: S3Bench, command: str, started: str, revision: str) -> str:
                      f"median {statistics.median(sizes) / MB:.1f} MB.")
     for what in bench.facts.get("mismatches", []):
         notes.append(f"- **Warning:** {what} restored a tree that differs from the source.")
-    retried = [f"{row.tool} ({row.op}) x{row.retried}" for row in bench.rows.values()
-               if row.retried]
-    if retried:
-        notes.append(f"- **Re-measured** because other processes used more than "
-                     f"{bench.args.max_other_cpu:.0%} of the CPUs meanwhile: "
-                     f"{', '.join(retried)}.")
+    notes += bench.retried_note()
     for failure in dict.fromkeys(bench.facts.get("failures", [])):
         notes.append(f"- **Failed:** {failure}")
     parts = [f"## S3: stickyci and restic on SeaweedFS ({bench.ds.title})", "",
-             "\n".join(notes), "", "### Targets", "", base.target_table(targets(bench)), "",
+             "\n".join(notes), "", "### Targets", "", target_table(targets(bench)), "",
              "### Timings and requests", "", timing_table(bench)]
     if any(row.tool.endswith("MiB packs") for row in bench.rows.values()):
         parts += ["", "### Pack size on S3", "",
@@ -586,62 +527,40 @@ def report(bench: S3Bench, command: str, started: str, revision: str) -> str:
     return "\n".join(parts)
 
 
-def _version(module: str) -> str:
-    from importlib.metadata import version
-
-    return version(module)
-
-
 # --------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="file counts of the generated tree (1.0: ~1 GB, ~33k files)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the generated tree")
-    p.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
+    p = cli.parser(__doc__)
+    cli.add_tree_options(p, write="the s3 section", seed="seed of the generated tree")
     p.add_argument("--pack-sizes", type=lambda s: [int(x) for x in s.split(",")],
                    default=[4, 16, 64], metavar="MIB,...",
                    help="pack size targets to compare, in MiB (default 4,16,64; empty: none)")
     p.add_argument("--pack-runs", type=int, default=0, metavar="N",
                    help="runs per pack size other than the default (default: --runs)")
-    p.add_argument("--work-dir", type=Path, default=base.DEFAULT_WORK,
-                   help=f"cached data sets and scratch space (default {base.DEFAULT_WORK})")
-    p.add_argument("--write", type=Path, metavar="MD",
-                   help="write/replace the s3 section in a Markdown file")
     p.add_argument("--stickyci-only", action="store_true", help="skip restic (profiling)")
     p.add_argument("--keep", action="store_true", help="keep <work dir>/s3-run afterwards")
-    base.add_noise_options(p)
-    args = p.parse_args(argv)
-    if args.runs < 1 or args.scale <= 0:
-        p.error("--runs must be >= 1 and --scale > 0")
-    return args
+    return cli.parse_tree_args(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the report."""
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        log("this benchmark needs root: overlay mounts and dropping the page cache")
+    if not cli.preflight("restic"):
         return 2
-    if shutil.which("restic") is None:
-        log("restic is not installed (apt-get install restic)")
-        return 2
-    command = "python3 " + shlex.join(sys.argv if argv is None else ["bench/s3.py", *argv])
-    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
-    revision = base.stickyci_revision()
+    command = cli.command_line("bench/s3.py", argv)
+    started = cli.started_at()
+    revision = stickyci_revision()
     work = args.work_dir.resolve()
     os.environ.pop("STICKYCI_STORE", None)  # every call names its store explicitly
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_RETRY_MODE",
                 "AWS_MAX_ATTEMPTS"):
         os.environ.pop(var, None)
-    dataset = base.generated_dataset(work, args.seed, args.scale)
+    dataset = generated_dataset(work, args.seed, args.scale)
     log(f"data set {dataset.key}: {dataset.stats.summary()}")
     bench = S3Bench(args, dataset, work)
-    base.WATCH.quiet_wait = args.quiet_wait
+    WATCH.quiet_wait = args.quiet_wait
     try:
         bench.setup()
         bench.side_by_side()
@@ -654,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     section = report(bench, command, started, revision)
     print(section)
     if args.write:
-        base.write_docs(args.write, "s3", section)
+        write_section(args.write, "s3", section)
     return 0
 
 

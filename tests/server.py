@@ -12,13 +12,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from helpers import Env, TimedOut, wait_for
 
 from stickyci.digest import Digest
 from stickyci.store import protocol as p
@@ -96,19 +96,20 @@ def start_server(root: Path, *, store_url: str | None = None, port: int | None =
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"stickyci serve exited {proc.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.05)  # polling a condition with a deadline, not synchronisation by sleep
-    stop(proc)
-    raise RuntimeError(f"stickyci serve did not answer within {START_TIMEOUT}s:\n"
-                       f"{log.read_text()}")
+            return False
+
+    try:
+        wait_for(healthy, "stickyci serve to answer /healthz", START_TIMEOUT, interval=0.05)
+    except TimedOut:
+        stop(proc)
+        raise RuntimeError(f"stickyci serve did not answer within {START_TIMEOUT}s:\n"
+                           f"{log.read_text()}") from None
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -140,3 +141,20 @@ def pack(data: bytes) -> str:
 def unique(prefix: str) -> str:
     """A disk key no other test of a shared server uses."""
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def error(r: httpx.Response) -> p.ErrorBody:
+    """The JSON error body every failure carries."""
+    assert r.headers["content-type"] == "application/json", r.text
+    body = p.ErrorBody.model_validate_json(r.content)
+    assert "\n" not in body.error
+    return body
+
+
+def remote(env: Env, server: Server, token: str | None = None, cache: str = "cache") -> Env:
+    """``env`` as a runner of ``server`` sees it: its store is the server, its cache ``cache``."""
+    cache_dir = env.root / cache
+    environ = {**env.environ, "STICKYCI_STORE": server.url,
+               "STICKYCI_TOKEN": server.admin if token is None else token,
+               "STICKYCI_CACHE_DIR": str(cache_dir), "STICKYCI_HTTP_RETRY_SECONDS": "10"}
+    return Env(env.root, store_dir(server), cache_dir, environ)

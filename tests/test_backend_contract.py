@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from botocore.config import Config
-from seaweed import Seaweed, SeaweedUnavailable, seaweed, start_seaweed  # noqa: F401
+from seaweed import Seaweed, SeaweedUnavailable, start_seaweed
 from server import Server, start_server
 
 from stickyci.digest import Digest
@@ -39,6 +39,7 @@ from stickyci.store import LocalBackend, ObjectStore
 from stickyci.store.backend import Backend
 from stickyci.store.http import HttpBackend
 from stickyci.store.objects import encode_index
+from stickyci.store.retry import RetryBackend
 from stickyci.store.s3 import S3Backend
 from stickyci.store.tier import TieredBackend
 
@@ -57,7 +58,7 @@ def index_blob(entries: int) -> bytes:
 
 
 @pytest.fixture
-def s3_env(seaweed: Seaweed,  # noqa: F811 (the fixture imported above)
+def s3_env(seaweed: Seaweed,
            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Seaweed:
     """The standard AWS configuration pointing at the test server, and nothing from ~/.aws."""
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -91,10 +92,11 @@ def _factory(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Facto
         for ns in root.iterdir() if root.exists() else ():
             if ns.name != "tmp":  # the server's backend keeps its temp dir for its lifetime
                 shutil.rmtree(ns)
+        # Composed as open_backend composes them: retries around the one-request client.
         if kind == "http":
-            return lambda: HttpBackend(server.url, token)
+            return lambda: RetryBackend(HttpBackend(server.url, token))
         tier = LocalBackend(tmp_path / "tier")  # one machine's tier, shared by its processes
-        return lambda: TieredBackend(tier, HttpBackend(server.url, token), 1 << 30)
+        return lambda: TieredBackend(tier, RetryBackend(HttpBackend(server.url, token)), 1 << 30)
     server: Seaweed = request.getfixturevalue("s3_env")
     url = f"s3://{server.bucket}/t-{uuid.uuid4().hex}"  # a fresh prefix: tests stay apart
     conditional = False if kind == "s3-lease" else None

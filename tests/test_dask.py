@@ -15,19 +15,20 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import distributed
 import pytest
-from conftest import Env, _unmount_under
+from helpers import Env, names, unmount_under, wait_for
 from server import start_server
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "monorepo" / "pipeline.yml"
 WORKERS = 3
+# A step on a cluster of fresh worker processes may take a while to start on a busy machine.
+CLUSTER_WAIT = 60.0
 @dataclass
 class Store:
     """The shared store: its URL, the token clients send, the directory holding its data."""
@@ -87,7 +88,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         client.close()
         lc.close()
-        _unmount_under(root)
+        unmount_under(root)
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def env(tmp_path: Path, store: Store, cluster: Cluster) -> Iterator[Env]:
                "STICKYCI_CACHE_DIR": str(tmp_path / "client")}
     environ["STICKYCI_TOKEN"] = store.token
     yield Env(tmp_path, store.data, tmp_path / "client", environ)
-    _unmount_under(tmp_path)
+    unmount_under(tmp_path)
 
 
 def write(env: Env, text: str, name: str = "p.yml") -> Path:
@@ -140,14 +141,6 @@ def ran_on(record: dict[str, Any], job_id: str) -> str:
     return name
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def gone(pid: int) -> bool:
     try:
         return "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -158,11 +151,6 @@ def gone(pid: int) -> bool:
 def mounted_under(root: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4].startswith(str(root)) for line in f)
-
-
-def names(root: Path, namespace: str) -> set[str]:
-    d = root / namespace
-    return {p.name for p in d.iterdir() if not p.name.startswith(".")} if d.is_dir() else set()
 
 
 # --- the canonical example ---------------------------------------------------------------------
@@ -239,11 +227,12 @@ jobs:
     proc = start(env, cluster, p)
     try:
         wait_for(lambda: proc.poll() is not None or (m / "worker").exists(),
-                 "the first attempt to start its step")
+                 "the first attempt to start its step", timeout=CLUSTER_WAIT)
         victim = (m / "worker").read_text().strip()
         # What the step printed before its worker dies is kept: wait until it is here.
         wait_for(lambda: any(f"attempt 1 on {victim}" in f.read_text() for f in (
-            env.cache / "runs").glob("*/logs/victim/01-work.log")), "the step's output")
+            env.cache / "runs").glob("*/logs/victim/01-work.log")), "the step's output",
+            timeout=CLUSTER_WAIT)
         os.kill(cluster.pid(victim), signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -309,7 +298,7 @@ jobs:
         wait_for(lambda: proc.poll() is not None or (
             (m / "worker").exists()
             and names(env.store, "packs") | names(env.store, "tmp") != before),
-            "the first attempt's commit to start writing")
+            "the first attempt's commit to start writing", timeout=CLUSTER_WAIT)
         victim = (m / "worker").read_text().strip()
         os.kill(cluster.pid(victim), signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
@@ -409,11 +398,12 @@ jobs:
 """)
     proc = start(env, cluster, p)
     try:
-        wait_for(lambda: proc.poll() is not None or (m / "said").exists(), "the first line")
+        wait_for(lambda: proc.poll() is not None or (m / "said").exists(), "the first line",
+                 timeout=CLUSTER_WAIT)
         logs = (env.cache / "runs").glob
         wait_for(lambda: any("first line" in f.read_text()
                              for f in logs("*/logs/talk/01-talk.log")),
-                 "the first line to reach the client's run dir")
+                 "the first line to reach the client's run dir", timeout=CLUSTER_WAIT)
         assert proc.poll() is None  # streamed while the job still runs
         (m / "go").touch()
         out, err = proc.communicate(timeout=60)
@@ -439,7 +429,8 @@ jobs:
 """)
     proc = start(env, cluster, p)
     try:
-        wait_for(lambda: proc.poll() is not None or started.exists(), "the step to start")
+        wait_for(lambda: proc.poll() is not None or started.exists(), "the step to start",
+                 timeout=CLUSTER_WAIT)
         os.kill(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

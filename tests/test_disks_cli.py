@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import IS_ROOT, Env
-
-STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
-    not IS_ROOT, reason="overlayfs mounts need root"))]
+from helpers import STRATEGIES, Env
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -47,7 +44,7 @@ def test_on_change_skips_an_unchanged_disk(env: Env, strategy: str) -> None:
     assert env.json("disk", "commit", str(ws), "--mode", "always")["generation"] == 2
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="overlayfs mounts need root")
+@pytest.mark.root
 def test_overlay_commit_reads_whiteouts_and_opaque_dirs(env: Env) -> None:
     ws = env.root / "ws"
     env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")

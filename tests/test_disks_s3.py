@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import Env
-from seaweed import Seaweed, seaweed  # noqa: F401  (the fixture)
+from helpers import Env
+from seaweed import Seaweed
 
 
-def test_commit_mount_and_gc_on_s3(env: Env, seaweed: Seaweed) -> None:  # noqa: F811
+def test_commit_mount_and_gc_on_s3(env: Env, seaweed: Seaweed) -> None:
     env.environ.update({
         "AWS_ACCESS_KEY_ID": seaweed.access_key, "AWS_SECRET_ACCESS_KEY": seaweed.secret_key,
         "AWS_DEFAULT_REGION": seaweed.region, "STICKYCI_S3_ENDPOINT": seaweed.endpoint,

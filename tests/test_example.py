@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Env
+from helpers import Env
 from server import start_server
 
 PIPELINE = Path(__file__).parent.parent / "examples" / "monorepo" / "pipeline.yml"

@@ -6,19 +6,28 @@ be reported as one line with the documented exit code.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, Env
+from helpers import (
+    STRATEGIES,
+    Env,
+    MiB,
+    elsewhere,
+    is_mount_record,
+    names,
+    one_line_error,
+    reap,
+    start_commit,
+    tree_digest,
+    wait_for,
+    write_big,
+)
 
 from stickyci.digest import Digest
 from stickyci.disks import refs
@@ -29,76 +38,7 @@ from stickyci.snapshot.model import DIR, FILE, SYMLINK
 from stickyci.store import LocalBackend, ObjectStore
 from stickyci.store.objects import decode_index
 
-STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
-    not IS_ROOT, reason="overlayfs mounts need root"))]
-MiB = 1 << 20
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def names(store: Path, namespace: str) -> set[str]:
-    d = store / namespace
-    return {p.name for p in d.iterdir() if not p.name.startswith(".")} if d.is_dir() else set()
-
-
-def elsewhere(env: Env, name: str) -> Env:
-    """The same store seen from another machine: an empty cache, so mounts read the store."""
-    cache = env.root / name
-    return Env(env.root, env.store, cache, {**env.environ, "STICKYCI_CACHE_DIR": str(cache)})
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, n), root)] = "dir"
-        for n in filenames:
-            p = os.path.join(dirpath, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.blake2b(f.read()).hexdigest()
-    return out
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("stickyci: error: ") and "Traceback" not in proc.stderr
-    return lines[0]
-
-
-def is_mount_record(env: Env, path: Path) -> bool:
-    """Whether stickyci has a mount record for ``path`` (probed with a harmless unmount)."""
-    made = not path.exists()
-    if made:
-        path.mkdir()  # a record can outlive its directory; the probe needs one
-    try:
-        proc = env.run("disk", "unmount", str(path), check=False)
-    finally:
-        if made:
-            path.rmdir()
-    return "is not a stickyci mount" not in proc.stderr
-
-
 # --- kill -9 in the middle of a commit ---------------------------------------------------------
-
-def start_commit(env: Env, ws: Path) -> subprocess.Popen[str]:
-    """``disk commit`` in a session of its own, so its whole process group can be killed."""
-    return subprocess.Popen([sys.executable, "-m", "stickyci", "disk", "commit", str(ws)],
-                            env=env.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def reap(proc: subprocess.Popen[str]) -> tuple[str, str]:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the committer, if any
-    return proc.communicate(timeout=60)
-
 
 def group(pgid: int) -> list[int]:
     """Live processes in process group ``pgid``."""
@@ -113,12 +53,6 @@ def group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(d))
     return out
-
-
-def write_big(ws: Path, mib: int) -> None:
-    (ws / "big").mkdir()
-    for i in range(mib // 4):  # incompressible: a commit of many packs
-        (ws / "big" / f"{i:03}.bin").write_bytes(os.urandom(4 * MiB))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -143,7 +77,8 @@ def test_kill_9_during_commit_leaves_ref_and_mount_and_gc_cleans_up(env: Env,
     proc = start_commit(env, ws)
     try:
         wait_for(lambda: proc.poll() is not None or bool(names(env.store, "tmp"))
-                 or names(env.store, "packs") != packs0, "the commit to start writing packs")
+                 or names(env.store, "packs") != packs0, "the commit to start writing packs",
+                 interval=0.002)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         reap(proc)
@@ -198,7 +133,8 @@ def test_kill_9_of_the_committer_alone_stops_all_writing(env: Env) -> None:
     proc = start_commit(env, ws)
     try:
         wait_for(lambda: proc.poll() is not None or bool(names(env.store, "tmp"))
-                 or bool(names(env.store, "packs")), "the commit to start writing packs")
+                 or bool(names(env.store, "packs")), "the commit to start writing packs",
+                 interval=0.002)
         proc.send_signal(signal.SIGKILL)  # the committing process only, as `kill -9 PID`
         proc.wait(timeout=30)
         at_death = published()
@@ -212,23 +148,8 @@ def test_kill_9_of_the_committer_alone_stops_all_writing(env: Env) -> None:
 
 # --- a full store ------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_store(env: Env) -> Iterator[Env]:
-    """The env's store on an 8 MiB tmpfs."""
-    if not IS_ROOT:
-        pytest.skip("mounting a tmpfs needs root")
-    env.store.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(env.store)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield env
-    finally:
-        subprocess.run(["umount", "-l", str(env.store)], check=False)
-
-
 # 12 MiB is committed by the committing process itself, 80 MiB by forked workers
+@pytest.mark.root
 @pytest.mark.parametrize("mib", [12, 80])
 def test_store_full_keeps_the_ref_and_the_mount(small_store: Env, mib: int) -> None:
     env = small_store

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from stickyci.cli.runs import runs
 from stickyci.errors import NotFound, StickyError, UsageError
-from stickyci.pipeline.record import DiskRecord, JobRecord, RunRecord, StepRecord
 from stickyci.runs.history import SCHEMA_VERSION, History, record_from_dict
+from stickyci.runs.record import DiskRecord, JobRecord, RunRecord, StepRecord
 
 T0 = 1_800_000_000.0
 

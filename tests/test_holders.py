@@ -12,10 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, Env
-
-STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
-    not IS_ROOT, reason="overlayfs mounts need root"))]
+from helpers import STRATEGIES, Env, wait_for
 
 HOLD_OPEN = "import sys; f = open(sys.argv[1], 'rb'); sys.stdin.read()"
 # libc's mmap, not Python's: mmap.mmap keeps a dup of the fd, and the point is a mapping alone
@@ -25,14 +22,6 @@ HOLD_MMAP = ("import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); 
              "ctypes.c_int, ctypes.c_long]; fd = os.open(sys.argv[1], os.O_RDONLY); "
              "p = libc.mmap(None, 4096, 1, 1, fd, 0); os.close(fd); "
              "assert p not in (None, ctypes.c_void_p(-1).value); sys.stdin.read()")
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _readlink(link: str) -> str:

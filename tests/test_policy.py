@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, Env
+from helpers import STRATEGIES, Env
 
 from stickyci import disks
 from stickyci.digest import Digest
@@ -126,9 +126,6 @@ def test_over_budget(items: dict[str, tuple[int, float]], limit: int, keep: set[
 
 # --- the base cache against live mounts -------------------------------------------------------
 
-STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
-    not IS_ROOT, reason="overlayfs mounts need root"))]
-
 
 @pytest.fixture
 def cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
@@ -176,7 +173,7 @@ def test_evict_never_drops_the_base_of_a_live_mount(cache_env: Path, strategy: s
     sizes = {u.name: u.size for u in basecache.entries()}
     assert sizes[snap_a.hex] == 200_000 and sizes[snap_b.hex] == 300_000
 
-    dropped = basecache.evict(budget=0)
+    dropped = basecache.trim(budget=0)
     assert snap_a.hex not in dropped
     assert snap_b.hex in dropped and basecache.EMPTY in dropped
     assert basecache.base_path(snap_a).is_dir()
@@ -192,7 +189,7 @@ def test_evict_never_drops_the_base_of_a_live_mount(cache_env: Path, strategy: s
     assert disks.commit(live).committed
     names = {u.name for u in basecache.entries()}
     assert snap_a.hex in names
-    assert set(basecache.evict(budget=0)) == names  # nothing is live any more: all go
+    assert set(basecache.trim(budget=0)) == names  # nothing is live any more: all go
     assert not basecache.base_path(snap_a).exists() and basecache.entries() == []
 
     disks.mount("a", live, strategy=strategy)  # rebuilt from the store
@@ -208,7 +205,7 @@ def test_evict_respects_the_configured_budget(cache_env: Path,
         _age(s, 1000 - i)  # d0 oldest
     _age(None, 5000)
     monkeypatch.setenv("STICKYCI_BASE_CACHE_SIZE", "250k")  # 256000 bytes: two bases fit
-    assert basecache.evict() == [basecache.EMPTY, snaps[0].hex]
+    assert basecache.trim() == [basecache.EMPTY, snaps[0].hex]
     assert [basecache.base_path(s).is_dir() for s in snaps] == [False, True, True]
 
 
@@ -224,7 +221,7 @@ def test_evict_racing_a_mount_in_progress_keeps_its_base(
 
     def racing(*args: object, **kw: object) -> str:
         # what another process's `disk mount` does after materialising its own base
-        evicted.append(basecache.evict(budget=0))
+        evicted.append(basecache.trim(budget=0))
         return real(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(api.strategies, "mount", racing)
@@ -243,6 +240,6 @@ def test_evict_sweeps_a_base_abandoned_mid_restore(env: Env) -> None:
     busy.mkdir()
     with open(root / f".{'cd' * 32}.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        basecache.evict()
+        basecache.trim()
     assert not abandoned.exists()
     assert busy.exists()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT
+from helpers import IS_ROOT, STRATEGIES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -317,10 +317,6 @@ def test_snapshot_restore_roundtrip(tmp_path_factory: pytest.TempPathFactory, tr
         assert describe(mine) == untrusted(want)
 
 
-STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
-    not IS_ROOT, reason="overlayfs mounts need root"))]
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @settings(SETTINGS, max_examples=25)
 @given(data=st.data(), in_place=st.booleans())
@@ -369,7 +365,7 @@ def test_disk_commit_remount_roundtrip(tmp_path_factory: pytest.TempPathFactory,
 
 # --- bugs the properties found (fixed since), pinned as examples ------------------------------
 
-@pytest.mark.skipif(not IS_ROOT, reason="overlayfs mounts need root")
+@pytest.mark.root
 @pytest.mark.parametrize("replacement", ["file", "symlink"])
 def test_overlay_commit_of_dir_replaced_by_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                replacement: str) -> None:

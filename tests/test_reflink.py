@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IS_ROOT, Env
+from helpers import Env
 
 from stickyci import disks
 from stickyci.digest import Digest
@@ -42,9 +42,7 @@ def can_reflink(directory: Path) -> bool:
 
 @pytest.fixture
 def xfs(tmp_path: Path) -> Iterator[Path]:
-    """A mounted 600 MiB reflink-enabled xfs image in tmp_path."""
-    if not IS_ROOT:
-        pytest.skip("loop mounts need root")
+    """A mounted 600 MiB reflink-enabled xfs image in tmp_path (mark the test ``root``)."""
     if not shutil.which("mkfs.xfs"):
         pytest.skip("mkfs.xfs is not installed (xfsprogs)")
     img, mnt = tmp_path / "xfs.img", tmp_path / "xfs"
@@ -97,6 +95,7 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.root
 def test_reflink_mount_shares_extents_and_commits_incrementally(env: Env, xfs: Path) -> None:
     if not shutil.which("xfs_io"):
         pytest.skip("xfs_io is not installed (xfsprogs)")
@@ -223,6 +222,7 @@ def test_auto_falls_back_to_copy_without_overlay_or_reflink(
     assert not list((tmp_path).glob(".probe-*"))
 
 
+@pytest.mark.root
 def test_auto_picks_reflink_on_xfs_without_overlay(xfs: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     got, path, fake = _chain(xfs, monkeypatch, errno.EPERM)

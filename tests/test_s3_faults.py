@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Env
-from seaweed import Seaweed, SeaweedUnavailable, seaweed, start_seaweed  # noqa: F401
-from test_faults import (
+from helpers import (
+    Env,
     elsewhere,
     is_mount_record,
     one_line_error,
@@ -28,6 +27,7 @@ from test_faults import (
     wait_for,
     write_big,
 )
+from seaweed import Seaweed, SeaweedUnavailable, start_seaweed
 
 from stickyci.digest import Digest
 from stickyci.store.objects import decode_index
@@ -113,7 +113,7 @@ def test_server_killed_mid_commit_keeps_the_ref_and_gc_reclaims_the_upload(
     try:
         wait_for(lambda: proc.poll() is not None
                  or len(in_ns(objects(server, prefix), "packs")) > packs0,
-                 "the commit to upload its first pack")
+                 "the commit to upload its first pack", interval=0.002)
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
         out, err = proc.communicate(timeout=120)
@@ -175,7 +175,7 @@ def _pack_and_location(server: Seaweed, prefix: str,
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_object_damaged_in_the_bucket_is_refused_and_named(
-        env: Env, seaweed: Seaweed, damage: str) -> None:  # noqa: F811
+        env: Env, seaweed: Seaweed, damage: str) -> None:
     prefix = f"damaged-{uuid.uuid4().hex[:12]}"
     use_s3(env, seaweed, prefix)
     ws = env.root / "ws"
@@ -213,7 +213,7 @@ def test_object_damaged_in_the_bucket_is_refused_and_named(
 # --- gc and repack ------------------------------------------------------------------------------
 
 
-def test_gc_repacks_a_mostly_dead_pack_on_s3(env: Env, seaweed: Seaweed) -> None:  # noqa: F811
+def test_gc_repacks_a_mostly_dead_pack_on_s3(env: Env, seaweed: Seaweed) -> None:
     prefix = f"repack-{uuid.uuid4().hex[:12]}"
     use_s3(env, seaweed, prefix)
     ws = env.root / "ws"

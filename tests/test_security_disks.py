@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, Env
+from helpers import STRATEGIES, Env, elsewhere, is_mount_record, one_line_error, wait_for
 from server import start_server
-from test_faults import elsewhere, is_mount_record, one_line_error, wait_for
-from test_faults import small_store as small_store  # a fixture, found by name
 
 from stickyci import codec
 from stickyci.digest import Digest
@@ -33,7 +31,6 @@ from stickyci.errors import IntegrityError, InvalidKey, UsageError
 from stickyci.store.backend import check_name
 from stickyci.store.objects import decode_index, encode_index
 
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="overlay and tmpfs mounts need root")
 HEX = "ab" * 32
 
 
@@ -135,7 +132,7 @@ def test_key_with_trailing_newline_is_refused_by_the_cli(env: Env) -> None:
 
 # --- a ref whose snapshot is a path ------------------------------------------------------------
 
-@needs_root
+@pytest.mark.root
 def test_path_like_snapshot_is_never_used_as_a_path(env: Env) -> None:
     # bases/<snapshot> with snapshot "./../../secret" is <root>/secret: a root-only tree
     secret = env.root / "secret"
@@ -329,8 +326,8 @@ def _fill(fs: Path) -> Path:
     return filler
 
 
-@needs_root
-@pytest.mark.parametrize("strategy", ["overlay", "copy"])
+@pytest.mark.root
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_store_full_during_mount_leaves_nothing_mounted(small_store: Env, strategy: str) -> None:
     env = small_store
     ws = env.root / "ws"
@@ -356,7 +353,7 @@ def test_store_full_during_mount_leaves_nothing_mounted(small_store: Env, strate
     env.run("disk", "unmount", str(ws))
 
 
-@needs_root
+@pytest.mark.root
 def test_bad_base_cache_size_is_refused_before_mounting(env: Env) -> None:
     ws = env.root / "ws"
     bad = {**env.environ, "STICKYCI_BASE_CACHE_SIZE": "abc"}
@@ -390,7 +387,7 @@ def _holding(lock: Path) -> Iterator[None]:
         os.close(fd)
 
 
-@needs_root
+@pytest.mark.root
 def test_commit_busy_after_the_ref_moved_reports_the_new_generation(env: Env) -> None:
     ws = env.root / "ws"
     env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
@@ -404,7 +401,7 @@ def test_commit_busy_after_the_ref_moved_reports_the_new_generation(env: Env) ->
                                   stderr=subprocess.PIPE, text=True)
         try:
             wait_for(lambda: commit.poll() is not None or _waits_for_flock(commit.pid),
-                     "the commit to wait for the ref lock")
+                     "the commit to wait for the ref lock", interval=0.002)
             assert commit.poll() is None, commit.communicate()
             holder = subprocess.Popen(["sleep", "infinity"], cwd=ws)
         except BaseException:

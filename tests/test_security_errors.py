@@ -17,34 +17,20 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import IS_ROOT, Env
-from seaweed import Seaweed, SeaweedUnavailable, seaweed, start_seaweed  # noqa: F401
+from helpers import Env, one_line_error, wait_for
+from seaweed import Seaweed, SeaweedUnavailable, start_seaweed
 from server import Server, blob, create_token, free_port, pack, start_server, stop, unique
 
 from stickyci.store import protocol as p
 from stickyci.store.http import HttpBackend
+from stickyci.store.retry import RetryBackend
 
 START_TIMEOUT = 30.0
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stickyci: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)  # polling a condition with a deadline
 
 
 def s3_environ(sw: Seaweed, root: Path, **overrides: str) -> dict[str, str]:
@@ -82,19 +68,17 @@ def serve(root: Path, store_url: str, environ: dict[str, str],
              "--listen", f"127.0.0.1:{port}", "--state-dir", str(state)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
     url = f"http://127.0.0.1:{port}"
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"stickyci serve exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            httpx.get(f"{url}/healthz", timeout=5)
+        except httpx.TransportError:
+            return False
+        return True
+
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"stickyci serve exited {proc.returncode}:\n"
-                                   f"{log.read_text()}")
-            try:
-                httpx.get(f"{url}/healthz", timeout=5)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling a condition with a deadline
+        wait_for(answers, "stickyci serve to answer /healthz", START_TIMEOUT, interval=0.05)
         yield Server(url, port, admin, state, store_url, proc, log)
     finally:
         stop(proc)
@@ -121,7 +105,7 @@ def access_log(server: Server) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def secrets_of(seaweed: Seaweed) -> dict[str, str]:  # noqa: F811
+def secrets_of(seaweed: Seaweed) -> dict[str, str]:
     """What a client must never see of the server's store: endpoint, bucket, prefix, key id."""
     return {"endpoint": seaweed.endpoint, "port": seaweed.endpoint.rsplit(":", 1)[1],
             "bucket": seaweed.bucket, "prefix": f"leak-{uuid.uuid4().hex[:10]}",
@@ -139,7 +123,7 @@ def assert_no_leak(text: str, leak: dict[str, str]) -> None:
 
 
 def test_refused_credentials_fail_runners_at_once_and_tell_them_nothing_internal(
-        seaweed: Seaweed, secrets_of: dict[str, str], tmp_path: Path,  # noqa: F811
+        seaweed: Seaweed, secrets_of: dict[str, str], tmp_path: Path,
         env: Env) -> None:
     leak = secrets_of
     url = f"s3://{seaweed.bucket}/{leak['prefix']}"
@@ -177,7 +161,7 @@ def test_refused_credentials_fail_runners_at_once_and_tell_them_nothing_internal
 
 
 def test_a_commit_through_a_server_whose_credentials_broke_fails_at_once(
-        seaweed: Seaweed, secrets_of: dict[str, str], tmp_path: Path,  # noqa: F811
+        seaweed: Seaweed, secrets_of: dict[str, str], tmp_path: Path,
         env: Env) -> None:
     leak = secrets_of
     url = f"s3://{seaweed.bucket}/{leak['prefix']}"
@@ -216,7 +200,7 @@ def test_a_killed_store_is_503_and_the_client_rides_it_out(
         # One attempt per request at the server: the test is about the runner's retries.
         environ = s3_environ(sw, tmp_path, AWS_MAX_ATTEMPTS="1")
         with serve(tmp_path / "srv", url, environ) as server:
-            backend = HttpBackend(server.url, server.admin)
+            backend = RetryBackend(HttpBackend(server.url, server.admin))
             backend.put("refs/k", b"before")
             sw.process.kill()
             sw.process.wait()
@@ -231,7 +215,8 @@ def test_a_killed_store_is_503_and_the_client_rides_it_out(
 
             def read() -> None:
                 try:
-                    outcome.append(HttpBackend(server.url, server.admin).get("refs/k"))
+                    reader = RetryBackend(HttpBackend(server.url, server.admin))
+                    outcome.append(reader.get("refs/k"))
                 except BaseException as exc:
                     outcome.append(exc)
 
@@ -251,7 +236,7 @@ def test_a_killed_store_is_503_and_the_client_rides_it_out(
 # --- a file:// store the server may not write -------------------------------------------------
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="a read-only bind mount needs root")
+@pytest.mark.root  # a read-only bind mount
 def test_a_read_only_file_store_is_a_permanent_500_naming_no_path(tmp_path: Path,
                                                                   env: Env) -> None:
     store = tmp_path / "hidden-store-dir"

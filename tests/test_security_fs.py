@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, Env
+from helpers import IS_ROOT, STRATEGIES, Env
 
 from stickyci import disks
 from stickyci.digest import Digest
@@ -33,9 +33,6 @@ from stickyci.disks import refs
 from stickyci.errors import BusyError
 from stickyci.snapshot import load_manifest, scan_tree
 from stickyci.store import LocalBackend, ObjectStore
-
-STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.skipif(
-    not IS_ROOT, reason="overlayfs mounts need root"))]
 
 # Swaps two names with renameat2(RENAME_EXCHANGE) as fast as it can, until killed.
 RACER = r"""
@@ -284,7 +281,7 @@ def test_restore_plants_no_setuid_or_foreign_owner(env: Env, tmp_path: Path,
     assert meta(bases / snap) == untrusted()
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="only root gives files to other owners")
+@pytest.mark.root  # only root gives files to other owners
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_trusted_mount_commits_an_owner_change_to_the_mounting_user(
         env: Env, tmp_path: Path, strategy: str) -> None:

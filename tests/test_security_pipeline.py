@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Env
+from helpers import Env
 
-from stickyci.pipeline.job import MaskedStream, Masker
+from stickyci.pipeline.masking import MaskedStream, Masker
 
 
 def write(env: Env, text: str) -> Path:

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Env
-from server import Server, blob, start_server, store_dir
-from test_server import commit_tree, error, one_line_error, read_tree, remote
+from helpers import Env, commit_tree, one_line_error, read_tree, wait_for
+from server import Server, blob, error, remote, start_server, store_dir
 
 from stickyci import codec
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
 from stickyci.errors import Forbidden
-from stickyci.server.app import STREAM_CHUNK
+from stickyci.server.state import STREAM_CHUNK
 from stickyci.snapshot import load_manifest, save_manifest
 from stickyci.snapshot.model import FILE, Entry, Manifest
 from stickyci.store import LocalBackend, ObjectStore
@@ -370,16 +369,15 @@ def test_the_eviction_schedule_survives_a_failure(env: Env, tmp_path: Path) -> N
     args = ["--evict-after", "1s", "--evict-every", "1s", "--gc-grace", "0s"]
     with start_server(tmp_path / "server", store_url=f"file://{env.store}",
                       args=args) as server, server.client() as client:
-        deadline = time.monotonic() + 30
-        while "eviction failed" not in server.log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)  # polling the observable outcome, with a deadline
+        wait_for(lambda: "eviction failed" in server.log.read_text(),
+                 "the server to log the failed eviction", interval=0.1)
         text = server.log.read_text()
         assert "eviction failed" in text
         # Today gc meets that chunk as a ValueError: a bug, logged with its traceback.
         assert "unexpectedly" not in text or re.search(r"unexpectedly.*\nTraceback", text)
         LocalBackend(env.store).delete("refs/planted")
-        while (any((env.store / "packs").iterdir()) and time.monotonic() < deadline):
-            time.sleep(0.1)
+        wait_for(lambda: not any((env.store / "packs").iterdir()), "gc to delete the packs",
+                 interval=0.1)
         assert not any((env.store / "packs").iterdir())
         assert client.get("/healthz").status_code == 200
 

@@ -16,17 +16,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from conftest import Env
+from helpers import Env, commit_tree, one_line_error, read_tree
 from prometheus_client.parser import text_string_to_metric_families
-from server import Server, blob, pack, start_server, store_dir, unique
+from server import Server, blob, error, pack, remote, start_server, store_dir, unique
 
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
-from stickyci.server.app import STREAM_CHUNK
+from stickyci.server.state import STREAM_CHUNK
 from stickyci.snapshot import save_manifest
 from stickyci.snapshot.model import Manifest
 from stickyci.store import ObjectStore
@@ -38,7 +37,6 @@ MiB = 1 << 20
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
 
 
 EMPTY_TREE = Manifest().encode()
@@ -71,45 +69,6 @@ def metric(server: Server, name: str, **labels: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-def error(r: httpx.Response) -> p.ErrorBody:
-    """The JSON error body every failure carries."""
-    assert r.headers["content-type"] == "application/json", r.text
-    body = p.ErrorBody.model_validate_json(r.content)
-    assert "\n" not in body.error
-    return body
-
-
-def remote(env: Env, server: Server, token: str | None = None, cache: str = "cache") -> Env:
-    """``env`` as a runner of ``server`` sees it: its store is the server, its cache ``cache``."""
-    cache_dir = env.root / cache
-    environ = {**env.environ, "STICKYCI_STORE": server.url,
-               "STICKYCI_TOKEN": server.admin if token is None else token,
-               "STICKYCI_CACHE_DIR": str(cache_dir), "STICKYCI_HTTP_RETRY_SECONDS": "10"}
-    return Env(env.root, store_dir(server), cache_dir, environ)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stickyci: error: "), proc.stderr
-    return lines[0]
-
-
-def commit_tree(e: Env, key: str, files: dict[str, bytes], ws: str = "ws") -> dict[str, Any]:
-    """Mount ``key``, write ``files`` into it, commit; the commit's JSON."""
-    path = e.root / ws
-    e.run("disk", "mount", key, str(path), "--strategy", "copy")
-    for rel, data in files.items():
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (path / rel).write_bytes(data)
-    result: dict[str, Any] = e.json("disk", "commit", str(path))
-    return result
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
-            if f.is_file()}
 
 
 # --- blobs: GET, HEAD, PUT, DELETE ---------------------------------------------------------------
@@ -193,9 +152,11 @@ def test_delete(srv: Server) -> None:
     c = srv.client()
     data = os.urandom(100)
     key = unique("del")
-    c.put(blob(pack(data)), content=data)
-    c.put(blob(f"refs/{key}"), content=disk_ref(key))
+    assert c.put(blob(pack(data)), content=data).status_code == 204
+    assert c.put(blob(f"refs/{key}"), content=disk_ref(key)).status_code == 204
     for name in (pack(data), f"refs/{key}"):
+        # Deleting what is not there succeeds too: first make sure the PUT really stored it.
+        assert c.head(blob(name)).status_code == 200 and (store_dir(srv) / name).is_file()
         assert c.delete(blob(name)).status_code == 204
         assert c.head(blob(name)).status_code == 404
         assert not (store_dir(srv) / name).exists()

@@ -24,18 +24,17 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import IS_ROOT, Env
-from server import Server, blob, free_port, pack, start_server, store_dir, unique
+from helpers import Env, commit_tree, names, one_line_error, read_tree, tmpfs, wait_for
+from server import Server, blob, error, free_port, pack, start_server, store_dir, unique
 
 from stickyci.digest import Digest
 from stickyci.disks.refs import DiskRef, Generation
 from stickyci.errors import NotFound, StorageFull, TooLarge, UsageError
 from stickyci.store import protocol as p
 from stickyci.store.http import HttpBackend
+from stickyci.store.retry import RetryBackend
 
 MiB = 1 << 20
-
-
 
 
 def disk_ref(key: str, gens: int = 1) -> bytes:
@@ -44,52 +43,12 @@ def disk_ref(key: str, gens: int = 1) -> bytes:
                                    for g in range(1, gens + 1)]).encode()
 
 
-def error(r: httpx.Response) -> p.ErrorBody:
-    assert r.headers["content-type"] == "application/json", r.text
-    body = p.ErrorBody.model_validate_json(r.content)
-    assert "\n" not in body.error
-    return body
-
-
 def remote(env: Env, url: str, token: str, cache: str, retry: float = 10) -> Env:
     """A runner of the server at ``url`` with its own cache dir."""
     cache_dir = env.root / cache
     environ = {**env.environ, "STICKYCI_STORE": url, "STICKYCI_TOKEN": token,
                "STICKYCI_CACHE_DIR": str(cache_dir), "STICKYCI_HTTP_RETRY_SECONDS": str(retry)}
     return Env(env.root, env.store, cache_dir, environ)
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stickyci: error: "), proc.stderr
-    return lines[0]
-
-
-def names(root: Path, namespace: str) -> set[str]:
-    d = root / namespace
-    return {e.name for e in d.iterdir() if not e.name.startswith(".")} if d.is_dir() else set()
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def commit_tree(e: Env, key: str, files: dict[str, bytes], ws: str) -> dict[str, Any]:
-    path = e.root / ws
-    e.run("disk", "mount", key, str(path), "--strategy", "copy")
-    for rel, data in files.items():
-        (path / rel).write_bytes(data)
-    result: dict[str, Any] = e.json("disk", "commit", str(path))
-    return result
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*"))
-            if f.is_file()}
 
 
 # --- unknown and malformed ---------------------------------------------------------------------
@@ -284,7 +243,7 @@ def test_the_client_retries_across_a_restart(tmp_path: Path,
     data = os.urandom(3 * MiB)
     with start_server(root) as first:
         port = first.port
-        backend = HttpBackend(first.url, first.admin)
+        backend = RetryBackend(HttpBackend(first.url, first.admin))
         backend.put(pack(b"warm"), b"warm")  # a pooled connection, which the kill leaves dead
         first.process.kill()
         first.process.wait()
@@ -381,7 +340,7 @@ def test_a_lost_answer_to_a_ref_update_is_not_a_lost_race(srv: Server, env: Env,
                                                           lossy: DroppingProxy) -> None:
     url = f"http://127.0.0.1:{lossy.port}"
     key = unique("lost")
-    backend = HttpBackend(url, srv.admin)
+    backend = RetryBackend(HttpBackend(url, srv.admin))
     v1, v2 = disk_ref(key, 1), disk_ref(key, 2)
     lossy.armed.set()
     assert backend.put_if(f"refs/{key}", v1, None)  # it landed; say so
@@ -412,20 +371,10 @@ def test_a_lost_answer_to_a_ref_update_is_not_a_lost_race(srv: Server, env: Env,
 # --- a full store ------------------------------------------------------------------------------
 
 @pytest.fixture
-def small_store(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs for the server's store."""
-    if not IS_ROOT:
-        pytest.skip("mounting a tmpfs needs root")
-    store = tmp_path / "tmpfs"
-    store.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+def tmpfs_store(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs for the server's store (mark the test ``root``)."""
+    with tmpfs(tmp_path / "tmpfs", "8m") as store:
         yield store
-    finally:
-        subprocess.run(["umount", "-l", str(store)], check=False)
 
 
 def _fill(path: Path) -> None:
@@ -436,13 +385,14 @@ def _fill(path: Path) -> None:
             f.flush()
 
 
+@pytest.mark.root
 def test_a_full_store_is_507_and_nothing_is_corrupted(tmp_path: Path, env: Env,
-                                                      small_store: Path) -> None:
-    with start_server(tmp_path / "srv", store_url=f"file://{small_store}") as server:
+                                                      tmpfs_store: Path) -> None:
+    with start_server(tmp_path / "srv", store_url=f"file://{tmpfs_store}") as server:
         runner = remote(env, server.url, server.admin, "cache")
         keep = os.urandom(MiB)
         first = commit_tree(runner, "k", {"keep.bin": keep}, "ws")
-        packs0, index0 = names(small_store, "packs"), names(small_store, "index")
+        packs0, index0 = names(tmpfs_store, "packs"), names(tmpfs_store, "index")
 
         # a commit bigger than the store: exit 7, one line, nothing published
         ws = env.root / "ws"
@@ -454,8 +404,8 @@ def test_a_full_store_is_507_and_nothing_is_corrupted(tmp_path: Path, env: Env,
         shown = runner.json("disk", "show", "k")
         assert [(g["gen"], g["snapshot"]) for g in shown["generations"]] == \
             [(1, first["snapshot"])]
-        assert (names(small_store, "packs"), names(small_store, "index")) == (packs0, index0)
-        assert names(small_store, "tmp") == set()
+        assert (names(tmpfs_store, "packs"), names(tmpfs_store, "index")) == (packs0, index0)
+        assert names(tmpfs_store, "tmp") == set()
 
         # the HTTP answer itself, and a ref update on a store with no room at all
         c = server.client()
@@ -463,7 +413,7 @@ def test_a_full_store_is_507_and_nothing_is_corrupted(tmp_path: Path, env: Env,
         r = c.put(blob(pack(big)), content=big)
         assert r.status_code == 507 and error(r).kind == "StorageFull"
         before = c.get(f"{p.PREFIX}/versioned/refs/k")
-        filler = small_store / "filler"
+        filler = tmpfs_store / "filler"
         _fill(filler)
         moved = DiskRef.decode(before.content)
         moved.last_used += 1

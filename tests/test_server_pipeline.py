@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Env
+from helpers import Env
 from server import Server, start_server
 
 PIPELINE = """

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from conftest import Env
+from helpers import Env, wait_for
 from server import start_server
 
 
@@ -22,13 +21,11 @@ def test_scheduled_eviction_removes_stale_disks_and_gc_frees_their_packs(
     args = ["--evict-after", "1s", "--evict-every", "1s", "--gc-grace", "0s"]
     with start_server(tmp_path / "server", store_url=f"file://{env.store}", args=args) as server, \
             server.client() as client:
-        deadline = time.monotonic() + 30
-        while client.get("/v1/disks").json()["disks"] and time.monotonic() < deadline:
-            time.sleep(0.1)  # polling the observable outcome, with a deadline
+        wait_for(lambda: not client.get("/v1/disks").json()["disks"], "the disk to be evicted",
+                 interval=0.1)
         assert client.get("/v1/disks").json()["disks"] == []
         metrics = client.get("/metrics").text
         assert 'stickyci_evictions_total{kind="disk"} 1.0' in metrics
         # The gc after the eviction reclaims the disk's packs.
-        while any(packs.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: not any(packs.iterdir()), "gc to delete the packs", interval=0.1)
         assert not any(packs.iterdir())

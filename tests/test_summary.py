@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from stickyci.pipeline.record import DiskRecord, JobRecord, RunRecord, StepRecord
-from stickyci.pipeline.summary import (
+from stickyci.runs.history import record_from_dict
+from stickyci.runs.record import DiskRecord, JobRecord, RunRecord, StepRecord
+from stickyci.runs.summary import (
     duration,
     failing_step,
     render_markdown,
     write_reports,
 )
-from stickyci.runs.history import record_from_dict
 from stickyci.units import format_size as size
 
 T0 = 1_800_000_000.0

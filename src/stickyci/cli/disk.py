@@ -10,8 +10,6 @@ stderr as ``stickyci: warning: …`` lines; ``evict``/``gc`` also list skipped r
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +17,9 @@ from typing import Any
 import click
 
 from .. import disks
-from ..disks import gc as gc_
-from ..disks.policy import DEFAULT_TTL
-from ..disks.strategies import CHOICES
-from ..errors import StickyError
 from ..units import format_size as _size
 from ..units import parse_duration
+from .output import emit, json_option
 
 F = Callable[..., Any]
 
@@ -33,27 +28,6 @@ def store_option(f: F) -> F:
     """``--store URL`` (or ``STICKYCI_STORE``)."""
     return click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
                         help="Store URL (default: file:// under the user cache dir).")(f)
-
-
-def json_option(f: F) -> F:
-    """``--json``: print one JSON document instead of text, a JSON error body on failure."""
-
-    @functools.wraps(f)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)
-        except StickyError as exc:
-            if kwargs.get("as_json"):
-                click.echo(json.dumps({"error": str(exc), "kind": type(exc).__name__,
-                                       "exit_code": exc.exit_code}, sort_keys=True))
-            raise
-
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(run)
-
-
-def emit(as_json: bool, data: Any, text: Callable[[Any], str]) -> None:
-    """Print ``data`` as JSON or through ``text``."""
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text(data))
 
 
 def _when(ts: float | None) -> str:
@@ -70,7 +44,8 @@ def disk() -> None:
 @disk.command()
 @click.argument("key")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--strategy", type=click.Choice(CHOICES), default="auto", show_default=True)
+@click.option("--strategy", type=click.Choice(disks.STRATEGIES), default="auto",
+              show_default=True)
 @click.option("--trust-owners", is_flag=True,
               help="Restore the snapshot's owners and setuid/setgid bits (e.g. for /nix); "
                    "without it the tree belongs to you and has none.")
@@ -79,8 +54,7 @@ def disk() -> None:
 def mount(key: str, path: Path, strategy: str, trust_owners: bool, store_url: str | None,
           as_json: bool) -> None:
     """Mount a clone of disk KEY's latest snapshot at PATH."""
-    r = disks.mount(key, path, strategy=strategy, store_url=store_url,
-                    trust_owners=trust_owners)
+    r = disks.mount(key, path, strategy=strategy, store=store_url, trust_owners=trust_owners)
 
     def text(_: Any) -> str:
         if r.fresh:
@@ -94,9 +68,9 @@ def mount(key: str, path: Path, strategy: str, trust_owners: bool, store_url: st
 
 @disk.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--mode", type=click.Choice(disks.api.COMMIT_MODES), default="on-change",
+@click.option("--mode", type=click.Choice(disks.COMMIT_MODES), default="on-change",
               show_default=True, help="When to store a new generation.")
-@click.option("--on-conflict", type=click.Choice(disks.api.CONFLICT_MODES), default="lww",
+@click.option("--on-conflict", type=click.Choice(disks.CONFLICT_MODES), default="lww",
               show_default=True, help="lww: win a race and report it; fail: refuse.")
 @click.option("--kill-holders", is_flag=True, help="Terminate processes holding PATH.")
 @json_option
@@ -125,8 +99,8 @@ def commit(path: Path, mode: str, on_conflict: str, kill_holders: bool, as_json:
 @json_option
 def unmount(path: Path, kill_holders: bool, as_json: bool) -> None:
     """Discard the mount at PATH without committing."""
-    emit(as_json, disks.unmount(path, kill_holders=kill_holders),
-         lambda d: f"unmounted {d['path']} (disk {d['key']}), changes discarded")
+    r = disks.unmount(path, kill_holders=kill_holders)
+    emit(as_json, r.as_dict(), lambda _: f"unmounted {r.path} (disk {r.key}), changes discarded")
 
 
 @disk.command("ls")
@@ -143,7 +117,7 @@ def ls(store_url: str | None, as_json: bool) -> None:
                 f"{_when(r['last_used'])}" for r in rows]
         return "\n".join(out)
 
-    emit(as_json, disks.list_disks(store_url), text)
+    emit(as_json, [d.as_dict() for d in disks.list_disks(store=store_url)], text)
 
 
 @disk.command()
@@ -161,7 +135,7 @@ def show(key: str, store_url: str | None, as_json: bool) -> None:
                 f"{g['committer']}, snapshot {g['snapshot'][:16]}" for g in d["generations"]]
         return "\n".join(out)
 
-    emit(as_json, disks.show(key, store_url), text)
+    emit(as_json, disks.show(key, store=store_url).as_dict(), text)
 
 
 @disk.command()
@@ -181,7 +155,7 @@ def diff(key: str, gen_a: int | None, gen_b: int | None, store_url: str | None,
             out += [f"{sign} {p}" for p in d[name]]
         return "\n".join(out)
 
-    emit(as_json, disks.diff_disk(key, gen_a, gen_b, store_url), text)
+    emit(as_json, disks.diff_disk(key, gen_a, gen_b, store=store_url).as_dict(), text)
 
 
 @disk.command()
@@ -190,21 +164,22 @@ def diff(key: str, gen_a: int | None, gen_b: int | None, store_url: str | None,
 @json_option
 def rm(key: str, store_url: str | None, as_json: bool) -> None:
     """Remove a disk (its data goes at the next gc)."""
-    emit(as_json, disks.remove(key, store_url), lambda d: f"removed disk {d['key']}")
+    r = disks.remove(key, store=store_url)
+    emit(as_json, r.as_dict(), lambda _: f"removed disk {r.key}")
 
 
 @disk.command()
-@click.option("--unused-for", default=f"{DEFAULT_TTL // 86400}d", show_default=True,
+@click.option("--unused-for", default=f"{disks.DEFAULT_TTL // 86400}d", show_default=True,
               help="Evict disks not mounted or committed for this long (e.g. 12h, 7d).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be evicted.")
 @store_option
 @json_option
 def evict(unused_for: str, dry_run: bool, store_url: str | None, as_json: bool) -> None:
     """Remove disks unused for a while."""
-    d = disks.evict(parse_duration(unused_for), dry_run=dry_run, store=store_url)
+    r = disks.evict(parse_duration(unused_for), dry_run=dry_run, store=store_url)
     verb = "would evict" if dry_run else "evicted"
-    emit(as_json, d, lambda d: f"{verb} {len(d['evicted'])} disk(s)"
-         + "".join(f"\n  {k}" for k in d["evicted"]))
+    emit(as_json, r.as_dict(), lambda _: f"{verb} {len(r.evicted)} disk(s)"
+         + "".join(f"\n  {k}" for k in r.evicted))
 
 
 @disk.command()
@@ -215,7 +190,7 @@ def evict(unused_for: str, dry_run: bool, store_url: str | None, as_json: bool) 
 @json_option
 def gc(grace: str, dry_run: bool, store_url: str | None, as_json: bool) -> None:
     """Delete objects no disk references."""
-    r = gc_.gc(store_url, grace=parse_duration(grace), dry_run=dry_run)
+    r = disks.gc(store=store_url, grace=parse_duration(grace), dry_run=dry_run)
     verb = "would free" if dry_run else "freed"
     emit(as_json, r.as_dict(), lambda d: (
         f"{verb} {_size(d['bytes_freed'])}: {d['packs_deleted']} packs deleted, "

@@ -12,8 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from ..pipeline.record import RUNNING, JobRecord, RunRecord
-from ..pipeline.summary import printable
+from ..runs import RUNNING, JobRecord, RunRecord, printable
 
 _STYLE = {"success": "green", "failure": "bold red", "timed_out": "bold red",
           "cancelled": "yellow", "skipped": "dim", "running": "cyan", "queued": "blue"}

@@ -21,14 +21,25 @@ from ..errors import UsageError
 from ..paths import cache_home
 from ..pipeline import plan as plan_
 from ..pipeline import spec as spec_
-from ..pipeline.compare import chart, compare, table
 from ..pipeline.executors.base import Executor, Options
 from ..pipeline.executors.local import LocalExecutor
-from ..pipeline.job import Masker, describe_fault, run_masker
+from ..pipeline.job import describe_fault
+from ..pipeline.masking import Masker, run_masker
 from ..pipeline.plan import Plan
-from ..pipeline.record import CANCELLED, FAILURE, FINISHED, SUCCESS, JobRecord, RunRecord
-from ..pipeline.summary import printable, write_reports
-from ..runs.history import History
+from ..runs import (
+    CANCELLED,
+    FAILURE,
+    FINISHED,
+    SUCCESS,
+    History,
+    JobRecord,
+    RunRecord,
+    chart,
+    compare,
+    printable,
+    table,
+    write_reports,
+)
 from ..store import default_store_url, open_backend
 from .progress import LiveTable, lines
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import click
 
-from ..pipeline.record import RunRecord
-from ..pipeline.summary import (
+from ..runs import (
     JOB_COLUMNS,
+    History,
+    RunRecord,
     duration,
     failing_step,
     failures,
@@ -19,7 +20,6 @@ from ..pipeline.summary import (
     printable,
     race_warnings,
 )
-from ..runs.history import History
 
 # Columns of numbers read best right-aligned.
 _RIGHT = frozenset({2, 3, 4, 5, 6})

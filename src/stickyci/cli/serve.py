@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..paths import cache_home
 from ..store import default_store_url
 from ..units import parse_duration, parse_size
-from .disk import emit, json_option
+from .output import emit, json_option
 
 
 def default_state_dir() -> Path:

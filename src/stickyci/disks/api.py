@@ -7,6 +7,11 @@ moved the commit has happened, and is reported as done even if the unmount after
 
 A mount is all or nothing: a failure after anything was set up undoes it (the overlay or
 clone, the record, the directories it created at the path), so a retry starts clean.
+
+One calling convention: a function that reads the store takes it as ``store``, a store URL,
+an open :class:`~stickyci.store.Backend` (the server passes its own), or ``None`` for the
+default store; a function that works on a mount finds its store in the mount's record. Every
+function returns a dataclass whose ``as_dict()`` is its JSON form (what ``--json`` prints).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from typing import Any
 from ..digest import Digest
 from ..errors import ConflictError, NotFound, StickyError, UsageError
 from ..fsutil import empty_dir
-from ..snapshot import Manifest, diff, fill_content, load_manifest, save_manifest
-from ..store import Backend, ObjectStore, open_backend
+from ..snapshot import Diff, Manifest, diff, fill_content, load_manifest, save_manifest
+from ..store import Backend, ObjectStore, as_backend, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
 from .refs import KEEP_GENERATIONS, DiskRef, Generation
 
@@ -80,6 +85,78 @@ class CommitResult:
         return asdict(self)
 
 
+@dataclass(slots=True)
+class UnmountResult:
+    """What an unmount discarded, and the processes it killed to do so."""
+
+    key: str
+    path: str
+    discarded: bool = True
+    killed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class DiskSummary:
+    """One disk as ``disk ls`` lists it: its latest generation and last use."""
+
+    key: str
+    generation: int
+    generations: int
+    size: int
+    files: int
+    last_used: float
+    last_committed: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class DiskDiff:
+    """What changed in a disk from generation ``gen_from`` to ``gen_to``."""
+
+    key: str
+    gen_from: int
+    gen_to: int
+    changes: Diff
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form: ``key``, ``from``, ``to`` and the changed paths by kind."""
+        return {"key": self.key, "from": self.gen_from, "to": self.gen_to,
+                **self.changes.as_dict()}
+
+
+@dataclass(slots=True)
+class RemoveResult:
+    """A disk forgotten by ``disk rm``."""
+
+    key: str
+    removed: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class EvictResult:
+    """The disks an eviction removed (or would remove), and the refs it could not read."""
+
+    evicted: list[str]
+    dry_run: bool
+    kept: int
+    skipped: dict[str, str] = field(default_factory=dict)  # ref name → why it was kept
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return asdict(self)
+
+
 def _prepare_mount_path(path: Path) -> tuple[Path, list[Path]]:
     """The resolved mount path, and the directories created for it (deepest first)."""
     if path.exists() and not path.is_dir():
@@ -117,7 +194,7 @@ def _existing_dir(path: Path) -> Path:
 
 
 def mount(key: str, path: Path, *, strategy: str = "auto",
-          store_url: str | None = None, trust_owners: bool = False) -> MountResult:
+          store: str | Backend | None = None, trust_owners: bool = False) -> MountResult:
     """Mount a clone of the latest snapshot of ``key`` at ``path`` (empty if the key is new).
 
     Owners and setuid/setgid bits come from whoever committed the snapshot, so they are
@@ -131,27 +208,27 @@ def mount(key: str, path: Path, *, strategy: str = "auto",
     if strategy != "auto":
         strategies.get(strategy)
     budget = basecache.limit()  # configuration is checked before anything is mounted
-    backend = open_backend(store_url)
+    backend = as_backend(store)
     ref = refs.read_ref(backend, key)
     latest = ref.latest if ref else None
     snapshot = latest.snapshot if latest else None
-    store = ObjectStore(backend, load_index=False)
+    objects = ObjectStore(backend, load_index=False)
 
     def manifest() -> Manifest:
-        return load_manifest(store, snapshot) if snapshot else Manifest()
+        return load_manifest(objects, snapshot) if snapshot else Manifest()
 
     path, made = _prepare_mount_path(path)
     state = mounts.MountState(key, str(path), backend.url, "", snapshot,
                               latest.gen if latest else 0, time.time(), trust_owners)
     try:
-        with basecache.pinned(store, snapshot, trust_owners) as (base, cached):
+        with basecache.pinned(objects, snapshot, trust_owners) as (base, cached):
             state.strategy = strategies.mount(strategy, base, path, state.dir, manifest,
                                               trust_owners=trust_owners)
             state.save()
         if ref:
             refs.touch(backend, key)
         if not cached:
-            basecache.evict(budget)
+            basecache.trim(budget)
     except BaseException:
         _undo_mount(state, path, made)
         raise
@@ -208,10 +285,10 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         result.seconds = time.perf_counter() - start
         return result
 
-    store = ObjectStore(backend)
-    base = load_manifest(store, state.base) if state.base else Manifest()
+    objects = ObjectStore(backend)
+    base = load_manifest(objects, state.base) if state.base else Manifest()
     scan, content_root = strategy.changes(path, state.dir, base, state.trust_owners)
-    fill_content(store, content_root, scan.todo)
+    fill_content(objects, content_root, scan.todo)
     changes = diff(base, scan.manifest, scan.touched)
     result.added, result.removed = len(changes.added), len(changes.removed)
     result.modified = len(changes.modified) + len(changes.metadata)
@@ -221,13 +298,13 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         result.seconds = time.perf_counter() - start
         return result
 
-    snapshot = save_manifest(store, scan.manifest)
+    snapshot = save_manifest(objects, scan.manifest)
     # Objects the base generation references stay live while its ref keeps it, so only new
     # content can have been deduplicated against garbage a concurrent gc is sweeping.
     base_kept = not state.base or any(g.snapshot == state.base
                                       for g in (current.generations if current else []))
     fresh = scan.todo if base_kept else scan.manifest.entries.values()
-    store.check_present([snapshot.raw, *(bytes.fromhex(h) for e in fresh for h, _ in e.chunks)])
+    objects.check_present([snapshot.raw, *(bytes.fromhex(h) for e in fresh for h, _ in e.chunks)])
     files = sum(1 for e in scan.manifest.entries.values() if e.kind == "file")
     size = scan.manifest.size
     raced: list[Generation] = []
@@ -242,7 +319,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         now = time.time()
         new = ref or DiskRef(state.key, now, now)
         gen = Generation((new.latest.gen if new.latest else 0) + 1, snapshot, now, size,
-                         files, store.bytes_written, f"{socket.gethostname()}:{os.getpid()}")
+                         files, objects.bytes_written, f"{socket.gethostname()}:{os.getpid()}")
         new.generations = [*new.generations, gen][-KEEP_GENERATIONS:]
         new.last_used = now
         return new
@@ -252,7 +329,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     result.committed, result.reason = True, "committed"
     result.generation, result.snapshot = ref.latest.gen, snapshot.hex
     result.files, result.size = files, size
-    result.stored_bytes, result.stored_objects = store.bytes_written, store.objects_written
+    result.stored_bytes, result.stored_objects = objects.bytes_written, objects.objects_written
     result.raced_with = [g.as_dict() for g in raced]
     if raced:
         log.warning("disk %s: this commit raced with generation(s) %s; last write wins, so "
@@ -298,13 +375,13 @@ def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int,
             time.sleep(delay)
 
 
-def unmount(path: Path, *, kill_holders: bool = False) -> dict[str, Any]:
+def unmount(path: Path, *, kill_holders: bool = False) -> UnmountResult:
     """Discard the mount at ``path`` without committing."""
     path = _existing_dir(path)
     state = mounts.load(path)
     killed = [str(h) for h in holders.release(path, kill=kill_holders)]
     _discard(state, path)
-    return {"key": state.key, "path": str(path), "discarded": True, "killed": killed}
+    return UnmountResult(state.key, str(path), killed=killed)
 
 
 def _require(backend: Backend, key: str) -> DiskRef:
@@ -318,39 +395,34 @@ def _no_such_disk(key: str) -> NotFound:
     return NotFound(f"disk {key} does not exist; `stickyci disk ls` lists the disks")
 
 
-def _open(store: str | Backend | None) -> Backend:
-    return store if store is not None and not isinstance(store, str) else open_backend(store)
-
-
-def list_disks(store: str | Backend | None = None) -> list[dict[str, Any]]:
-    """One summary row per disk, from a store URL or an open backend.
+def list_disks(store: str | Backend | None = None) -> list[DiskSummary]:
+    """One summary per disk.
 
     A ref that does not parse is left out and logged as a warning naming it.
     """
     rows = []
-    for ref in refs.list_refs(_open(store)):
+    for ref in refs.list_refs(as_backend(store)):
         latest = ref.latest
-        rows.append({"key": ref.key, "generation": latest.gen if latest else 0,
-                     "generations": len(ref.generations), "size": latest.size if latest else 0,
-                     "files": latest.files if latest else 0, "last_used": ref.last_used,
-                     "last_committed": latest.committed_at if latest else None})
+        rows.append(DiskSummary(ref.key, latest.gen if latest else 0, len(ref.generations),
+                                latest.size if latest else 0, latest.files if latest else 0,
+                                ref.last_used, latest.committed_at if latest else None))
     return rows
 
 
-def show(key: str, store: str | Backend | None = None) -> dict[str, Any]:
+def show(key: str, store: str | Backend | None = None) -> DiskRef:
     """A disk's generations, sizes and last use."""
-    return _require(_open(store), refs.check_key(key)).as_dict()
+    return _require(as_backend(store), refs.check_key(key))
 
 
 def diff_disk(key: str, gen_a: int | None = None, gen_b: int | None = None,
-              store_url: str | None = None) -> dict[str, Any]:
+              store: str | Backend | None = None) -> DiskDiff:
     """What changed between two generations (default: the previous and the latest)."""
-    backend = open_backend(store_url)
+    backend = as_backend(store)
     ref = _require(backend, refs.check_key(key))
     assert ref.latest is not None
     b = gen_b if gen_b is not None else ref.latest.gen
     a = gen_a if gen_a is not None else b - 1
-    store = ObjectStore(backend)
+    objects = ObjectStore(backend)
 
     def tree(gen: int) -> Manifest:
         if gen == 0:
@@ -359,28 +431,28 @@ def diff_disk(key: str, gen_a: int | None = None, gen_b: int | None = None,
         if g is None:
             kept = ", ".join(str(x.gen) for x in ref.generations)
             raise NotFound(f"disk {key} has no generation {gen}; kept generations: {kept}")
-        return load_manifest(store, g.snapshot)
+        return load_manifest(objects, g.snapshot)
 
-    return {"key": key, "from": a, "to": b, **diff(tree(a), tree(b)).as_dict()}
+    return DiskDiff(key, a, b, diff(tree(a), tree(b)))
 
 
-def remove(key: str, store_url: str | None = None) -> dict[str, Any]:
+def remove(key: str, store: str | Backend | None = None) -> RemoveResult:
     """Forget a disk; its objects are reclaimed by the next gc. Works on a malformed ref too."""
-    backend = open_backend(store_url)
+    backend = as_backend(store)
     if not refs.exists(backend, key):
         raise _no_such_disk(key)
     refs.delete_ref(backend, key)
-    return {"key": key, "removed": True}
+    return RemoveResult(key)
 
 
 def evict(ttl: float, *, dry_run: bool = False,
-          store: str | Backend | None = None) -> dict[str, Any]:
+          store: str | Backend | None = None) -> EvictResult:
     """Remove disks not used for ``ttl`` seconds.
 
     A ref that does not parse has no usable ``last_used``: it is kept, not evicted, and listed
     under ``skipped`` (ref name → reason) for an admin to inspect or ``disk rm``.
     """
-    backend = _open(store)
+    backend = as_backend(store)
     found = refs.scan_refs(backend)
     stale = policy.unused_for(
         (policy.Used(r.key, r.latest.size if r.latest else 0, r.last_used) for r in found.refs),
@@ -388,5 +460,4 @@ def evict(ttl: float, *, dry_run: bool = False,
     if not dry_run:
         for key in stale:
             refs.delete_ref(backend, key)
-    return {"evicted": stale, "dry_run": dry_run, "kept": len(found.refs) - len(stale),
-            "skipped": found.skipped}
+    return EvictResult(stale, dry_run, len(found.refs) - len(stale), found.skipped)

@@ -2,9 +2,10 @@
 
 ``bases/<snapshot>/`` is a complete tree, published by an atomic rename once fully written,
 and never modified afterwards (overlay mounts use it as their read-only lower layer).
-``bases/<snapshot>.json`` records its size; its mtime is the last use, for LRU eviction.
-A base named by a live mount is never evicted. Snapshots arrive here as :class:`Digest` values
-only, so every name under ``bases/`` is 64 hex characters or ``empty``, whatever a ref held.
+``bases/<snapshot>.json`` records its size; its mtime is the last use, for trimming the
+cache to its budget, least recently used first. A base named by a live mount is never
+trimmed. Snapshots arrive here as :class:`Digest` values only, so every name under
+``bases/`` is 64 hex characters or ``empty``, whatever a ref held.
 """
 
 from __future__ import annotations
@@ -86,18 +87,18 @@ def _lock(name: str, kind: str = "lock", how: int = fcntl.LOCK_EX) -> Iterator[b
 
 
 @contextlib.contextmanager
-def pinned(store: ObjectStore, snapshot: Digest | None,
+def pinned(objects: ObjectStore, snapshot: Digest | None,
            trust_owners: bool = False) -> Iterator[tuple[Path, bool]]:
     """The base tree of ``snapshot`` (materialised if needed) and whether it was cached.
 
-    The base cannot be evicted while the block runs: a mount pins its base this way until its
+    The base cannot be trimmed while the block runs: a mount pins its base this way until its
     record, which protects the base from then on, is saved.
     """
     with _lock(name_of(snapshot, trust_owners), "pin", fcntl.LOCK_SH):
-        yield _ensure(store, snapshot, trust_owners)
+        yield _ensure(objects, snapshot, trust_owners)
 
 
-def _ensure(store: ObjectStore, snapshot: Digest | None,
+def _ensure(objects: ObjectStore, snapshot: Digest | None,
             trust_owners: bool) -> tuple[Path, bool]:
     path = base_path(snapshot, trust_owners)
     if path.is_dir():
@@ -112,8 +113,8 @@ def _ensure(store: ObjectStore, snapshot: Digest | None,
         try:
             size = 0
             if snapshot:
-                m = load_manifest(store, snapshot)
-                restore(store, m, str(tmp), trust_owners=trust_owners)
+                m = load_manifest(objects, snapshot)
+                restore(objects, m, str(tmp), trust_owners=trust_owners)
                 size = m.size
             os.rename(tmp, path)
         except BaseException:
@@ -167,8 +168,12 @@ def entries() -> list[Used]:
     return out
 
 
-def evict(budget: int | None = None) -> list[str]:
-    """Drop least recently used bases over the budget, never one a live mount uses."""
+def trim(budget: int | None = None) -> list[str]:
+    """Drop least recently used bases over the budget, never one a live mount uses.
+
+    Trimming keeps a cache under its size; *eviction* is reserved for disks removed from the
+    store when unused for a TTL (:func:`stickyci.disks.evict`).
+    """
     in_use = _live()
     drop = over_budget(entries(), limit() if budget is None else budget, in_use)
     for name in drop:

@@ -1,5 +1,8 @@
 """Garbage collection: mark from refs, sweep packs that hold nothing live, repack mostly-dead ones.
 
+What is live is decided here, from disk refs; moving live objects out of a pack is the pack
+layer's (:func:`stickyci.store.repack`).
+
 Only packs older than the grace period are touched, so the packs of a commit still in flight are
 never swept; a commit also checks, before it moves its ref, that every pack it references still
 exists (see ``ObjectStore.check_present``), so a sweep racing a commit makes the commit fail
@@ -20,12 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .. import codec
 from ..digest import Digest
 from ..errors import BackendError, IntegrityError, NotFound
 from ..snapshot import Manifest
-from ..store import Backend, ObjectStore, open_backend
-from ..store.objects import IndexEntry, decode_index
+from ..store import Backend, IndexEntry, Location, as_backend, decode_index, read_at, repack
 from . import mounts, refs
 
 log = logging.getLogger("stickyci")
@@ -51,7 +52,7 @@ class GcReport:
         return asdict(self)
 
 
-Where = dict[bytes, list[tuple[str, int, int]]]  # raw digest → (pack, offset, length) claims
+Where = dict[bytes, list[Location]]  # raw digest → where the indexes claim it lies
 
 
 def mark(backend: Backend, found: list[refs.DiskRef], where: Where) -> set[Digest]:
@@ -72,9 +73,9 @@ def mark(backend: Backend, found: list[refs.DiskRef], where: Where) -> set[Diges
 
 def _manifest(backend: Backend, where: Where, snap: Digest) -> Manifest:
     problem = "no index lists it"
-    for pack, offset, length in where.get(snap.raw, []):
+    for loc in where.get(snap.raw, []):
         try:
-            plain = codec.decode(backend.get(pack, offset, length), snap)
+            plain = read_at(backend, loc, snap)
         except (IntegrityError, NotFound) as exc:
             problem = str(exc)
             continue
@@ -123,20 +124,20 @@ def _read_index(backend: Backend, name: str) -> _Pack | None:
     return _Pack(st.mtime, st.size, name, pack, entries)
 
 
-def _holds(backend: Backend, where: tuple[str, int, int], digest: Digest) -> bool:
+def _holds(backend: Backend, where: Location, digest: Digest) -> bool:
     """Whether the pack claiming ``digest`` really holds it at the place its index says."""
-    pack, offset, length = where
     try:
-        codec.decode(backend.get(pack, offset, length), digest)
+        read_at(backend, where, digest)
     except (IntegrityError, NotFound):
         return False
     return True
 
 
-def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
+def gc(store: str | Backend | None = None, *, grace: float = DEFAULT_GRACE,
        dry_run: bool = False) -> GcReport:
-    """Collect garbage in the store; ``dry_run`` only reports."""
-    backend = open_backend(store_url)
+    """Collect garbage in the store (a URL, an open backend, or the default); ``dry_run`` only
+    reports."""
+    backend = as_backend(store)
     report = GcReport(dry_run=dry_run)
     # Refs before indexes: a commit publishes its index before it moves its ref.
     listing = refs.scan_refs(backend)
@@ -154,11 +155,11 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
     where: Where = {}
     for p in packs:
         for e in p.entries or []:
-            where.setdefault(e.digest.raw, []).append((p.pack, e.offset, e.length))
+            where.setdefault(e.digest.raw, []).append(Location(p.pack, e.offset, e.length))
     live = mark(backend, listing.refs, where)
     report.live_objects = len(live)
     now = time.time()
-    claimed: dict[Digest, tuple[str, int, int]] = {}
+    claimed: dict[Digest, Location] = {}
     for p in packs:
         old = now - p.mtime >= grace
         if p.entries is None:
@@ -174,7 +175,7 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
             if e.digest in claimed:
                 elsewhere.append(e)
             else:
-                claimed[e.digest] = (p.pack, e.offset, e.length)
+                claimed[e.digest] = Location(p.pack, e.offset, e.length)
                 keep.append(e)
         if not old:
             continue
@@ -184,7 +185,7 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
             # real. A claim that does not verify is replaced by this pack's copy.
             for e in elsewhere:
                 if not _holds(backend, claimed[e.digest], e.digest):
-                    claimed[e.digest] = (p.pack, e.offset, e.length)
+                    claimed[e.digest] = Location(p.pack, e.offset, e.length)
                     keep.append(e)
             live_bytes = sum(e.length for e in keep)
         if not keep:
@@ -199,7 +200,7 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
             if not dry_run:
                 # Its replacement is no orphan, however young it looks: S3 mtimes are whole
                 # seconds, so with a short grace it would pass for older than this gc.
-                indexed |= _repack(backend, p.pack, p.index, keep)
+                indexed |= repack(backend, p.pack, p.index, keep)
     for name in [*backend.list("packs"), *backend.list("tmp")]:
         st = backend.stat(name)
         if name not in indexed and st and now - st.mtime >= grace:
@@ -209,21 +210,3 @@ def gc(store_url: str | None = None, *, grace: float = DEFAULT_GRACE,
                 backend.delete(name)
     return report
 
-
-def _repack(backend: Backend, pack: str, index: str, keep: list[IndexEntry]) -> set[str]:
-    """Copy the live objects of ``pack`` into new packs, then delete it; return the new packs."""
-    fresh = ObjectStore(backend, load_index=False)
-    for d, off, ln in keep:
-        envelope = backend.get(pack, off, ln)
-        try:
-            codec.decode(envelope, d)
-        except IntegrityError as exc:
-            # Never carried into a new pack. A good copy in a newer pack stays: this pack's
-            # claim on it fails verification there once this pack is gone.
-            log.warning("gc: %s: %s; not carried over", pack, exc)
-            continue
-        fresh.put_envelope(d, envelope)
-    fresh.flush()
-    backend.delete(index)
-    backend.delete(pack)
-    return {loc.pack for d, _, _ in keep if (loc := fresh.locate(d)) is not None}

@@ -1,4 +1,9 @@
-"""Eviction policy as pure functions: given what exists and when it was used, what goes."""
+"""The two removal rules as pure functions: given what exists and when it was used, what goes.
+
+``unused_for`` is the TTL of disk eviction; ``over_budget`` is the least-recently-used
+budget the base cache is trimmed to (the runner's tier and the server's Bazel cache trim the
+same way with their own bookkeeping).
+"""
 
 from __future__ import annotations
 

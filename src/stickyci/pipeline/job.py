@@ -2,8 +2,8 @@
 
 Both executors run a job with this code: the local one in its own event loop, the Dask one
 in the worker process the scheduler picked (``asyncio.run`` of :meth:`JobRunner.run`).
-Disks are mounted and committed through the ``stickyci disk`` CLI in a subprocess: it keeps
-the event loop free while a commit forks its workers, and is exactly what a user would run.
+Disks are mounted and committed through the ``stickyci disk`` CLI (:mod:`.diskclient`); step
+output is masked as it is read (:mod:`.masking`); cancellation and guards are :mod:`.stop`.
 
 A job succeeds only when it gets to the end with nothing gone wrong: its state is ``running``
 until then. An exception that reaches the runner is a *fault*: a ``StickyError`` is a failure
@@ -15,14 +15,12 @@ an internal error no disk is committed, whatever its mode (see :meth:`JobRunner.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import json
 import os
 import re
 import signal
 import stat
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,8 +29,7 @@ from typing import Any, Protocol
 
 from ..errors import StickyError, UsageError
 from ..fsutil import remove_tree
-from .plan import MIN_SECRET, Instance
-from .record import (
+from ..runs import (
     CANCELLED,
     FAILURE,
     FINISHED,
@@ -44,113 +41,18 @@ from .record import (
     JobRecord,
     StepRecord,
 )
+from .diskclient import DiskClient, DiskFailure
+from .masking import MaskedStream, Masker
+from .plan import Instance
 from .spec import DiskSpec
+from .stop import KILL_GRACE, Guard, Stopper, kill_group
 from .template import condition, render
 
-KILL_GRACE = 5.0
 # Step output is read this much at a time, whatever its line lengths.
 READ_CHUNK = 64 * 1024
 # The most of $STICKYCI_OUTPUT that is read: outputs are short values, not artifacts.
 MAX_OUTPUTS = 1024 * 1024
 _NEEDS_STATUS = re.compile(r"\b(always|cancelled|failure)\s*\(")
-
-
-class Masker:
-    """Replaces secret values with ``***`` in any text that leaves a step.
-
-    A value is masked whole and, stripped of surrounding blanks, line by line: a step can print
-    one line of a multi-line secret (a key file, a JSON credential) on its own, indented, or in
-    another order. A line shorter than ``MIN_SECRET`` characters (``{``, ``-----``) is not masked
-    on its own, for the reason such a secret is refused: it would blank out every log while
-    protecting nothing; it is still masked as part of the whole value.
-    """
-
-    def __init__(self, secrets: Mapping[str, str]) -> None:
-        values: set[str] = set()
-        for value in filter(None, secrets.values()):
-            values.add(value)
-            values.update(line.strip() for line in value.splitlines()
-                          if len(line.strip()) >= MIN_SECRET)
-        # Output is decoded with errors="replace": a value holding bytes that are not UTF-8
-        # (os.environ keeps them as surrogates) is looked for in that form too.
-        values |= {_as_output(v) for v in values}
-        self.values = sorted(values, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, self.values))) if values else None
-
-    def __call__(self, text: str) -> str:
-        return self._pattern.sub("***", text) if self._pattern else text
-
-    def split(self, text: str) -> tuple[str, str]:
-        """``text`` cut where more text cannot change what is masked: the part before it,
-        masked, and the raw rest, which may be the start of a secret.
-
-        The rest is at most one character shorter than the longest secret, so a stream is
-        masked in bounded memory, however long its lines, and a secret cut between two reads
-        is still masked.
-        """
-        if self._pattern is None:
-            return text, ""
-        cut = len(text) - self._held(text)
-        out: list[str] = []
-        pos = 0
-        # A match starting before the cut is final: no secret starting there runs past the
-        # end of ``text`` (else the cut would be earlier). It may end after the cut.
-        for m in self._pattern.finditer(text):
-            if m.start() >= cut:
-                break
-            out += [text[pos:m.start()], "***"]
-            pos = m.end()
-        cut = max(cut, pos)
-        out.append(text[pos:cut])
-        return "".join(out), text[cut:]
-
-    def _held(self, text: str) -> int:
-        """The length of the longest end of ``text`` that a secret starts with (not all of it)."""
-        held = 0
-        for value in self.values:
-            start = max(0, len(text) - len(value) + 1)
-            # The leftmost candidate is the longest; candidates start with the value's first
-            # character, so only those are compared.
-            while (i := text.find(value[0], start)) != -1 and len(text) - i > held:
-                if value.startswith(text[i:]):
-                    held = len(text) - i
-                    break
-                start = i + 1
-        return held
-
-
-class MaskedStream:
-    """Bytes of any shape (no newline for megabytes, not UTF-8) in, masked text out.
-
-    Memory is bounded by what one :meth:`feed` gets plus the longest secret.
-    """
-
-    def __init__(self, mask: Masker) -> None:
-        self._mask = mask
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._rest = ""
-
-    def feed(self, data: bytes) -> str:
-        """The masked text that ``data`` completes (possibly none yet)."""
-        done, self._rest = self._mask.split(self._rest + self._decoder.decode(data))
-        return done
-
-    def close(self) -> str:
-        """Everything still held, masked: the stream has ended."""
-        text, self._rest = self._rest + self._decoder.decode(b"", final=True), ""
-        return self._mask(text)
-
-
-def run_masker(secrets: Mapping[str, str]) -> Masker:
-    """The masker of a run: its declared secrets and the store token, which steps inherit."""
-    return Masker({**secrets, "STICKYCI_TOKEN": os.environ.get("STICKYCI_TOKEN", "")})
-
-
-def _as_output(value: str) -> str:
-    try:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte: not from a byte string
-        return value
 
 
 def describe_fault(exc: BaseException) -> str:
@@ -200,33 +102,6 @@ def file_logs(root: Path) -> Logs:
     return open_log
 
 
-class Guard(Protocol):
-    """Told about every process group a job starts, so they can die with the job's process."""
-
-    def add(self, pgid: int) -> None:
-        """A group started."""
-
-    def discard(self, pgid: int) -> None:
-        """A group ended (it has been killed, whatever was left of it)."""
-
-
-class Stopper:
-    """Cancellation of the jobs that share it: stop running steps; teardown steps still run."""
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.procs: set[asyncio.subprocess.Process] = set()
-
-    def cancel(self) -> None:
-        """Ctrl-C or SIGTERM (call in the jobs' event loop)."""
-        if self.cancelled:
-            return
-        self.cancelled = True
-        for proc in list(self.procs):
-            _kill_group(proc, signal.SIGTERM)
-            asyncio.get_running_loop().call_later(KILL_GRACE, _kill_group, proc, signal.SIGKILL)
-
-
 @dataclass(slots=True)
 class JobSetup:
     """Where and how one job instance runs."""
@@ -252,6 +127,7 @@ class JobRunner:
 
     def __init__(self, setup: JobSetup) -> None:
         self.s = setup
+        self.disks = DiskClient(setup.disk_env, setup.guard, setup.mask)
         # The first internal error met (see ``fault``); once set, no disk is committed.
         self.internal_error = ""
 
@@ -400,9 +276,9 @@ class JobRunner:
                 await asyncio.wait_for(_exit_unless_failed(protocol.exited, pump), timeout)
                 srec.state = SUCCESS if proc.returncode == 0 else FAILURE
             except TimeoutError:
-                _kill_group(proc, signal.SIGTERM)
+                kill_group(proc, signal.SIGTERM)
                 if not (await asyncio.wait({protocol.exited}, timeout=KILL_GRACE))[0]:
-                    _kill_group(proc, signal.SIGKILL)
+                    kill_group(proc, signal.SIGKILL)
                     await protocol.exited
                 out.write(f"\nstickyci: step timed out after {timeout:.1f}s; killed\n")
                 srec.state = TIMED_OUT
@@ -410,7 +286,7 @@ class JobRunner:
                 self.s.stop.procs.discard(proc)
                 # Whatever the step left in the background dies with it (and so does the step
                 # itself when we got here by an error: nobody reads its output any more).
-                _kill_group(proc, signal.SIGKILL)
+                kill_group(proc, signal.SIGKILL)
                 if self.s.guard:
                     self.s.guard.discard(proc.pid)
                 try:
@@ -434,42 +310,17 @@ class JobRunner:
             raise
         out.write(stream.close())
 
-    async def _disk_cli(self, *args: str) -> tuple[int, dict[str, Any], str]:
-        """Run ``stickyci disk ARGS --json``: its exit status, its JSON document, and on a
-        failure its one-line error (masked)."""
-        guard = self.s.guard
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "stickyci", "disk", *args, "--json",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.s.disk_env,
-            # Guarded: a group of its own (with the workers a commit forks), so the guard can
-            # end all of it and a commit never outlives the process that ran the job.
-            start_new_session=guard is not None)
-        if guard:
-            guard.add(proc.pid)
-        try:
-            out, err = await proc.communicate()
-        finally:
-            if guard:
-                _kill_group(proc, signal.SIGKILL)
-                guard.discard(proc.pid)
-        if proc.returncode == 0:
-            return 0, json.loads(out) if out.strip() else {}, ""
-        return proc.returncode or 1, {}, self.s.mask(_disk_error(out, err))
-
     def _key(self, key: str) -> str:
         """The key actually used: in a cold run, a copy private to the run, empty at first."""
         return cold_key(self.s.run_id, key) if self.s.cold else key
 
     async def _mount(self, drec: DiskRecord, disk: DiskSpec, path: Path) -> bool:
-        code, doc, err = await self._disk_cli(
-            "mount", self._key(drec.key), str(path), "--strategy", disk.strategy,
-            *(["--trust-owners"] if disk.trust_owners else []))
-        if code:
-            drec.error = err
+        got = await self.disks.mount(self._key(drec.key), path, disk.strategy, disk.trust_owners)
+        if isinstance(got, DiskFailure):
+            drec.error = got.message
             return False
-        drec.strategy, drec.mount_seconds = doc["strategy"], doc["seconds"]
-        drec.base_cached, drec.fresh = doc["base_cached"], doc["fresh"]
+        drec.strategy, drec.mount_seconds = got["strategy"], got["seconds"]
+        drec.base_cached, drec.fresh = got["base_cached"], got["fresh"]
         return True
 
     async def _finish_disk(self, rec: JobRecord, disk: DiskSpec, drec: DiskRecord,
@@ -479,14 +330,14 @@ class JobRunner:
             disk.commit == "always" or (ok and disk.commit != "never"))
         if wanted:
             mode = "if-missing" if disk.commit == "if-missing" else "on-change"
-            code, doc, err = await self._disk_cli("commit", str(path), "--mode", mode)
-            if code == 0:
-                drec.committed, drec.commit_reason = doc["committed"], doc["reason"]
-                drec.commit_seconds, drec.stored_bytes = doc["seconds"], doc["stored_bytes"]
-                drec.size, drec.generation = doc["size"], doc["generation"]
-                drec.raced_with = doc["raced_with"]
+            got = await self.disks.commit(path, mode)
+            if not isinstance(got, DiskFailure):
+                drec.committed, drec.commit_reason = got["committed"], got["reason"]
+                drec.commit_seconds, drec.stored_bytes = got["seconds"], got["stored_bytes"]
+                drec.size, drec.generation = got["size"], got["generation"]
+                drec.raced_with = got["raced_with"]
                 return
-            drec.error = err
+            drec.error = got.message
             if rec.state == SUCCESS:
                 rec.state, rec.reason = FAILURE, f"commit of disk {drec.key} failed: {drec.error}"
         else:
@@ -494,27 +345,9 @@ class JobRunner:
                                   self.internal_error if self.internal_error else
                                   "commit: never" if disk.commit == "never" else "job failed")
         # Not committed (or the commit failed): discard, and do not let a straggler keep it.
-        code, _, err = await self._disk_cli("unmount", str(path), "--kill-holders")
-        if code and not drec.error:
-            drec.error = err
-
-
-def _disk_error(out: bytes, err: bytes) -> str:
-    """The error of a failed ``stickyci disk --json``: its JSON error body, or, when it died
-    before writing one (killed, a crash), the end of what it printed."""
-    try:
-        body = json.loads(out)
-        return " ".join(str(body["error"]).split())
-    except (ValueError, TypeError, KeyError):
-        pass
-    lines = err.decode(errors="replace").strip().splitlines()
-    last = lines[-1] if lines else "it printed nothing"
-    return last.removeprefix("stickyci: error: ")[:300]
-
-
-def _kill_group(proc: asyncio.subprocess.Process, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
+        gone = await self.disks.discard(path)
+        if isinstance(gone, DiskFailure) and not drec.error:
+            drec.error = gone.message
 
 
 def _inside(root: Path, rel: str, where: str) -> Path:

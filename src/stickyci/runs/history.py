@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound, StickyError, UsageError
 from ..paths import cache_home
-from ..pipeline.record import (
+from .record import (
     FAILURE,
     TIMED_OUT,
     DiskRecord,

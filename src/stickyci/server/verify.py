@@ -19,10 +19,9 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..digest import Digest
-from ..disks import refs
+from ..disks import DiskRef
 from ..errors import ConflictError, Forbidden, IntegrityError, NotFound
-from ..store import Backend
-from ..store.objects import IndexEntry, decode_index, verify_index
+from ..store import Backend, IndexEntry, decode_index, verify_index
 from .auth import Principal
 from .visibility import Visibility, sees_everything, snapshots_of
 
@@ -166,10 +165,10 @@ class Verifier:
     # -- refs ----------------------------------------------------------------------------
 
     def check_ref(self, who: Principal, key: str, data: bytes,
-                  current: bytes | None) -> refs.DiskRef:
+                  current: bytes | None) -> DiskRef:
         """The ref ``data`` for disk ``key``, if ``who`` may store it; else raise."""
         name = f"refs/{key}"
-        ref = refs.DiskRef.decode(data, key)
+        ref = DiskRef.decode(data, key)
         added: set[bytes] = set()
         for snap in snapshots_of(ref):
             try:
@@ -198,10 +197,10 @@ class Verifier:
         return ref
 
 
-def _decode_or_none(data: bytes | None) -> refs.DiskRef | None:
+def _decode_or_none(data: bytes | None) -> DiskRef | None:
     if data is None:
         return None
     try:
-        return refs.DiskRef.decode(data)
+        return DiskRef.decode(data)
     except IntegrityError:
         return None

@@ -21,12 +21,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..digest import Digest
-from ..disks import refs
+from ..disks import DiskRef, scan_refs
 from ..errors import IntegrityError, NotFound, UnsafePath
-from ..snapshot import load_manifest
-from ..snapshot.model import validate
-from ..store import Backend, ObjectStore
-from ..store.objects import IndexEntry, decode_index, encode_index
+from ..snapshot import load_manifest, validate
+from ..store import Backend, IndexEntry, ObjectStore, decode_index, encode_index
 from .auth import Permission, Principal
 
 log = logging.getLogger("stickyci.server")
@@ -79,13 +77,13 @@ class RefMap:
 
     def _read_all(self) -> dict[str, tuple[str, ...]]:
         # A ref that does not parse (an admin's own blob, a damaged ref) grants nothing.
-        return {r.key: snapshots_of(r) for r in refs.scan_refs(self.backend).refs}
+        return {r.key: snapshots_of(r) for r in scan_refs(self.backend).refs}
 
     def fresh_version(self) -> int | None:
         """The version, if the map needs no re-read now (so using it does no I/O)."""
         return self.version if time.monotonic() - self._loaded_at <= REFS_MAX_AGE else None
 
-    def put(self, key: str, ref: refs.DiskRef) -> None:
+    def put(self, key: str, ref: DiskRef) -> None:
         """Record a ref the server just wrote."""
         with self._lock:
             self._snapshots = {**self._snapshots, key: snapshots_of(ref)}
@@ -102,7 +100,7 @@ class RefMap:
         self._loaded_at = -REFS_MAX_AGE
 
 
-def snapshots_of(ref: refs.DiskRef) -> tuple[str, ...]:
+def snapshots_of(ref: DiskRef) -> tuple[str, ...]:
     """The snapshot ids (hex) of a ref's kept generations."""
     return tuple(str(g.snapshot).removeprefix("blake3:") for g in ref.generations)
 

@@ -123,7 +123,7 @@ class Scan:
             for e in self.manifest.entries.values())
 
 
-Packs = list[tuple[str, list[tuple[bytes, int, int]]]]
+Packs = list[tuple[str, bytes]]  # a pack a forked worker wrote, and its index as stored
 
 
 def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
@@ -140,7 +140,7 @@ def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
                     return i, [], 0, 0, []
                 out.append(store_file(store, opener, e.path))
         store.flush()  # each batch ends in a published pack: the parent sees only those
-        packs = [(p, entries) for p, entries in store.written.items() if p not in known]
+        packs = [(p, index) for p, index in store.written.items() if p not in known]
         return (i, out, store.bytes_written - before[0], store.objects_written - before[1],
                 packs)
 
@@ -150,8 +150,8 @@ def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
         store.bytes_written += nbytes
         store.objects_written += nobjects
         # The worker's packs are indexed from what it sent back, not re-read from the store.
-        for pack, entries in packs:
-            store.adopt(pack.removeprefix("packs/"), entries)
+        for pack, index in packs:
+            store.adopt(pack.removeprefix("packs/"), index)
     store.refresh()
 
 

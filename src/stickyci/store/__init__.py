@@ -1,4 +1,10 @@
-"""The content-addressed store: backends, packs of objects, and opening a store by URL."""
+"""The content-addressed store: backends, packs of objects, and opening a store by URL.
+
+A store is named by a **store URL** (``file://``, ``s3://``, ``http://``), opened as a
+:class:`Backend` (blobs by name), and read as objects through an :class:`ObjectStore` (packs
+and their indexes over a backend). The wire format the ``http://`` backend and the server
+share is the public submodule :mod:`.protocol`, imported on its own (it needs pydantic).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,24 @@ from urllib.parse import urlparse
 from ..errors import UsageError
 from ..paths import cache_home
 from ..units import parse_size
-from .backend import Backend, Stat
+from .backend import Backend, Stat, check_name
 from .local import LocalBackend
-from .objects import ObjectStore
+from .objects import (
+    IndexEntry,
+    Location,
+    ObjectStore,
+    decode_index,
+    encode_index,
+    read_at,
+    verify_index,
+)
+from .repack import repack
 
 DEFAULT_TIER_SIZE = "10G"
 
-__all__ = ["Backend", "LocalBackend", "ObjectStore", "Stat", "open_backend"]
+__all__ = ["Backend", "IndexEntry", "LocalBackend", "Location", "ObjectStore", "Stat",
+           "as_backend", "check_name", "decode_index", "default_store_url", "encode_index",
+           "open_backend", "read_at", "repack", "verify_index"]
 
 
 def default_store_url() -> str:
@@ -24,10 +41,17 @@ def default_store_url() -> str:
     return os.environ.get("STICKYCI_STORE") or f"file://{cache_home() / 'store'}"
 
 
+def as_backend(store: str | Backend | None) -> Backend:
+    """The backend of a store given by URL (opened), as an open backend (returned as it is),
+    or as ``None`` (the default store): how every function that takes ``store`` reads it."""
+    return store if store is not None and not isinstance(store, str) else open_backend(store)
+
+
 def open_backend(url: str | None = None) -> Backend:
     """Open the backend a URL names: ``file:///path``, a plain path, ``s3://BUCKET/PREFIX``,
-    or ``http://HOST:PORT`` (a stickyci server, read through a local tier of
-    ``STICKYCI_TIER_SIZE`` bytes unless ``STICKYCI_TIER=off``)."""
+    or ``http://HOST:PORT`` (a stickyci server, retried for ``STICKYCI_HTTP_RETRY_SECONDS``
+    and read through a local tier of ``STICKYCI_TIER_SIZE`` bytes unless
+    ``STICKYCI_TIER=off``)."""
     url = url or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
@@ -37,9 +61,11 @@ def open_backend(url: str | None = None) -> Backend:
         return LocalBackend(Path(path).expanduser().absolute())
     if parsed.scheme in ("http", "https"):
         from .http import HttpBackend
+        from .retry import RetryBackend
         from .tier import TieredBackend
 
-        remote = HttpBackend(url)
+        # Retries wrap the remote only: the local tier's own failures are not a server away.
+        remote = RetryBackend(HttpBackend(url))
         if os.environ.get("STICKYCI_TIER", "on") == "off":
             return remote
         tier = cache_home() / "tier" / re.sub(r"[^A-Za-z0-9.-]", "_", parsed.netloc)

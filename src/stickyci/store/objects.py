@@ -14,7 +14,6 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import zstandard
@@ -41,16 +40,15 @@ class IndexEntry(NamedTuple):
     length: int
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where an object's envelope lives."""
+class Location(NamedTuple):
+    """Where an object's envelope lives (a tuple: gc makes one per indexed object)."""
 
     pack: str
     offset: int
     length: int
 
 
-def encode_index(entries: Iterable[tuple[Digest, int, int]], *, partial: bool = False) -> bytes:
+def encode_index(entries: Iterable[IndexEntry], *, partial: bool = False) -> bytes:
     """Serialise a pack index: magic, entries, then the BLAKE3 of everything before it.
 
     ``partial`` marks a view of an index (some of its entries), which no reader may keep as
@@ -71,7 +69,15 @@ def index_is_partial(data: bytes) -> bool:
     return data.startswith(PARTIAL_MAGIC)
 
 
+def read_at(backend: Backend, loc: Location, digest: Digest) -> bytes:
+    """Read the object ``digest`` where ``loc`` says it lies, verified: ``IntegrityError`` when
+    the bytes there are not that object, ``NotFound`` when the pack is gone."""
+    return codec.decode(backend.get(loc.pack, loc.offset, loc.length), digest)
+
+
 def _decode_index_raw(name: str, data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    # Raw digests, not ``IndexEntry``: building a Digest per entry would slow down loading
+    # every index of a store, which is on the path of every commit.
     body, check = data[:-32], data[-32:]
     if (not body.startswith((INDEX_MAGIC, PARTIAL_MAGIC))
             or Digest.of(body).raw != check or (len(body) - 4) % _ENTRY.size):
@@ -127,16 +133,17 @@ class ObjectStore:
         """``load_index=False`` defers reading the pack indexes to the first ``get`` miss."""
         self.backend = backend
         # Keyed by raw digest bytes: hashing bytes is much cheaper than hashing a Digest, and
-        # loading the index is on the path of every commit.
+        # loading the index is on the path of every commit. The values are a Location's
+        # fields as a plain tuple for the same reason (``locate`` makes the Location).
         self._index: dict[bytes, tuple[str, int, int]] = {}
         self._loaded: set[str] = set()
         # Packs this process wrote (or adopted from its forked workers), newest last, with
-        # their entries: young enough that no gc can have swept them, and already indexed.
-        self.written: dict[str, list[tuple[bytes, int, int]]] = {}
+        # their index as stored: young enough that no gc can have swept them, already indexed.
+        self.written: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._pending: dict[Digest, tuple[int, int]] = {}
-        self._publishing: dict[Digest, tuple[bytes, int, int]] = {}
+        self._publishing: dict[Digest, memoryview] = {}
         self._spans: OrderedDict[str, bytes] = OrderedDict()
         self._span_locks: dict[str, threading.Lock] = {}
         self.bytes_written = 0
@@ -224,18 +231,18 @@ class ObjectStore:
         data, entries = bytes(self._buf), self._pending
         self._buf, self._pending = bytearray(), {}
         # Keep the pack readable in memory until it is published, so a reader never misses it.
+        view = memoryview(data)
         for d, (off, ln) in entries.items():
-            self._publishing[d] = (data, off, ln)
+            self._publishing[d] = view[off : off + ln]
         return data, entries
 
     def _write_pack(self, data: bytes, entries: dict[Digest, tuple[int, int]]) -> None:
         pack_id = Digest.of(data).hex
         try:
+            index = encode_index(IndexEntry(d, off, ln)
+                                 for d, (off, ln) in sorted(entries.items()))
             self.backend.put(f"packs/{pack_id}", data)
-            self.backend.put(
-                f"index/{pack_id}",
-                encode_index((d, off, ln) for d, (off, ln) in sorted(entries.items())),
-            )
+            self.backend.put(f"index/{pack_id}", index)
         except BaseException:
             with self._lock:
                 for d in entries:
@@ -244,17 +251,22 @@ class ObjectStore:
         with self._lock:
             for d in entries:
                 self._publishing.pop(d, None)
-        self.adopt(pack_id, [(d.raw, off, ln) for d, (off, ln) in entries.items()])
+        self.adopt(pack_id, index)
 
-    def adopt(self, pack_id: str, entries: list[tuple[bytes, int, int]]) -> None:
-        """Index a pack this process or one of its forked workers wrote, without reading its
-        index back from the backend."""
-        pack = f"packs/{pack_id}"
+    def adopt(self, pack_id: str, index: bytes) -> None:
+        """Index a pack this process or one of its forked workers wrote, from the index it
+        stored (:func:`encode_index`), without reading that back from the backend.
+
+        A worker hands its packs over as their encoded indexes: one bytes object per pack
+        crosses the process boundary, not a Python object per entry.
+        """
+        pack, name = f"packs/{pack_id}", f"index/{pack_id}"
+        entries = _decode_index_raw(name, index)
         with self._lock:
             for d, off, ln in entries:
                 self._index.setdefault(d, (pack, off, ln))
-            self._loaded.add(f"index/{pack_id}")
-            self.written[pack] = entries
+            self._loaded.add(name)
+            self.written[pack] = index
 
     def get(self, digest: Digest, *, whole_pack: bool = False) -> bytes:
         """Read and verify an object. ``whole_pack`` caches its pack for sequential readers."""
@@ -270,8 +282,7 @@ class ObjectStore:
         if loc is None:
             with self._lock:
                 if digest in self._publishing:
-                    data, off, ln = self._publishing[digest]
-                    return data[off : off + ln]
+                    return self._publishing[digest]
                 if digest in self._pending:
                     off, ln = self._pending[digest]
                     return bytes(self._buf[off : off + ln])

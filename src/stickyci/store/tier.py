@@ -8,6 +8,9 @@ truth) and then to the local tier, so a runner reads back what it committed with
 A server shows a token only what it may read: a partial index, or a pack with other scopes'
 objects zeroed. Those are views, not the blobs, so the tier never keeps them; it keeps a pack
 only once it hashes to its name, and reads a redacted pack by ranges from then on.
+
+Retries belong to the remote (``open_backend`` passes a ``RetryBackend``), never to the tier:
+a failure of the local copy is not a server away.
 """
 
 from __future__ import annotations

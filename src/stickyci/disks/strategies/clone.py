@@ -19,8 +19,7 @@ from pathlib import Path
 
 from ...errors import UsageError
 from ...fsutil import Opener, Tree, empty_dir
-from ...snapshot import Entry, Manifest, Scan, materialize, scan_tree
-from ...snapshot.scan import StatKey
+from ...snapshot import Entry, Manifest, Scan, StatKey, materialize, scan_tree
 
 FICLONE = 0x40049409
 

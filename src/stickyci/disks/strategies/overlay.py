@@ -11,9 +11,17 @@ from pathlib import Path
 
 from ...errors import UsageError
 from ...fsutil import Found, Tree
-from ...snapshot import Entry, Manifest, Scan
-from ...snapshot.model import DIR, FILE
-from ...snapshot.scan import is_special, keep_base_meta, skip_special, to_entry
+from ...snapshot import (
+    DIR,
+    FILE,
+    Entry,
+    Manifest,
+    Scan,
+    is_special,
+    keep_base_meta,
+    skip_special,
+    to_entry,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # Fixed features, so the upper dir always has the layout this module reads: no redirects or

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..job import Stopper, cold_key, describe_fault, disk_keys, run_masker
-from ..plan import Instance, Plan
-from ..record import (
+from ...runs import (
     CANCELLED,
     FAILURE,
     QUEUED,
@@ -27,6 +25,10 @@ from ..record import (
     JobRecord,
     RunRecord,
 )
+from ..job import cold_key, describe_fault, disk_keys
+from ..masking import run_masker
+from ..plan import Instance, Plan
+from ..stop import Stopper
 from ..template import condition
 
 _FAILED = (FAILURE, TIMED_OUT)

@@ -35,12 +35,9 @@ from typing import Any, cast
 from distributed import Client, KilledWorker, Variable
 
 from ... import __version__
-from ...disks import refs
+from ...disks import read_ref
 from ...errors import UsageError
-from ...store import Backend, open_backend
-from ..job import disk_keys, safe
-from ..plan import Instance, Plan
-from ..record import (
+from ...runs import (
     CANCELLED,
     FAILURE,
     LOST,
@@ -50,8 +47,12 @@ from ..record import (
     RunRecord,
     StepRecord,
 )
+from ...store import Backend, open_backend
+from ..job import disk_keys, safe
+from ..plan import Instance, Plan
 from .base import Executor, Options
-from .dask_worker import Hidden, Ticket, cancel_run, held, probe, run_job
+from .dask_worker import Hidden, Ticket, cancel_run, run_job
+from .probes import held, probe
 
 log = logging.getLogger("stickyci")
 # How long to try to reach the scheduler, and to wait for a first worker to join it.
@@ -261,7 +262,7 @@ class DaskExecutor(Executor):
             self.backend = open_backend(self.store)
         out = {}
         for key in keys:
-            ref = refs.read_ref(self.backend, key)
+            ref = read_ref(self.backend, key)
             if ref and ref.latest:
                 out[ref.latest.snapshot.hex] = ref.latest.size
         return out

@@ -4,19 +4,17 @@
 The client submits :func:`run_job` with a :class:`Ticket`; the worker runs one attempt of the
 job with the same :class:`~stickyci.pipeline.job.JobRunner` as the local executor, in a
 workspace under its own ``STICKYCI_CACHE_DIR`` (next to its own base cache), and sends its
-start, its steps and its log output to the client as Dask events while it runs. The other
-functions here are called on every worker through ``Client.run``: a probe before a run, the
-snapshots a base cache holds (placement), and cancellation.
+start, its steps and its log output to the client as Dask events while it runs; a watchdog
+(:mod:`.watchdog`) kills its processes if the worker dies, and the next job on the machine clears
+what it left (:mod:`.workspaces`). :func:`cancel_run` is called on every worker through
+``Client.run``, as are the probes of :mod:`.probes`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,17 +24,14 @@ from typing import Any, Generic, TypeVar
 
 from distributed import Variable, get_worker
 
-from ... import __version__
-from ...digest import Digest
-from ...disks import basecache, holders, mounts
-from ...errors import StickyError
-from ...fsutil import remove_tree
-from ...paths import cache_home
-from ..job import JobRunner, JobSetup, LogWriter, Masker, Stopper, describe_fault, safe
+from ...runs import CANCELLED, FAILURE, AttemptRecord, JobRecord
+from ..job import JobRunner, JobSetup, LogWriter, describe_fault, safe
+from ..masking import Masker
 from ..plan import Instance
-from ..record import CANCELLED, FAILURE, AttemptRecord, JobRecord
+from ..stop import Stopper
+from .watchdog import Watchdog
+from .workspaces import claim, forget, jobs_root, sweep_stale
 
-log = logging.getLogger("stickyci")
 T = TypeVar("T")
 # Step output is batched into one event per log at most this often, and at most this big:
 # every event goes through the scheduler, which keeps the last ones of each topic.
@@ -47,6 +42,8 @@ LOG_CHUNK = 32 * 1024
 _lock = threading.Lock()
 _cancelled: set[str] = set()
 _running: dict[str, list[tuple[asyncio.AbstractEventLoop, Stopper]]] = {}
+# Kills the jobs' process groups if this worker process dies (see :mod:`.watchdog`).
+_watchdog = Watchdog()
 
 
 class Hidden(Generic[T]):
@@ -117,8 +114,7 @@ def run_job(ticket: Ticket) -> JobRecord:
     # same rights; without a client token, the worker's own (its environment) is used.
     store = {"STICKYCI_STORE": ticket.store, **({"STICKYCI_TOKEN": token} if token else {})}
     ws = jobs_root() / safe(ticket.run_id) / f"{ticket.slug}.{attempt}"
-    ws.parent.mkdir(parents=True, exist_ok=True)
-    ws.with_name(f"{ws.name}.owner").write_text(_identity(os.getpid()) or "")
+    claim(ws)
     logs = EventLogs(send)
     setup = JobSetup(
         ticket.run_id, ticket.sha, Path(ticket.pipeline_dir), ws,
@@ -134,7 +130,7 @@ def run_job(ticket: Ticket) -> JobRecord:
         rec.state, rec.reason = FAILURE, mask(describe_fault(exc))
     finally:
         if not ws.exists():  # kept after a disk error; swept once this process is gone
-            _forget(ws)
+            forget(ws)
     me.finished_at, me.state, me.reason = time.time(), rec.state, mask(rec.reason)
     rec.attempts, rec.worker = [me], me.worker
     return rec
@@ -222,122 +218,7 @@ class _Writer:
         self.logs.write(self.rel, text)
 
 
-# --- the job's processes die with the worker ----------------------------------------------------
-
-_WATCHDOG = """
-import os, signal, sys
-groups = set()
-for line in sys.stdin:
-    (groups.add if line[0] == "+" else groups.discard)(int(line[1:]))
-for g in groups:
-    try:
-        os.killpg(g, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-class Watchdog:
-    """A helper process that kills the jobs' process groups when this worker process dies.
-
-    Steps and disk commands run in sessions of their own (timeouts kill a whole step), so they
-    would outlive a killed worker: a step would keep its mounts busy, and a commit would go on
-    to move the ref of a job that is already being retried elsewhere. The helper is told each
-    group as it starts and ends; end of input (the kernel closes the pipe when this process
-    dies, however it dies) makes it kill every group still registered.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen[str] | None = None
-        self._groups: set[int] = set()
-
-    def add(self, pgid: int) -> None:
-        """Kill group ``pgid`` if this process dies."""
-        with self._lock:
-            self._groups.add(pgid)
-            self._send(f"+{pgid}\n")
-
-    def discard(self, pgid: int) -> None:
-        """Group ``pgid`` is over."""
-        with self._lock:
-            self._groups.discard(pgid)
-            self._send(f"-{pgid}\n")
-
-    def _send(self, line: str) -> None:
-        for _ in range(2):
-            if self._proc is None or self._proc.poll() is not None:
-                # Its own session: a Ctrl-C meant for `dask worker` must not stop it first.
-                self._proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG],
-                                              stdin=subprocess.PIPE, text=True,
-                                              start_new_session=True)
-                line = "".join(f"+{g}\n" for g in self._groups)
-            assert self._proc.stdin is not None
-            try:
-                self._proc.stdin.write(line)
-                self._proc.stdin.flush()
-                return
-            except BrokenPipeError:
-                self._proc = None
-
-
-_watchdog = Watchdog()
-
-
-def _identity(pid: int) -> str | None:
-    """``PID STARTTIME`` of a live process: a pid reused after a reboot does not match."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else f"{pid} {fields[19]}"
-
-
-def jobs_root() -> Path:
-    """Where this worker's job workspaces are: under its own cache directory."""
-    return cache_home() / "jobs"
-
-
-def sweep_stale() -> None:
-    """Clear the workspaces left by a worker process that died: processes, mounts, files."""
-    for owner in jobs_root().glob("*/*.owner"):
-        try:
-            text = owner.read_text()
-        except OSError:
-            continue
-        if text and _identity(int(text.split()[0])) == text:
-            continue  # its worker is alive (another worker process may share this cache)
-        ws = owner.with_suffix("")
-        with contextlib.suppress(StickyError, OSError):
-            holders.release(ws, kill=True)
-        for m in mounts.all_mounts():
-            if Path(m.path).is_relative_to(ws):
-                subprocess.run([sys.executable, "-m", "stickyci", "disk", "unmount", m.path,
-                                "--kill-holders"], capture_output=True, check=False)
-        log.info("removed the workspace %s of a worker that died", ws)
-        remove_tree(ws)
-        _forget(ws)
-
-
-def _forget(ws: Path) -> None:
-    """Remove the files beside a workspace, and its run's directory once empty."""
-    for path in (ws.with_name(f"{ws.name}.owner"), ws.with_name(f"{ws.name}.outputs")):
-        path.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        ws.parent.rmdir()
-
-
-# --- called on every worker through Client.run ------------------------------------------------
-
-def probe(pipeline_dir: str) -> dict[str, Any]:
-    """Checked before a run: this worker's stickyci version and the pipeline directory."""
-    return {"version": __version__, "pipeline_dir": os.path.isdir(pipeline_dir)}
-
-
-def held(snapshots: list[str]) -> list[str]:
-    """Which of ``snapshots`` this worker's base cache holds: a mount of them is instant."""
-    return [s for s in snapshots if basecache.base_path(Digest.parse(s)).is_dir()]
-
+# --- called on every worker through Client.run (see also :mod:`.probes`) ----------------------
 
 def cancel_run(run_id: str) -> int:
     """Cancel the jobs of ``run_id`` here (teardown steps still run), and any that start later.

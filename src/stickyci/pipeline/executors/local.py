@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ...runs import RUNNING, AttemptRecord, JobRecord
 from ..job import JobRunner, JobSetup, file_logs, safe
 from ..plan import Instance
-from ..record import RUNNING, AttemptRecord, JobRecord
 from .base import Executor
 
 

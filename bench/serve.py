@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Cache server benchmark: ``stickyci serve`` against nginx serving the very same files.
 
-    python3 bench/server.py [--runs 3] [--duration 10] [--write docs/benchmarks.md]
-    python3 bench/server.py --quick          # smoke run: 2,000 objects, 3 s loads, 1 run
+    python3 bench/serve.py [--runs 3] [--duration 10] [--write docs/benchmarks.md]
+    python3 bench/serve.py --quick          # smoke run: 2,000 objects, 3 s loads, 1 run
 
 1. Fill: start ``stickyci serve`` over a fresh ``file://`` store and upload ``--small``
    random objects of 1-4 KiB and ``--large`` objects of ``--large-mib`` MiB through the Bazel
@@ -50,215 +50,32 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import write_section  # bench/pipeline.py: bench/ is on sys.path when run
+from harness.datasets import Blobs, make_blobs, small_bodies
+from harness.machine import cpu_model, stickyci_revision, versions
+from harness.noise import NCPU, TICK, add_noise_options, machine_ticks, own_cpu, wait_quiet
+from harness.proc import (
+    create_token,
+    first_line,
+    free_port,
+    log,
+    started,
+    tree_peak_rss,
+    tree_ticks,
+    wait_http,
+)
+from harness.report import MB, fnum, write_section
 
-ROOT = Path(__file__).resolve().parent.parent
-
-START, END = "<!-- bench:server:start -->", "<!-- bench:server:end -->"
-MB = 1_000_000
+KEY = "server"
 TARGET_SMALL_GETS = 2_000
 TARGET_LARGE_MBS = 300
-TICK = os.sysconf("SC_CLK_TCK")
-NCPU = os.cpu_count() or 1
 DIRECT = "LocalBackend.put alone, 32 threads, no HTTP"
 FD_LAUNCHER = "_serve-on-fd"  # hidden sub-command: one `stickyci serve` on an inherited socket
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr; the report to stdout."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a process we started in a session of its own, with everything it started."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    else:  # its children may outlive it (a uvicorn worker, an nginx worker)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def started(cmds: Sequence[Sequence[str]], log_path: Path, *, pass_fds: Sequence[int] = (),
-            env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start processes (each in a new session, output to ``log_path``); stop them on exit."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        with open(log_path, "ab") as out:
-            for cmd in cmds:
-                procs.append(subprocess.Popen(
-                    list(cmd), stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                    start_new_session=True, pass_fds=tuple(pass_fds), env=env))
-        yield procs
-    finally:
-        for proc in procs:
-            stop(proc)
-
-
-def wait_http(url: str, procs: Sequence[subprocess.Popen[bytes]], log_path: Path,
-              headers: dict[str, str] | None = None, timeout: float = 30.0) -> None:
-    """Poll ``url`` until it answers 200; fail with the log if a process exits first."""
-    host, _, rest = url.removeprefix("http://").partition("/")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited {proc.returncode}:\n"
-                                   f"{log_path.read_text()[-3000:]}")
-        try:
-            conn = http.client.HTTPConnection(host, timeout=2)
-            conn.request("GET", "/" + rest, headers=headers or {})
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)  # polling a condition with a deadline
-    raise RuntimeError(f"{url} did not answer within {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-def tree_ticks(roots: Sequence[int]) -> int:
-    """CPU clock ticks (user + system) of processes ``roots`` and all their descendants, alive
-    now, plus the children they already reaped."""
-    parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parent[pid] = int(fields[1])
-        ticks[pid] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    wanted, frontier = set(), [r for r in roots if r in parent]
-    while frontier:
-        pid = frontier.pop()
-        wanted.add(pid)
-        frontier += [c for c, p in parent.items() if p == pid and c not in wanted]
-    return sum(ticks[p] for p in wanted)
-
-
-def tree_peak_rss(roots: Sequence[int]) -> int:
-    """Sum of the peak resident set sizes (VmHWM) of ``roots`` and their live descendants."""
-    parent: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry.name}/stat") as f:
-                parent[int(entry.name)] = int(f.read().rpartition(")")[2].split()[1])
-    wanted, frontier = set(), [r for r in roots if r in parent]
-    while frontier:
-        pid = frontier.pop()
-        wanted.add(pid)
-        frontier += [c for c, p in parent.items() if p == pid and c not in wanted]
-    total = 0
-    for pid in wanted:
-        with contextlib.suppress(OSError, StopIteration), open(f"/proc/{pid}/status") as f:
-            total += int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) * 1024
-    return total
-
-
-def machine_ticks(*, interrupts: bool = True) -> int:
-    """Busy clock ticks of the whole machine, from /proc/stat; without ``interrupts``, the
-    time in hard and soft interrupts (where the loopback network stack of client and server
-    runs, charged to no process) is left out."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (
-            int(x) for x in f.readline().split()[1:9])
-    return user + nice + system + steal + (irq + softirq if interrupts else 0)
-
-
-def children_cpu() -> float:
-    """CPU seconds of this process's reaped children (wrk)."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-def wait_quiet(limit: float) -> None:
-    """Wait (up to ``limit`` s) until the machine is below 25% busy; nothing of ours runs."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        before = machine_ticks()
-        time.sleep(0.5)
-        if (machine_ticks() - before) / TICK / (0.5 * NCPU) < 0.25:
-            return
-
-
-# -- data set ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Bodies of the objects, named by their sha256, and the files the Lua scripts read."""
-
-    small_bin: Path      # every small body, concatenated
-    small_idx: Path      # "<sha256> <offset> <length>" per line
-    small_paths: Path    # "/cas/<sha256>" per line
-    large_paths: Path
-    large_dir: Path      # the large bodies, one file each, named by sha256
-    small: list[str]
-    large: list[str]
-    small_bytes: int
-    large_bytes: int
-
-
-def make_dataset(work: Path, n_small: int, n_large: int, large_mib: int, seed: int) -> Dataset:
-    """Random bodies (deterministic for a seed): 1-4 KiB small ones and ``large_mib`` large."""
-    rng = random.Random(seed)
-    small, small_bytes = [], 0
-    with open(work / "small.bin", "wb") as blob, open(work / "small.idx", "w") as idx:
-        for _ in range(n_small):
-            body = rng.randbytes(rng.randint(1024, 4096))
-            sha = hashlib.sha256(body).hexdigest()
-            idx.write(f"{sha} {small_bytes} {len(body)}\n")
-            blob.write(body)
-            small.append(sha)
-            small_bytes += len(body)
-    large_dir = work / "large"
-    large_dir.mkdir()
-    large = []
-    for _ in range(n_large):
-        body = rng.randbytes(large_mib << 20)
-        sha = hashlib.sha256(body).hexdigest()
-        (large_dir / sha).write_bytes(body)
-        large.append(sha)
-    (work / "small.paths").write_text("".join(f"/cas/{s}\n" for s in small))
-    (work / "large.paths").write_text("".join(f"/cas/{s}\n" for s in large))
-    return Dataset(work / "small.bin", work / "small.idx", work / "small.paths",
-                   work / "large.paths", large_dir, small, large, small_bytes,
-                   n_large * (large_mib << 20))
-
-
-def small_bodies(ds: Dataset) -> Iterator[tuple[str, bytes]]:
-    """(sha256, body) of every small object."""
-    blob = ds.small_bin.read_bytes()
-    for line in ds.small_idx.read_text().splitlines():
-        sha, off, length = line.split()
-        yield sha, blob[int(off):int(off) + int(length)]
 
 
 def put(conn: http.client.HTTPConnection, path: str, body: bytes,
@@ -270,7 +87,7 @@ def put(conn: http.client.HTTPConnection, path: str, body: bytes,
     return resp.status
 
 
-def fill(port: int, token: str, ds: Dataset, connections: int = 16) -> dict[str, float]:
+def fill(port: int, token: str, ds: Blobs, connections: int = 16) -> dict[str, float]:
     """Upload every object through ``PUT /cas/<sha256>``; the small ones from ``connections``
     threads, the large ones one after the other. Returns the rates."""
     headers = {"Authorization": f"Bearer {token}"}
@@ -293,7 +110,7 @@ def fill(port: int, token: str, ds: Dataset, connections: int = 16) -> dict[str,
             ds.large_bytes / MB / large_s if ds.large else 0.0}
 
 
-def put_large(port: int, prefix: str, ds: Dataset, headers: dict[str, str]) -> float:
+def put_large(port: int, prefix: str, ds: Blobs, headers: dict[str, str]) -> float:
     """PUT every large object once, sequentially on one connection; returns the seconds."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     took = 0.0
@@ -310,7 +127,7 @@ def put_large(port: int, prefix: str, ds: Dataset, headers: dict[str, str]) -> f
     return took
 
 
-def verify_store(store: Path, ds: Dataset) -> None:
+def verify_store(store: Path, ds: Blobs) -> None:
     """Every uploaded object is a file ``STORE/cas/<sha256>`` holding exactly its bytes."""
     for sha, body in small_bodies(ds):
         path = store / "cas" / sha
@@ -433,7 +250,7 @@ class Env:
     store: Path
     state: Path
     token: str
-    ds: Dataset
+    ds: Blobs
     scripts: dict[str, Path] = field(default_factory=dict)
 
 
@@ -574,13 +391,13 @@ def measure(env: Env, cfg: Config, port: int, pids: list[int], load: Load,
             duration: float, quiet: float) -> dict[str, float]:
     """One wrk run against a running server, with the CPU it and the rest of the machine used."""
     script = env.scripts[f"put-{cfg.kind}" if load.script == "put" else load.script]
-    wait_quiet(quiet)
-    t0, s0, w0 = time.perf_counter(), tree_ticks(pids), children_cpu()
+    wait_quiet(quiet, below=0.25)
+    t0, s0, w0 = time.perf_counter(), tree_ticks(pids), own_cpu(me=False)
     m0 = machine_ticks(interrupts=False)
     res = wrk(port, script, load, duration)
     wall = time.perf_counter() - t0
     server = (tree_ticks(pids) - s0) / TICK
-    wrk_cpu = children_cpu() - w0
+    wrk_cpu = own_cpu(me=False) - w0
     other = max(0.0, (machine_ticks(interrupts=False) - m0) / TICK - server - wrk_cpu)
     secs = res["duration_us"] / 1e6
     errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
@@ -618,7 +435,7 @@ def backend_puts(env: Env, threads: int, duration: float, quiet: float) -> dict[
         with lock:
             latencies.extend(mine)
 
-    wait_quiet(quiet)
+    wait_quiet(quiet, below=0.25)
     me = resource.getrusage(resource.RUSAGE_SELF)
     m0 = machine_ticks(interrupts=False)
     start = time.perf_counter()
@@ -739,7 +556,7 @@ def profile(env: Env, args: argparse.Namespace) -> dict[str, Any]:
     with serving(env, cfg) as (port, pids, _):
         wrk(port, env.scripts["get-small"], SMALL_GET, min(2.0, args.duration))
         for load in (SMALL_GET, SMALL_PUT):
-            wait_quiet(args.quiet_wait)
+            wait_quiet(args.quiet_wait, below=0.25)
             raw = env.work / f"profile-{load.name}.txt"
             script = env.scripts["put-stickyci" if load.script == "put" else load.script]
             cmd = [sys.executable, "-m", "py_spy"] if shutil.which("py-spy") is None else [
@@ -776,39 +593,12 @@ def med(rows: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def fnum(x: float) -> str:
-    """A figure with the precision it deserves."""
-    if x >= 100:
-        return f"{x:,.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
-
-
 def software() -> str:
     """Versions of everything measured."""
-    def first_line(cmd: list[str]) -> str:
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            return (p.stdout + p.stderr).strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "?"
-
-    from importlib.metadata import version
-    rev = first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"],
-                           capture_output=True, text=True, check=False).stdout.strip()
-    libs = ", ".join(f"{m} {version(m)}" for m in ("uvicorn", "starlette", "httptools", "uvloop"))
-    return (f"stickyci {rev}{' + uncommitted changes in src/' if dirty else ''}, Python "
-            f"{sys.version.split()[0]}, {libs}; "
+    return (f"stickyci {stickyci_revision()}, Python {sys.version.split()[0]}, "
+            f"{versions('uvicorn', 'starlette', 'httptools', 'uvloop')}; "
             f"{first_line(['nginx', '-v']).replace('nginx version: ', '')}; "
             f"{first_line(['wrk', '--version']).split(' Copyright')[0]}")
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    return "unknown CPU"
 
 
 def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
@@ -828,7 +618,7 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
     p99 = m(one, "small-get", "p99_ms")
     verdict = {True: "**PASS**", False: "**MISS**"}
     lines = [
-        START, "## Cache server (`stickyci serve`) against nginx", "",
+        "## Cache server (`stickyci serve`) against nginx", "",
         f"- **Command:** `{command}`",
         f"- **Machine:** {cpu_model()}, {NCPU} CPUs, Linux {os.uname().release}; "
         f"**date** {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} (UTC). Shared with other "
@@ -912,7 +702,6 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
             f"{c.name} **{m(c.name, 'large-put', 'mbs'):,.0f} MB/s**" for c in puts)
             + " (stickyci verifies the sha256 and fsyncs; nginx does neither)."]
     lines += analysis(configs, r, prof, args.large_mib)
-    lines.append(END)
     return "\n".join(lines) + "\n"
 
 
@@ -1128,12 +917,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=4, help="number of large objects")
     ap.add_argument("--large-mib", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--quiet-wait", type=float, default=30.0,
-                    help="wait up to this long for the machine to be < 25%% busy before each "
-                         "measurement")
-    ap.add_argument("--max-other-cpu", type=float, default=0.25,
-                    help="measure again when other processes used more than this share of "
-                         "the CPUs during a measurement")
+    add_noise_options(ap, quiet_wait=30.0)
     ap.add_argument("--retries", type=int, default=2, help="at most this many times")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--keep-profiles", type=Path, help="copy the py-spy raw files here")
@@ -1163,12 +947,9 @@ def main() -> None:
         work = Path(tmp)
         os.chmod(work, 0o755)
         log(f"generating {args.small:,} small and {args.large} x {args.large_mib} MiB objects")
-        ds = make_dataset(work, args.small, args.large, args.large_mib, args.seed)
+        ds = make_blobs(work, args.small, args.large, args.large_mib, args.seed)
         state = work / "state"
-        token = subprocess.run(
-            [sys.executable, "-m", "stickyci", "token", "create", "--state-dir", str(state),
-             "--admin", "--name", "bench"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        token = create_token(state, "--admin", "--name", "bench")
         env = Env(work, work / "store", state, token, ds)
         env.scripts = {
             "get-small": lua(work, "get-small", LUA_GET, token=token, list=str(ds.small_paths)),
@@ -1195,11 +976,11 @@ def main() -> None:
         if args.profile:
             log("profiling one stickyci process with py-spy")
             prof = profile(env, args)
-    command = "python3 bench/server.py " + " ".join(sys.argv[1:])
+    command = "python3 bench/serve.py " + " ".join(sys.argv[1:])
     section = markdown(args, configs, env, results, filled, prof, command.strip())
     print(section)
     if args.write:
-        write_section(args.write, section, START, END)
+        write_section(args.write, KEY, section)
 
 
 if __name__ == "__main__":

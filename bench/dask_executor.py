@@ -1,6 +1,7 @@
 """Dask executor benchmark: the canonical example's fan-out on 1, 2 and 3 workers.
 
-    python3 bench/dask.py [--runs 3] [--services services.json] [--write docs/benchmarks.md]
+    python3 bench/dask_executor.py [--runs 3] [--services services.json]
+                                   [--write docs/benchmarks.md]
 
 A scheduler and N workers are started with the `dask` CLI, as on separate machines: one thread
 per worker, each worker with a base cache of its own (STICKYCI_CACHE_DIR), all sharing one
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,19 +31,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-# This file is bench/dask.py: with its directory on sys.path it would shadow the dask package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import distributed
+from harness.datasets import EXAMPLE_PIPELINE as EXAMPLE
+from harness.fs import unmount_leftovers
+from harness.noise import cpu_ticks
+from harness.proc import stickyci, stop
+from harness.report import write_section
 
-import distributed  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench_pipeline", HERE / "pipeline.py")
-assert _spec and _spec.loader
-pipeline = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pipeline)
-
-START, END = "<!-- bench:dask:start -->", "<!-- bench:dask:end -->"
-EXAMPLE: Path = pipeline.EXAMPLE
+KEY = "dask"
 FANOUT = ("build", "deploy")
 
 
@@ -52,7 +46,8 @@ def dask_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subpro
     """``dask ARGS`` (this interpreter's), logging to ``log``."""
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "dask", *args], cwd=log.parent,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env)
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                                start_new_session=True)
 
 
 @contextlib.contextmanager
@@ -79,25 +74,13 @@ def cluster(n: int, work: Path) -> Iterator[str]:
         yield address
     finally:
         for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """Busy and total CPU ticks of the whole machine so far (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+            stop(p)
 
 
 def run(env: dict[str, str], services: str, *args: str) -> dict[str, Any]:
     """One run of the example (it must succeed), with the machine's CPU use during it."""
     busy0, total0 = cpu_ticks()
-    record: dict[str, Any] = json.loads(pipeline.stickyci(
+    record: dict[str, Any] = json.loads(stickyci(
         "run", str(EXAMPLE), "--json", "--sha", "bench", "--set", f"services={services}",
         *args, env=env).stdout)
     busy1, total1 = cpu_ticks()
@@ -111,7 +94,7 @@ def cli_start(env: dict[str, str], n: int = 5) -> float:
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        pipeline.stickyci("disk", "ls", "--json", env=env)
+        stickyci("disk", "ls", "--json", env=env)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -154,7 +137,7 @@ def spread(record: dict[str, Any]) -> str:
 def markdown(results: dict[str, dict[str, Any]], runs: int, services: str, jobs: int,
              command: str, cli: float, load: float) -> str:
     """The results as a Markdown section."""
-    lines = [START, "## Dask executor: the example's fan-out on 1, 2 and 3 workers", "",
+    lines = ["## Dask executor: the example's fan-out on 1, 2 and 3 workers", "",
              f"- **Command:** `{command}`",
              f"- **Machine:** {os.cpu_count()} CPUs, Linux {os.uname().release}; **date** "
              f"{time.strftime('%Y-%m-%d %H:%M')} (UTC); distributed {distributed.__version__}"
@@ -189,7 +172,7 @@ def markdown(results: dict[str, dict[str, Any]], runs: int, services: str, jobs:
               f"disk` processes starting ({procs:.0f} per run, a mount and a commit or unmount "
               f"per disk; one takes {cli:.2f} s to start and exit here), unmounts, and on Dask "
               "handing the job to a worker and its record back.", "",
-              *analysis(results, cli), END]
+              *analysis(results, cli)]
     return "\n".join(lines) + "\n"
 
 
@@ -277,14 +260,12 @@ def main() -> None:
                              "warm": medians(recs),
                              "spread": spread(recs[-1]) if name in first else "-"}
             print(json.dumps({name: results[name]}), flush=True)
-        with open("/proc/self/mountinfo") as f:
-            for point in sorted((ln.split()[4] for ln in f if tmp in ln), reverse=True):
-                subprocess.run(["umount", "-l", point], check=False)
-    command = ("python3 bench/dask.py " + " ".join(sys.argv[1:])).strip()
+        unmount_leftovers(work)
+    command = ("python3 bench/dask_executor.py " + " ".join(sys.argv[1:])).strip()
     section = markdown(results, args.runs, args.services, jobs, command, cli, load)
     print(section)
     if args.write:
-        pipeline.write_section(args.write, section, START, END)
+        write_section(args.write, KEY, section)
 
 
 if __name__ == "__main__":
