@@ -102,7 +102,7 @@ class RefMap:
 
 def snapshots_of(ref: DiskRef) -> tuple[str, ...]:
     """The snapshot ids (hex) of a ref's kept generations."""
-    return tuple(str(g.snapshot).removeprefix("blake3:") for g in ref.generations)
+    return tuple(g.snapshot.hex for g in ref.generations)
 
 
 class Visibility:
