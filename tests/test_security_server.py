@@ -121,15 +121,20 @@ def test_a_real_index_with_entries_dropped_is_refused(env: Env, server: Server) 
     assert_main_intact(env, server)
 
 
-def test_an_index_must_describe_every_byte_of_its_pack(server: Server) -> None:
-    _, pr = pr_client(server)
-    plains = [os.urandom(1000 + i) for i in range(3)]
+def build_pack(plains: list[bytes]) -> tuple[bytes, list[IndexEntry]]:
+    """A pack of ``plains`` and the index entries that describe it exactly."""
     envelopes = [codec.encode(x) for x in plains]
-    data = b"".join(envelopes)
     entries, pos = [], 0
     for plain, envelope in zip(plains, envelopes, strict=True):
         entries.append(IndexEntry(Digest.of(plain), pos, len(envelope)))
         pos += len(envelope)
+    return b"".join(envelopes), entries
+
+
+def test_an_index_must_describe_every_byte_of_its_pack(server: Server) -> None:
+    _, pr = pr_client(server)
+    plains = [os.urandom(1000 + i) for i in range(3)]
+    data, entries = build_pack(plains)
     pack_id = Digest.of(data).hex
     assert pr.put(blob(f"packs/{pack_id}"), content=data).status_code == 204
     last = entries[2]
@@ -395,12 +400,7 @@ def test_refused_commit_names_the_disk_and_the_fix(env: Env, server: Server) -> 
 
 def test_a_big_pack_is_redacted_in_streamed_chunks(server: Server) -> None:
     plains = [os.urandom(STREAM_CHUNK // 2 + 7) for _ in range(5)]  # past two stream chunks
-    envelopes = [codec.encode(x) for x in plains]
-    data = b"".join(envelopes)
-    entries, pos = [], 0
-    for plain, envelope in zip(plains, envelopes, strict=True):
-        entries.append(IndexEntry(Digest.of(plain), pos, len(envelope)))
-        pos += len(envelope)
+    data, entries = build_pack(plains)
     admin = server.client()
     pack_id = Digest.of(data).hex
     assert admin.put(blob(f"packs/{pack_id}"), content=data).status_code == 204
