@@ -1,7 +1,14 @@
-"""Shared fixtures: an isolated store and cache per test, servers, and the ``root`` marker.
+"""Shared fixtures: an isolated store and cache per test, servers, and the ``root`` and
+``slow`` markers.
 
 Plain helpers (``Env``, ``wait_for``, ``STRATEGIES``) live in ``helpers.py``; test modules import
 them from there, never from this file.
+
+``pytest -m "not slow"`` is the quick run for day-to-day work (about a minute on two busy
+cores); CI runs everything. A module is slow unless it is listed in ``QUICK``: servers, S3,
+Dask, Nix, Node clients and whole example pipelines take minutes together, and a module left
+out by mistake only makes the quick run smaller, never slower. A test of a quick module that
+takes seconds on its own is listed in ``SLOW_TESTS``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,33 @@ from server import Server, start_server
 
 # The S3 server fixture, for every module that asks for it by name.
 pytest_plugins = ["seaweed"]
+
+QUICK = frozenset({
+    "test_chunking", "test_diskclient", "test_disks_cli", "test_first_hour", "test_history",
+    "test_holders", "test_http_inprocess", "test_pipeline_plan", "test_pipeline_run",
+    "test_policy", "test_public_api", "test_step_lifetime", "test_store", "test_summary",
+    "test_watchdog",
+})
+# Five seconds or more each here (pytest --durations), with quicker tests of the same code.
+SLOW_TESTS = frozenset({
+    "test_bench_compares_cold_and_warm",
+    "test_disks_hand_off_between_jobs_and_cold_commits_nothing",
+    "test_holder_ignoring_sigterm_is_killed",
+})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register ``slow``, so ``-m "not slow"`` is the quick run."""
+    config.addinivalue_line("markers", "slow: left out of the quick run (pytest -m 'not slow')")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of a module outside ``QUICK``, and every test in ``SLOW_TESTS``,
+    ``slow``."""
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        if item.path.stem not in QUICK or name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -38,9 +38,17 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path
 
+    made: dict[tuple[str, ...], str] = field(default_factory=dict)
+
     def token(self, *args: str) -> str:
         """Create a token with ``stickyci token create ARGS`` and return it."""
         return create_token(self.state, *args)
+
+    def scoped(self, *args: str) -> str:
+        """A token per distinct scope, created once: each creation is a ``stickyci`` process."""
+        if args not in self.made:
+            self.made[args] = self.token(*args)
+        return self.made[args]
 
     def client(self, token: str | None = None) -> httpx.Client:
         """An HTTP client for the server, sending ``token`` (the admin's when omitted)."""

@@ -53,7 +53,7 @@ def test_record_twice_upserts(tmp_path: Path) -> None:
     assert len(rows) == 1
     assert rows[0] == {"id": "20270101-000000-aaaaaa", "pipeline": "shop", "sha": "feedface" * 5,
                        "cold": False, "state": "failure", "started_at": T0, "seconds": 40.0,
-                       "jobs": 2, "failed": 1}
+                       "jobs": 2, "failed": 1, "kind": "warm"}
     assert h.get("20270101-000000-aaaaaa") == finished
 
 
@@ -182,6 +182,24 @@ def test_runs_ls(tmp_path: Path, cache: Path) -> None:
     assert CliRunner().invoke(runs, ["ls", "--limit", "0"]).exit_code == 2
 
 
+def test_runs_recorded_before_kinds_get_theirs_from_the_record(tmp_path: Path) -> None:
+    h = History(tmp_path / "runs.db")
+    h.record(make_run(tmp_path, "20270101-000000-aaaaaa", cold=True))
+    h.record(make_run(tmp_path, "20270102-000000-bbbbbb"))
+    with sqlite3.connect(h.path) as db:
+        db.execute("UPDATE runs SET kind = ''")  # as the schema migration leaves old rows
+    assert [r["kind"] for r in h.list()] == ["warm", "cold"]
+
+
+def test_a_first_run_on_an_empty_store_is_not_labelled_warm(tmp_path: Path, cache: Path) -> None:
+    first = make_run(tmp_path, "20270103-000000-cccccc")
+    first.jobs[0].disks[0].fresh = True  # the only disk had nothing committed under its key
+    History().record(first)
+    assert History().list()[0]["kind"] == "empty"
+    assert CliRunner().invoke(runs, ["ls"]).output.splitlines()[1].split()[3] == "empty"
+    assert ", empty, sha" in CliRunner().invoke(runs, ["show", "latest"]).output
+
+
 def test_runs_show(tmp_path: Path, cache: Path) -> None:
     run = make_run(tmp_path, "20270102-000000-bbbbbb", state="failure")
     History().record(run)
@@ -193,11 +211,12 @@ def test_runs_show(tmp_path: Path, cache: Path) -> None:
     assert f"log {tmp_path / 'logs/warm/01-make.log'}" in out
     table = out[out.index("JOB "):].splitlines()
     assert out.index("FAILURE warm") < out.index("JOB ")  # failures before the table
-    assert table[0].split() == ["JOB", "STATE", "QUEUED", "RAN", "MOUNT", "COMMIT", "STORED",
-                                "CACHE"]
-    assert table[1].split() == ["warm", "FAIL", "1.0s", "29.0s", "10ms", "-", "4.0", "KiB",
-                                "cached"]
-    assert table[2].split() == ["build[api]", "skip", "-", "-", "-", "-", "-", "-"]
+    assert table[0].split() == ["JOB", "STATE", "QUEUED", "RAN", "STEPS", "MOUNT", "COMMIT",
+                                "STORED", "CACHE"]
+    assert table[1].split() == ["warm", "FAIL", "1.0s", "29.0s", "29.0s", "10ms", "-", "4.0",
+                                "KiB", "cached"]
+    assert table[2].split() == ["build[api]", "skip", "-", "-", "-", "-", "-", "-", "-"]
+    assert "CACHE, per disk: empty" in out
     as_json = CliRunner().invoke(runs, ["show", "20270102-000000-bbbbbb", "--json"])
     assert json.loads(as_json.output) == run.to_dict()
     missing = CliRunner().invoke(runs, ["show", "nope"])

@@ -196,3 +196,24 @@ def test_busy_message_stays_one_line_for_multiline_cmdline(
     assert refused.returncode == 6 and f"pid {holder.pid}" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     env.run("disk", "unmount", str(ws), "--kill-holders")
+
+
+HOLD_SOCKET = ("import os, socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); "
+               "s.listen(); os.chdir('/'); sys.stdin.read()")
+
+
+def test_a_daemon_holding_only_a_listening_socket_is_a_holder(
+        env: Env, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """A daemon's only hold on the disk may be the socket it listens on (nix-daemon): its fd
+    shows ``socket:[inode]`` with no path, which /proc/net/unix maps back to the path."""
+    ws = env.root / "ws"
+    _mount_with_base(env, ws, "copy")
+    ws = ws.resolve()
+    sock = ws / "sub" / "daemon.sock"
+    daemon = spawn([sys.executable, "-c", HOLD_SOCKET, str(sock)], cwd="/")
+    wait_for(lambda: sock.exists() and cwd_is(daemon.pid, Path("/")), "the daemon to listen")
+    refused = env.run("disk", "commit", str(ws), check=False)
+    assert refused.returncode == 6 and f"pid {daemon.pid}" in refused.stderr, refused.stderr
+    assert "daemon.sock" in refused.stderr
+    done = env.json("disk", "commit", str(ws), "--kill-holders")
+    assert done["committed"] and daemon.wait(timeout=10) != 0

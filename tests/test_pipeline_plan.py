@@ -106,13 +106,15 @@ jobs:
     ("jobs:\n  a:\n    matrix: {from: s.json, select: 'services[0].name'}\n"
      "    steps: [{run: x}]\n", "must give a list of objects"),
     ("jobs:\n  a:\n    matrix: nope\n    steps: [{run: x}]\n", "unknown matrix 'nope'"),
-    ("jobs:\n  a:\n    timeout: soon\n    steps: [{run: x}]\n", "jobs.a.timeout: Value error"),
+    ("jobs:\n  a:\n    timeout: soon\n    steps: [{run: x}]\n",
+     "jobs.a.timeout: a duration is seconds"),
     ("jobs:\n  a:\n    disks: [{key: k, path: d, commit: sometimes}]\n    steps: [{run: x}]\n",
      "p.yml:3: jobs.a.disks[0].commit"),
     ("jobs:\n  a:\n    steps: []\n", "jobs.a.steps"),
     ("jobs:\n  a:\n    if: success( and\n    steps: [{run: x}]\n", "invalid if expression"),
     ("jobs:\n  a: [\n", "invalid YAML"),
-    ("jobs:\n  a:\n    stpes: [{run: x}]\n", "p.yml:3: jobs.a.stpes: Extra inputs"),
+    ("jobs:\n  a:\n    stpes: [{run: x}]\n",
+     "p.yml:3: jobs.a.stpes: unknown field; did you mean `steps`?"),
 ])
 def test_bad_pipelines(tmp_path: Path, text: str, needle: str) -> None:
     (tmp_path / "s.json").write_text(json.dumps(SERVICES))

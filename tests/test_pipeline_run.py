@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -311,6 +312,24 @@ jobs:
     assert rows["deps"]["cold"] > 3 > rows["deps"]["warm"]
     assert rows["total"]["ratio"] < 1
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Never silent for minutes: it says what it will do, where the chart goes, and each run.
+    said = [line for line in proc.stderr.splitlines() if line.startswith("bench: ")]
+    ended = [line for line in said if re.match(r"bench: run \d{8}-", line)]
+    assert [line for line in said if line not in ended] == [
+        "bench: 3 runs: a warm-up (not counted: it commits the disks the first warm run "
+        f"mounts), then 1 cold and 1 warm, alternating; chart: {chart}",
+        "bench: warm-up run", "bench: run 1/1, cold", "bench: run 1/1, warm"]
+    # How each run's disks started: the warm-up on an empty store is no warm run.
+    assert [re.sub(r".*success in [\d.]+s ", "", line) for line in ended] == [
+        "(empty)", "(cold)", "(warm)"]
+    assert doc["chart"] == str(chart)
+
+
+def test_cold_help_says_what_cold_does(env: Env) -> None:
+    # Before: "commit nothing", while docs/pipelines.md says commits go to private copies.
+    text = " ".join(env.run("run", "--help").stdout.split())
+    assert "every disk starts empty, and commits go to copies private to the run" in text
+    assert "commit nothing" not in text
 
 
 def test_store_option_sends_disks_to_that_store(env: Env) -> None:

@@ -29,14 +29,15 @@ PUBLIC = {
         "DiskDiff", "DiskRef", "DiskSummary", "EvictResult", "GcReport", "Generation",
         "MountResult", "RemoveResult", "STRATEGIES", "UnmountResult", "all_mounts", "base_path",
         "check_key", "commit", "diff_disk", "evict", "gc", "list_disks", "mount", "read_ref",
-        "release_holders", "remove", "scan_refs", "show", "unmount",
+        "release_holders", "remove", "root_snapshot", "scan_refs", "show", "unmount",
     ],
     "stickyci.runs": [
         "AttemptRecord", "CANCELLED", "DiskRecord", "FAILURE", "FINISHED", "History",
-        "JOB_COLUMNS", "JobRecord", "LOST", "PENDING", "QUEUED", "RUNNING", "Row", "RunRecord",
-        "SKIPPED", "SUCCESS", "StepRecord", "TIMED_OUT", "chart", "compare", "duration",
-        "failing_step", "failures", "job_rows", "printable", "race_warnings",
-        "record_from_dict", "render_markdown", "table", "write_reports",
+        "JOB_COLUMNS", "JobRecord", "LOST", "LogTail", "PENDING", "QUEUED", "RUNNING",
+        "Reporter", "Row", "RunRecord", "RunReport", "SKIPPED", "SUCCESS", "StepRecord",
+        "TIMED_OUT", "chart", "compare", "duration", "failing_step", "failures", "job_rows",
+        "printable", "push_runs", "race_warnings", "record_from_dict", "render_markdown",
+        "runs_url", "table", "write_reports",
     ],
 }
 

@@ -154,6 +154,21 @@ def test_an_index_must_describe_every_byte_of_its_pack(server: Server) -> None:
     assert pr.put(blob(f"index/{pack_id}"), content=encode_index(entries)).status_code == 204
 
 
+def test_a_scoped_token_cannot_see_or_plant_cache_roots(server: Server) -> None:
+    # A root keeps a snapshot live for gc: a writer that could plant one would pin content
+    # forever, and reading them would list every cache entry of every scope.
+    root = store_dir(server) / "roots" / "gha.1"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    root.write_text('{"snapshot": "' + "ab" * 32 + '"}')
+    _, pr = pr_client(server)
+    assert pr.get(f"{p.PREFIX}/list/roots").status_code == 403
+    assert pr.get(blob("roots/gha.1")).status_code == 403
+    assert pr.put(blob("roots/gha.2"), content=b'{"snapshot": "00"}').status_code in (400, 403)
+    assert not (store_dir(server) / "roots" / "gha.2").exists()
+    admin = server.client()
+    assert admin.get(f"{p.PREFIX}/list/roots").json()["names"] == ["roots/gha.1"]
+
+
 def test_a_pack_is_never_overwritten(env: Env, server: Server) -> None:
     main_disk(env, server)
     _, pr = pr_client(server)

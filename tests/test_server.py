@@ -142,10 +142,11 @@ def test_put_of_an_existing_pack_is_a_no_op(srv: Server) -> None:
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # not rewritten
 
 
-def test_the_tmp_namespace_is_not_writable(srv: Server) -> None:
-    r = srv.client().put(blob("tmp/x"), content=b"x")
-    assert r.status_code == 400 and "tmp" in error(r).error
-    assert not (store_dir(srv) / "tmp" / "x").exists()
+@pytest.mark.parametrize("ns", ["tmp", "roots"])
+def test_the_servers_own_namespaces_are_not_writable(srv: Server, ns: str) -> None:
+    r = srv.client().put(blob(f"{ns}/x"), content=b"x")
+    assert r.status_code == 400 and ns in error(r).error
+    assert not (store_dir(srv) / ns / "x").exists()
 
 
 def test_delete(srv: Server) -> None:

@@ -52,15 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def token_for(server: Server) -> Callable[..., str]:
-    """A token per distinct scope, created once: each creation is a ``stickyci`` process."""
-    made: dict[tuple[str, ...], str] = {}
-
-    def get(*scope: str) -> str:
-        if scope not in made:
-            made[scope] = server.token(*scope)
-        return made[scope]
-
-    return get
+    """A token per distinct scope, created once."""
+    return server.scoped
 
 
 @pytest.fixture

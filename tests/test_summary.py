@@ -139,10 +139,14 @@ def test_job_table_and_disk_section(tmp_path: Path) -> None:
     text = render_markdown(make_run(tmp_path))
     jobs, disks = text.index("## Jobs"), text.index("## Disks")
     table = text[jobs:disks]
-    assert "| job | state | queued | ran | mount | commit | stored | cache |" in table
-    assert "| build[api] | skip | - | - | - | - | - | - |" in table
-    assert "| pack[a] | ok | 2.0s | 2.0s | 250ms | 1.5s | 3.0 MiB | fresh |" in table
-    assert "| warm-deps | FAIL | 500ms | 1m34s | 4ms | - | 0 B | cached |" in table
+    assert "| job | state | queued | ran | steps | mount | commit | stored | cache |" in table
+    assert "| build[api] | skip | - | - | - | - | - | - | - |" in table
+    assert "| pack[a] | ok | 2.0s | 2.0s | - | 250ms | 1.5s | 3.0 MiB | empty |" in table
+    assert "| warm-deps | FAIL | 500ms | 1m34s | 1m33s | 4ms | - | 0 B | cached |" in table
+    # Every column is explained under the table, the time that is not step time included.
+    for word in ("`ran`", "`mount`", "`steps`", "`commit`", "`stored`", "`empty`", "`cached`",
+                 "`restored`"):
+        assert word in table, word
     assert "| deploy[web] | TIMEOUT |" in table
     section = text[disks:]
     assert "| pack[a] | shop-shared | reflink | 250ms | yes | committed | 3.0 MiB | 7 |" in section
@@ -197,3 +201,19 @@ def test_write_reports_without_github(tmp_path: Path, monkeypatch: pytest.Monkey
     md, js = write_reports(make_run(tmp_path))
     assert md.exists() and js.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "summary.json", "summary.md"]
+
+
+def test_an_empty_disk_is_empty_even_when_its_nothing_is_cached(tmp_path: Path) -> None:
+    # Before: a cold run's disks showed "cached" (an empty base is always "on this machine"),
+    # and a first run on an empty store was headlined "warm".
+    run = make_run(tmp_path)
+    for job in run.jobs:
+        for d in job.disks:
+            d.fresh, d.base_cached = True, True
+    assert run.kind == "empty"
+    text = render_markdown(run)
+    assert "warm" not in text[:text.index("## Failures")].replace("warm-deps", "")
+    assert "on empty disks" in text
+    assert "| warm-deps | FAIL | 500ms | 1m34s | 1m33s | 4ms | - | 0 B | empty |" in text
+    run.cold = True
+    assert run.kind == "cold" and "cold (every disk started empty" in render_markdown(run)

@@ -9,7 +9,8 @@
     ├── IntegrityError             exit 4   stored bytes that do not match their name
     │   └── UnsafePath             exit 9   a manifest path that would escape its root
     ├── ConflictError              exit 5   another writer won a race we were told not to lose
-    ├── BusyError                  exit 6   processes hold the path; the message names them
+    ├── BusyError                  exit 6   processes hold the path (or the address `serve`
+    │                                        would listen on); the message names them
     ├── StorageFull                exit 7   the store ran out of space; nothing was published
     ├── BackendError               exit 8   the store failed, neither known transient nor not
     │   ├── StoreUnavailable       exit 8   transient: unreachable, timed out, overloaded,
@@ -88,7 +89,8 @@ class ConflictError(StickyError):
 
 
 class BusyError(StickyError):
-    """Processes hold files under a path that is about to be committed or unmounted."""
+    """Processes hold files under a path that is about to be committed or unmounted, or the
+    address a server was asked to listen on."""
 
     exit_code = 6
 

@@ -79,11 +79,17 @@ def commit(path: Path, mode: str, on_conflict: str, kill_holders: bool, as_json:
     r = disks.commit(path, mode=mode, on_conflict=on_conflict, kill_holders=kill_holders)
 
     def text(_: Any) -> str:
+        lines = _killed(r.killed)
         if not r.committed:
-            return f"not committed: {r.reason}; {r.path} unmounted"
-        lines = [f"committed {r.key} generation {r.generation}: +{r.added} -{r.removed} "
-                 f"~{r.modified}, {r.files} files, {_size(r.size)}, stored "
-                 f"{_size(r.stored_bytes)} new in {r.seconds:.2f}s"]
+            return "\n".join([*lines, f"not committed: {r.reason}; {r.path} unmounted"])
+        # New against reused is what deduplication saved; what was written is the new content
+        # (compressed, in envelopes) plus the manifest, which lists every file of the tree.
+        lines.append(
+            f"committed {r.key} generation {r.generation}: +{r.added} -{r.removed} "
+            f"~{r.modified} paths; of {_size(r.size)} in {r.files} files, "
+            f"{_size(r.new_bytes)} new and {_size(r.reused_bytes)} reused; stored "
+            f"{_size(r.stored_bytes - r.manifest_bytes)} content + {_size(r.manifest_bytes)} "
+            f"manifest in {r.seconds:.2f}s")
         lines += [f"raced with generation {g['gen']} by {g['committer']} (last write wins)"
                   for g in r.raced_with]
         if r.still_mounted:
@@ -100,7 +106,13 @@ def commit(path: Path, mode: str, on_conflict: str, kill_holders: bool, as_json:
 def unmount(path: Path, kill_holders: bool, as_json: bool) -> None:
     """Discard the mount at PATH without committing."""
     r = disks.unmount(path, kill_holders=kill_holders)
-    emit(as_json, r.as_dict(), lambda _: f"unmounted {r.path} (disk {r.key}), changes discarded")
+    emit(as_json, r.as_dict(), lambda _: "\n".join(
+        [*_killed(r.killed), f"unmounted {r.path} (disk {r.key}), changes discarded"]))
+
+
+def _killed(holders: list[str]) -> list[str]:
+    """What ``--kill-holders`` ended, one line per process."""
+    return [f"killed {h}" for h in holders]
 
 
 @disk.command("ls")
@@ -112,9 +124,12 @@ def ls(store_url: str | None, as_json: bool) -> None:
     def text(rows: list[dict[str, Any]]) -> str:
         if not rows:
             return "no disks"
-        out = [f"{'KEY':40} {'GEN':>4} {'SIZE':>10} {'FILES':>7}  LAST USED"]
-        out += [f"{r['key']:40} {r['generation']:>4} {_size(r['size']):>10} {r['files']:>7}  "
-                f"{_when(r['last_used'])}" for r in rows]
+        # The key column is as wide as the longest key (up to 200 characters), so every row
+        # lines up whatever the keys are.
+        width = max(len("KEY"), *(len(r["key"]) for r in rows))
+        out = [f"{'KEY':{width}}  {'GEN':>4} {'SIZE':>10} {'FILES':>7}  LAST USED"]
+        out += [f"{r['key']:{width}}  {r['generation']:>4} {_size(r['size']):>10} "
+                f"{r['files']:>7}  {_when(r['last_used'])}" for r in rows]
         return "\n".join(out)
 
     emit(as_json, [d.as_dict() for d in disks.list_disks(store=store_url)], text)
@@ -131,7 +146,7 @@ def show(key: str, store_url: str | None, as_json: bool) -> None:
         out = [f"disk {d['key']}: created {_when(d['created'])}, last used "
                f"{_when(d['last_used'])}"]
         out += [f"  generation {g['gen']}: {_size(g['size'])} in {g['files']} files, "
-                f"{_size(g['stored_bytes'])} new, committed {_when(g['committed_at'])} by "
+                f"stored {_size(g['stored_bytes'])}, committed {_when(g['committed_at'])} by "
                 f"{g['committer']}, snapshot {g['snapshot'][:16]}" for g in d["generations"]]
         return "\n".join(out)
 

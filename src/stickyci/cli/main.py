@@ -18,8 +18,12 @@ COMMANDS = {
     "run": ("stickyci.cli.run", "run"),
     "bench": ("stickyci.cli.run", "bench"),
     "runs": ("stickyci.cli.runs", "runs"),
+    "logs": ("stickyci.cli.logs", "logs"),
     "serve": ("stickyci.cli.serve", "serve"),
     "token": ("stickyci.cli.serve", "token"),
+    "nix": ("stickyci.cli.nix", "nix"),
+    "plan": ("stickyci.cli.plan", "plan"),
+    "export": ("stickyci.cli.export", "export"),
 }
 
 
@@ -66,6 +70,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("stickyci: interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # A missing file or argument is as much a one-line error as any other.
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx else ""
+        message = exc.format_message().rstrip(".")
+        click.echo(f"stickyci: error: {message}{where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -21,9 +21,9 @@ from ..errors import UsageError
 from ..paths import cache_home
 from ..pipeline import plan as plan_
 from ..pipeline import spec as spec_
-from ..pipeline.executors.base import Executor, Options
+from ..pipeline.executors.base import Executor, Fanout, Options, Progress
 from ..pipeline.executors.local import LocalExecutor
-from ..pipeline.job import describe_fault
+from ..pipeline.job import describe_fault, safe
 from ..pipeline.masking import Masker, run_masker
 from ..pipeline.plan import Plan
 from ..runs import (
@@ -33,15 +33,17 @@ from ..runs import (
     SUCCESS,
     History,
     JobRecord,
+    Reporter,
     RunRecord,
     chart,
     compare,
     printable,
+    runs_url,
     table,
     write_reports,
 )
 from ..store import default_store_url, open_backend
-from .progress import LiveTable, lines
+from .progress import Lines, LiveTable
 
 EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}
 
@@ -99,12 +101,15 @@ def _executor(plan: Plan, run: RunRecord, opts: Options, scheduler: str | None) 
 
 def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None = None,
             only: str | None = None, cold: bool = False, max_parallel: int | None = None,
-            quiet: bool = False, executor: str | None = None,
+            show: str = "auto", executor: str | None = None,
             scheduler: str | None = None) -> RunRecord:
     """Plan and run a pipeline; write its reports and record it in the history.
 
     It runs on this machine, or on the Dask cluster of ``scheduler`` with ``executor="dask"``
-    (either may also come from the pipeline file; arguments win).
+    (either may also come from the pipeline file; arguments win). ``show`` is what stderr
+    gets as it runs: ``auto`` (a live table on a terminal, else ``lines``), ``lines`` (job
+    and step events and every line of output, prefixed with its job), ``quiet`` (job starts
+    and ends) or ``none``.
     """
     spec = spec_.load(file)
     address = _scheduler(spec, executor, scheduler)
@@ -116,13 +121,18 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
     run_dir = cache_home() / "runs" / run_id
     run_dir.mkdir(parents=True)
     run = RunRecord(run_id, spec.name, str(plan.file), plan.sha, cold, started_at=time.time(),
-                    run_dir=str(run_dir),
+                    run_dir=str(run_dir), pid=os.getpid(),
                     jobs=[JobRecord(i.id, i.job, i.matrix, i.needs)
                           for i in plan.instances.values()])
     history = History()
     history.record(run)
-    live = not quiet and sys.stderr.isatty()
-    progress = None if quiet or live else lines(run.started_at)
+    live = show == "auto" and sys.stderr.isatty()
+    progress: Progress | None = (None if show == "none" or live else
+                                 Lines(run.started_at, quiet=show == "quiet"))
+    server = runs_url(default_store_url())
+    reporter = Reporter(run, server) if server else None  # a run on a server reports to it
+    if reporter:
+        progress = Fanout(progress, reporter) if progress else reporter
     opts = Options(run_dir, cold=cold, max_parallel=max_parallel, progress=progress)
     try:
         with LiveTable(run) if live else contextlib.nullcontext():
@@ -134,6 +144,8 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
         run.finished_at = time.time()
         write_reports(run)
         history.record(run)
+        if reporter:
+            reporter.close()
     return run
 
 
@@ -165,20 +177,32 @@ def executor_options(f: F) -> F:
 @click.option("--sha", help="Commit id for ${{ sha }} (default: git rev-parse HEAD).")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Override a var.")
 @click.option("--only", metavar="JOB", help="Run only JOB and the jobs it needs.")
-@click.option("--cold", is_flag=True, help="Mount every disk empty and commit nothing.")
+@click.option("--cold", is_flag=True,
+              help="The baseline of an A/B comparison: every disk starts empty, and commits "
+                   "go to copies private to the run (removed when it ends), never to the "
+                   "real keys.")
 @click.option("--max-parallel", type=click.IntRange(min=1), help="Jobs running at once.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Show only when each job starts and ends, not a live table or step "
+                   "output (`stickyci logs RUN -f` follows the output).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the run record as JSON (and nothing while it runs).")
 @click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
               help="Store for the jobs' disks (default: file:// under the user cache dir).")
 @executor_options
 def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None, cold: bool,
-        max_parallel: int | None, as_json: bool, store_url: str | None, executor: str | None,
-        scheduler: str | None) -> None:
-    """Run a pipeline; exit 0 only if every job that had to run succeeded."""
+        max_parallel: int | None, quiet: bool, as_json: bool, store_url: str | None,
+        executor: str | None, scheduler: str | None) -> None:
+    """Run a pipeline; exit 0 only if every job that had to run succeeded.
+
+    On a terminal a live table shows every job; piped (a CI log), each step's output is
+    printed as it is written, prefixed with its job.
+    """
     _use_store(store_url)
     record = execute(pipeline, sha=sha, sets=parse_sets(sets), only=only, cold=cold,
-                     max_parallel=max_parallel, quiet=as_json, executor=executor,
-                     scheduler=scheduler)
+                     max_parallel=max_parallel,
+                     show="none" if as_json else "quiet" if quiet else "auto",
+                     executor=executor, scheduler=scheduler)
     if as_json:
         click.echo(json.dumps(record.to_dict(), indent=2))
     else:
@@ -187,18 +211,20 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
         click.echo(f"run {record.id}: {record.state} in {record.seconds:.1f}s, "
                    f"{len(record.jobs)} jobs, {len(failed)} failed; summary: {summary}")
         for j in failed:
-            click.echo(printable(f"  FAILED {j.id}: {j.reason}"))
+            click.echo(printable(f"  FAILED {j.id}: {j.reason} (its output: stickyci logs "
+                                 f"{record.id} '{j.id}')"))
     sys.exit(EXIT_CODES.get(record.state, 1))
 
 
 @click.command()
 @click.argument("pipeline", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Pairs of cold and warm runs.")
+              help="Pairs of cold and warm runs, after one warm-up run that is not counted.")
 @click.option("--sha", help="Commit id for ${{ sha }} (default: git rev-parse HEAD).")
 @click.option("--set", "sets", multiple=True, metavar="NAME=VALUE", help="Override a var.")
 @click.option("--chart", "chart_path", type=click.Path(path_type=Path),
-              help="Where to write the PNG chart (default: bench.png in the last run dir).")
+              help="Where to write the PNG chart (default: bench-PIPELINE-TIME.png in the "
+                   "current directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--store", "store_url", envvar="STICKYCI_STORE", metavar="URL",
               help="Store for the jobs' disks (default: file:// under the user cache dir).")
@@ -206,24 +232,35 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
 def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
           chart_path: Path | None, as_json: bool, store_url: str | None, executor: str | None,
           scheduler: str | None) -> None:
-    """Alternate cold and warm runs of a pipeline; compare per-job medians."""
+    """Alternate cold and warm runs of a pipeline; compare per-job medians.
+
+    A warm-up run comes first and is not counted: it commits the disks, so that the first
+    warm run starts warm. Each run is announced on stderr with its jobs' starts and ends.
+    """
     _use_store(store_url)
     overrides = parse_sets(sets)
-    once = functools.partial(execute, pipeline, sha=sha, sets=overrides, quiet=True,
+    name = safe(spec_.load(pipeline).name or pipeline.stem)
+    out = chart_path or Path.cwd() / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    once = functools.partial(execute, pipeline, sha=sha, sets=overrides, show="quiet",
                              executor=executor, scheduler=scheduler)
     cold: list[RunRecord] = []
     warm: list[RunRecord] = []
-    # One warm-up run first, so the first warm run finds its disks committed.
-    once()
-    for _ in range(runs):
+    say = functools.partial(click.echo, err=True)
+    say(f"bench: {2 * runs + 1} runs: a warm-up (not counted: it commits the disks the first "
+        f"warm run mounts), then {runs} cold and {runs} warm, alternating; chart: {out}")
+    say("bench: warm-up run")
+    _bench_done(once(), say)
+    for n in range(1, runs + 1):
         for is_cold, bucket in ((True, cold), (False, warm)):
+            kind = "cold" if is_cold else "warm"
+            say(f"bench: run {n}/{runs}, {kind}")
             record = once(cold=is_cold)
+            _bench_done(record, say)
             if record.state != SUCCESS:
-                raise UsageError(f"{'cold' if is_cold else 'warm'} run {record.id} ended "
-                                 f"{record.state}; see {record.run_dir}/summary.md")
+                raise UsageError(f"{kind} run {record.id} ended {record.state}; see "
+                                 f"{record.run_dir}/summary.md")
             bucket.append(record)
     rows = compare(cold, warm)
-    out = chart_path or Path(warm[-1].run_dir) / "bench.png"
     chart(rows, out, f"{cold[0].pipeline}: cold vs warm ({runs} runs each)")
     if as_json:
         click.echo(json.dumps({"runs": runs, "chart": str(out), "rows": [
@@ -232,3 +269,8 @@ def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
     else:
         click.echo(table(rows, runs))
         click.echo(f"chart: {out}")
+
+
+def _bench_done(record: RunRecord, say: Callable[[str], None]) -> None:
+    say(f"bench: run {record.id}: {record.state} in {record.seconds:.1f}s "
+        f"({record.kind})")

@@ -1,4 +1,4 @@
-"""``stickyci runs ls`` and ``stickyci runs show RUN``: the run history on this machine."""
+"""``stickyci runs ls``, ``show RUN`` and ``push [RUN…]``: the run history on this machine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from ..errors import UsageError
 from ..runs import (
     JOB_COLUMNS,
     History,
@@ -18,11 +19,15 @@ from ..runs import (
     failures,
     job_rows,
     printable,
+    push_runs,
     race_warnings,
 )
 
 # Columns of numbers read best right-aligned.
-_RIGHT = frozenset({2, 3, 4, 5, 6})
+_RIGHT = frozenset({2, 3, 4, 5, 6, 7})
+_LEGEND = ("RAN = MOUNT + STEPS + COMMIT + the runner's own work; CACHE, per disk: empty (no "
+           "snapshot yet, or cold), cached (already on this machine), restored (fetched from "
+           "the store)")
 
 
 def _when(ts: float) -> str:
@@ -40,7 +45,7 @@ def _columns(headers: list[str], rows: list[list[str]], right: frozenset[int]) -
 def render_text(run: RunRecord) -> str:
     """A run for the terminal: headline, failures and races first, then the job table."""
     out = [f"run {run.id}: {run.pipeline} {run.state.upper()}, "
-           f"{'cold' if run.cold else 'warm'}, sha {run.sha[:12]}, {duration(run.seconds)} wall",
+           f"{run.kind}, sha {run.sha[:12]}, {duration(run.seconds)} wall",
            f"started {_when(run.started_at)}; summary: {Path(run.run_dir) / 'summary.md'}", ""]
     for job in failures(run):
         out.append(f"{job.state.upper()} {job.id}: {job.reason or 'no reason recorded'}")
@@ -51,6 +56,7 @@ def render_text(run: RunRecord) -> str:
     if out[-1]:
         out.append("")
     out += _columns([c.upper() for c in JOB_COLUMNS], job_rows(run), _RIGHT)
+    out += ["", _LEGEND]
     return "\n".join(map(printable, out))
 
 
@@ -73,7 +79,7 @@ def ls(limit: int, as_json: bool) -> None:
         click.echo("no runs")
         return
     table: list[list[str]] = [
-        [r["id"], r["pipeline"], r["state"], "cold" if r["cold"] else "warm", r["sha"][:12],
+        [r["id"], r["pipeline"], r["state"], r["kind"], r["sha"][:12],
          str(r["jobs"]), str(r["failed"]), duration(r["seconds"]), _when(r["started_at"])]
         for r in rows]
     headers = ["RUN", "PIPELINE", "STATE", "KIND", "SHA", "JOBS", "FAILED", "TIME", "STARTED"]
@@ -84,7 +90,25 @@ def ls(limit: int, as_json: bool) -> None:
 @click.argument("run_id", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 def show(run_id: str, as_json: bool) -> None:
-    """Show a run (its id, or the start of it): failures first, then every job."""
+    """Show a run (its id, the start of it, or `latest`): failures first, then every job."""
     record = History().get(run_id)
     doc: dict[str, Any] = record.to_dict()
     click.echo(json.dumps(doc, indent=2) if as_json else render_text(record))
+
+
+@runs.command()
+@click.argument("run_ids", nargs=-1, metavar="[RUN]...")
+@click.option("--server", "server_url", envvar="STICKYCI_STORE", metavar="URL",
+              help="The stickyci server, http://HOST:PORT (default: STICKYCI_STORE); the "
+                   "token is STICKYCI_TOKEN's.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Without RUN: how many of the newest runs to push.")
+def push(run_ids: tuple[str, ...], server_url: str | None, limit: int) -> None:
+    """Send runs recorded here to a stickyci server's dashboard: each RUN (its id, the start
+    of it, or `latest`), else the newest --limit runs, oldest first."""
+    if not server_url:
+        raise UsageError("push needs the server: --server http://HOST:PORT (or set "
+                         "STICKYCI_STORE to it)")
+    history = History()
+    ids = list(run_ids) or [r["id"] for r in reversed(history.list(limit))]
+    push_runs([history.get(i) for i in ids], server_url, say=click.echo)

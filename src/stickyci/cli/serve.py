@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import itertools
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from ..errors import UsageError
+from .. import procs
+from ..errors import BusyError, StickyError, UsageError
 from ..paths import cache_home
 from ..store import default_store_url
 from ..units import parse_duration, parse_size
@@ -99,9 +104,62 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
     else:
         access.setLevel(logging.WARNING)  # else it inherits INFO below and builds every line
     logging.getLogger("stickyci").setLevel(logging.INFO)
-    click.echo(f"stickyci: serving {url} on http://{host}:{port}", err=True)
-    uvicorn.run(create_app(cfg), host=host, port=port, access_log=False, log_level="warning",
-                http="httptools", loop="uvloop", timeout_graceful_shutdown=5)
+    app = create_app(cfg)
+    sock = _bind(host, port)
+    click.echo(f"stickyci: serving {url} on http://{_address(host, port)}", err=True)
+    server = uvicorn.Server(uvicorn.Config(
+        app, access_log=False, log_level="warning", http="httptools", loop="uvloop",
+        timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C is how a foreground server is stopped
+        pass
+    except SystemExit as exc:  # uvicorn's own exit status 3 would read as "not found" here
+        raise StickyError("the server failed to start; its error is logged above") from exc
+    finally:
+        sock.close()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or one line saying why there cannot be one.
+
+    Bound here rather than by uvicorn, which logs a bind failure over two lines and exits 3.
+    """
+    address = _address(host, port)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            who = _listener(port)
+            raise BusyError(f"{address} is already in use{f' by {who}' if who else ''}; "
+                            "stop it or pick another --listen HOST:PORT") from None
+        why = exc.strerror or str(exc)
+        raise UsageError(f"--listen {address}: cannot listen there ({why}); e.g. "
+                         f"--listen 127.0.0.1:{port}") from None
+    return sock
+
+
+def _listener(port: int) -> str:
+    """``pid N (command)`` of a process listening on TCP ``port``, or "" if not visible."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for row in itertools.islice(f, 1, None):
+                fields = row.split()
+                # local address "HEX_IP:HEX_PORT", state 0A is LISTEN, inode is field 9
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+    for pid in procs.pids() if inodes else ():
+        if not inodes.isdisjoint(procs.fd_links(pid)):
+            return f"pid {pid} ({procs.command(pid)})"
+    return ""
 
 
 @click.group()

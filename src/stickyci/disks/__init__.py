@@ -20,7 +20,7 @@ from .api import (
     unmount,
 )
 from .basecache import base_path
-from .gc import DEFAULT_GRACE, GcReport, gc
+from .gc import DEFAULT_GRACE, GcReport, gc, root_snapshot
 from .holders import release as release_holders
 from .mounts import all_mounts
 from .policy import DEFAULT_TTL
@@ -31,4 +31,5 @@ __all__ = ["COMMIT_MODES", "CONFLICT_MODES", "DEFAULT_GRACE", "DEFAULT_TTL", "ST
            "CommitResult", "DiskDiff", "DiskRef", "DiskSummary", "EvictResult", "GcReport",
            "Generation", "MountResult", "RemoveResult", "UnmountResult", "all_mounts",
            "base_path", "check_key", "commit", "diff_disk", "evict", "gc", "list_disks", "mount",
-           "read_ref", "release_holders", "remove", "scan_refs", "show", "unmount"]
+           "read_ref", "release_holders", "remove", "root_snapshot", "scan_refs", "show",
+           "unmount"]

@@ -29,8 +29,8 @@ from typing import Any
 from ..digest import Digest
 from ..errors import ConflictError, NotFound, StickyError, UsageError
 from ..fsutil import empty_dir
-from ..snapshot import Diff, Manifest, diff, fill_content, load_manifest, save_manifest
-from ..store import Backend, ObjectStore, as_backend, open_backend
+from ..snapshot import Diff, Entry, Manifest, diff, fill_content, load_manifest, save_manifest
+from ..store import Backend, ObjectStore, as_backend, decode_index, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
 from .refs import KEEP_GENERATIONS, DiskRef, Generation
 
@@ -72,8 +72,11 @@ class CommitResult:
     added: int = 0
     removed: int = 0
     modified: int = 0
-    stored_bytes: int = 0
+    stored_bytes: int = 0  # objects written to the store: new content and the manifest
     stored_objects: int = 0
+    manifest_bytes: int = 0  # of stored_bytes, the manifest's (0 if this tree was stored before)
+    new_bytes: int = 0  # of the tree's ``size``, the content the store did not hold yet
+    reused_bytes: int = 0  # the rest: unchanged files and content deduplicated in the store
     raced_with: list[dict[str, Any]] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
     still_mounted: bool = False  # committed, but the unmount after it failed: see ``warning``
@@ -253,6 +256,11 @@ def _undo_mount(state: mounts.MountState, path: Path, made: list[Path]) -> None:
     _remove_dirs(made)
 
 
+def _ended(killed: list[holders.Holder]) -> list[str]:
+    """The processes ``--kill-holders`` ended, as ``pid N (command), which held PATH``."""
+    return [f"pid {h.pid} ({h.command}), which held {h.path}" for h in killed]
+
+
 def _discard(state: mounts.MountState, path: Path) -> None:
     strategies.get(state.strategy).unmount(path, state.dir)
     state.forget()
@@ -275,7 +283,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     if not strategy.is_mounted(path):
         raise UsageError(f"{path} was unmounted outside stickyci; run "
                          f"`stickyci disk unmount {path}` to clear its record")
-    killed = [str(h) for h in holders.release(path, kill=kill_holders)]
+    killed = _ended(holders.release(path, kill=kill_holders))
     result = CommitResult(state.key, str(path), False, "", killed=killed)
     backend = open_backend(state.store)
     current = refs.read_ref(backend, state.key)
@@ -292,13 +300,18 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     changes = diff(base, scan.manifest, scan.touched)
     result.added, result.removed = len(changes.added), len(changes.removed)
     result.modified = len(changes.modified) + len(changes.metadata)
-    if mode == "on-change" and changes.empty:
+    # A new disk is created even when nothing was written to it, so that it exists from now on
+    # (a later mount finds a generation, `disk rm` finds the disk).
+    new_disk = not state.base and not (current and current.latest)
+    if mode == "on-change" and changes.empty and not new_disk:
         _discard(state, path)
         result.reason = "nothing changed (on-change)"
         result.seconds = time.perf_counter() - start
         return result
 
+    content_written = objects.bytes_written
     snapshot = save_manifest(objects, scan.manifest)
+    result.manifest_bytes = objects.bytes_written - content_written
     # Objects the base generation references stay live while its ref keeps it, so only new
     # content can have been deduplicated against garbage a concurrent gc is sweeping.
     base_kept = not state.base or any(g.snapshot == state.base
@@ -330,6 +343,8 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     result.generation, result.snapshot = ref.latest.gen, snapshot.hex
     result.files, result.size = files, size
     result.stored_bytes, result.stored_objects = objects.bytes_written, objects.objects_written
+    result.new_bytes = _new_content(objects, scan.todo)
+    result.reused_bytes = max(size - result.new_bytes, 0)
     result.raced_with = [g.as_dict() for g in raced]
     if raced:
         log.warning("disk %s: this commit raced with generation(s) %s; last write wins, so "
@@ -348,6 +363,15 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         log.warning("%s", result.warning)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _new_content(objects: ObjectStore, read: list[Entry]) -> int:
+    """Bytes of content in the files ``read`` that this commit was first to store: chunks
+    whose objects are in the packs it wrote, each counted once."""
+    written = {e.digest.hex for pack, index in objects.written.items()
+               for e in decode_index(pack, index)}
+    new = {h: n for e in read for h, n in e.chunks if h in written}
+    return sum(new.values())
 
 
 # Unmount retries after a commit: a process that was just leaving the mount (a shell's last
@@ -379,7 +403,7 @@ def unmount(path: Path, *, kill_holders: bool = False) -> UnmountResult:
     """Discard the mount at ``path`` without committing."""
     path = _existing_dir(path)
     state = mounts.load(path)
-    killed = [str(h) for h in holders.release(path, kill=kill_holders)]
+    killed = _ended(holders.release(path, kill=kill_holders))
     _discard(state, path)
     return UnmountResult(state.key, str(path), killed=killed)
 

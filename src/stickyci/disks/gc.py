@@ -18,6 +18,7 @@ of another pack's copy only once that copy has been read back and verified.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,13 +56,15 @@ class GcReport:
 Where = dict[bytes, list[Location]]  # raw digest → where the indexes claim it lies
 
 
-def mark(backend: Backend, found: list[refs.DiskRef], where: Where) -> set[Digest]:
-    """Every object reachable from a generation of ``found`` or a mount on this machine.
+def mark(backend: Backend, found: list[refs.DiskRef], where: Where,
+         roots: set[Digest] | None = None) -> set[Digest]:
+    """Every object reachable from a generation of ``found``, a snapshot in ``roots`` or a
+    mount on this machine.
 
     Manifests are read through the claims in ``where``; a claim that does not verify is passed
     over for the next, so an index that lies about an object cannot hide a live snapshot.
     """
-    snapshots = {g.snapshot for r in found for g in r.generations}
+    snapshots = {g.snapshot for r in found for g in r.generations} | (roots or set())
     snapshots |= {m.base for m in mounts.all_mounts() if m.base and m.store == backend.url}
     live: set[Digest] = set()
     for snap in snapshots:
@@ -69,6 +72,31 @@ def mark(backend: Backend, found: list[refs.DiskRef], where: Where) -> set[Diges
         live.add(snap)
         live.update(Digest(bytes.fromhex(h)) for h in m.chunk_digests())
     return live
+
+
+def scan_roots(backend: Backend, skipped: dict[str, str]) -> set[Digest]:
+    """The snapshots the server's caches keep live: ``roots/<name>`` blobs, JSON objects whose
+    ``snapshot`` is a snapshot id (hex). Only the server writes them (the blob API lets no
+    client write ``roots/``); one that does not parse keeps nothing and is listed in ``skipped``."""
+    found = set()
+    for name in backend.list("roots"):
+        try:
+            found.add(root_snapshot(backend.get(name), name))
+        except NotFound:
+            continue  # removed since the listing
+        except IntegrityError as exc:
+            skipped[name] = str(exc)
+            log.warning("gc: skipping %s", skipped[name])
+    return found
+
+
+def root_snapshot(data: bytes, name: str) -> Digest:
+    """The snapshot a root record (``roots/<name>``: JSON with a ``snapshot`` id) keeps live;
+    ``IntegrityError`` naming it if it is not one."""
+    try:
+        return Digest.parse(json.loads(data)["snapshot"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{name} is not a root record ({exc})") from exc
 
 
 def _manifest(backend: Backend, where: Where, snap: Digest) -> Manifest:
@@ -142,6 +170,7 @@ def gc(store: str | Backend | None = None, *, grace: float = DEFAULT_GRACE,
     # Refs before indexes: a commit publishes its index before it moves its ref.
     listing = refs.scan_refs(backend)
     report.skipped = listing.skipped
+    roots = scan_roots(backend, report.skipped)
     indexed = set()
     packs = []
     for name in backend.list("index"):
@@ -156,7 +185,7 @@ def gc(store: str | Backend | None = None, *, grace: float = DEFAULT_GRACE,
     for p in packs:
         for e in p.entries or []:
             where.setdefault(e.digest.raw, []).append(Location(p.pack, e.offset, e.length))
-    live = mark(backend, listing.refs, where)
+    live = mark(backend, listing.refs, where, roots)
     report.live_objects = len(live)
     now = time.time()
     claimed: dict[Digest, Location] = {}

@@ -1,4 +1,5 @@
-"""Processes holding a path: open files, cwd, root, executable or mapped files, from /proc."""
+"""Processes holding a path, from /proc: open files, cwd, root, executable or mapped files,
+sockets bound under it, and (on a mount) processes rooted in it from another mount namespace."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import procs
 from ..errors import BusyError
 
 
@@ -28,39 +30,59 @@ def _under(target: str, root: str) -> bool:
     return target == root or target.startswith(root + "/")
 
 
-def _command(pid: str) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    # Arguments may hold newlines (python -c SCRIPT); the error naming holders is one line.
-    return " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split())[:120] or "?"
-
-
 def find(path: Path) -> list[Holder]:
     """Every other process holding something at or under ``path``, one entry per process."""
     root = os.path.realpath(path)
-    me = os.getpid()
+    sockets = _bound_sockets()
+    dev = os.stat(root).st_dev if os.path.ismount(root) else None
     found: list[Holder] = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        hit = _held(pid, root)
+    for pid in procs.pids():
+        hit = _held(pid, root, sockets)
+        if hit is None and dev is not None:
+            hit = _rooted_in(pid, root, dev)
         if hit:
-            found.append(Holder(int(pid), _command(pid), hit))
+            found.append(Holder(pid, procs.command(pid), hit))
     return sorted(found, key=lambda h: h.pid)
 
 
-def _held(pid: str, root: str) -> str | None:
-    base = f"/proc/{pid}"
-    links = [f"{base}/cwd", f"{base}/root", f"{base}/exe"]
-    with contextlib.suppress(OSError):
-        links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
-    for link in links:
+def _rooted_in(pid: int, root: str, dev: int) -> str | None:
+    """What a process in another mount namespace (a sandboxed build, whose root is a chroot on
+    the mount) holds: its paths are its namespace's, so only the device tells."""
+    for name in ("root", "cwd"):
         with contextlib.suppress(OSError):
-            target = os.readlink(link)
-            if _under(target, root):
-                return target
+            if os.stat(f"/proc/{pid}/{name}").st_dev == dev:
+                seen = os.readlink(f"/proc/{pid}/{name}")
+                return f"{root} (its {name}, {seen} in its own mount namespace)"
+    return None
+
+
+def _bound_sockets() -> dict[str, str]:
+    """Unix sockets bound to a path, as ``socket:[inode]`` (an fd's link) → path.
+
+    A daemon listening on a socket under the mount (``nix-daemon``) may hold nothing else
+    there, and its fd shows only the inode; /proc/net/unix names the path it was bound to
+    (relative if the binder passed a relative path, which is then not matched).
+    """
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError), open("/proc/net/unix") as table:
+        next(table, None)
+        for line in table:
+            fields = line.rstrip("\n").split(None, 7)
+            if len(fields) == 8 and fields[7].startswith("/"):
+                out[f"socket:[{fields[6]}]"] = fields[7]
+    return out
+
+
+def _held(pid: int, root: str, sockets: dict[str, str]) -> str | None:
+    base = f"/proc/{pid}"
+    targets = []
+    for link in ("cwd", "root", "exe"):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"{base}/{link}"))
+    for target in (*targets, *procs.fd_links(pid)):
+        target = sockets.get(target, target)
+        if _under(target, root):
+            return target
     with contextlib.suppress(OSError), open(f"{base}/maps") as maps:
         for line in maps:
             parts = line.split(None, 5)

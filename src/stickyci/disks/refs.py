@@ -33,7 +33,8 @@ KEEP_GENERATIONS = 3
 MAX_GENERATIONS = 64
 MAX_COMMITTER = 256
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-KEY_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200"
+KEY_RULE = ("letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 "
+            "characters")
 
 
 def check_key(key: str) -> str:

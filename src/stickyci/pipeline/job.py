@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
+import secrets
 import signal
 import stat
+import sys
+import termios
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from ..errors import StickyError, UsageError
 from ..fsutil import remove_tree
@@ -42,6 +46,9 @@ from ..runs import (
     StepRecord,
 )
 from .diskclient import DiskClient, DiskFailure
+from .leftovers import TRACKING_VAR, Traces, describe
+from .leftovers import find as find_leftovers
+from .leftovers import stop as stop_leftovers
 from .masking import MaskedStream, Masker
 from .plan import Instance
 from .spec import DiskSpec
@@ -92,14 +99,43 @@ Logs = Callable[[str], contextlib.AbstractContextManager[LogWriter]]
 
 
 def file_logs(root: Path) -> Logs:
-    """Step logs as files under ``root`` (the run directory)."""
+    """Step logs as files under ``root`` (the run directory), written through as the step
+    writes: ``stickyci logs -f`` and ``tail -f`` follow them."""
     @contextlib.contextmanager
     def open_log(rel: str) -> Iterator[LogWriter]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as out:
-            yield out
+            yield _Flushed(out)
     return open_log
+
+
+@dataclass(slots=True)
+class _Flushed:
+    out: TextIO
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def tee_logs(logs: Logs, also: Callable[[str], None]) -> Logs:
+    """``logs``, with everything written to them also given to ``also`` (the live output)."""
+    @contextlib.contextmanager
+    def open_log(rel: str) -> Iterator[LogWriter]:
+        with logs(rel) as out:
+            yield _Tee(out, also)
+    return open_log
+
+
+@dataclass(slots=True)
+class _Tee:
+    out: LogWriter
+    also: Callable[[str], None]
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.also(text)
 
 
 @dataclass(slots=True)
@@ -130,6 +166,9 @@ class JobRunner:
         self.disks = DiskClient(setup.disk_env, setup.guard, setup.mask)
         # The first internal error met (see ``fault``); once set, no disk is committed.
         self.internal_error = ""
+        # Every process of the job's steps carries ``<this>.<step>.`` in TRACKING_VAR.
+        self.tracking = secrets.token_hex(8)
+        self.kept: list[_Kept] = []  # steps whose leftovers run on (``background: keep``)
 
     @property
     def cancelled(self) -> bool:
@@ -197,6 +236,10 @@ class JobRunner:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            try:
+                await self.stop_kept()  # before the commits: they must not find a disk busy
+            except Exception as exc:
+                self.fault(rec, exc)
             for disk, drec, path in mounted:
                 try:
                     await self._finish_disk(rec, disk, drec, path)
@@ -216,7 +259,7 @@ class JobRunner:
         deadline = time.monotonic() + inst.spec.timeout if inst.spec.timeout else None
         for n, step in enumerate(inst.spec.steps):
             where = f"jobs.{inst.job}.steps[{n}]"
-            srec = StepRecord(step.name or step.run.strip().splitlines()[0][:60],
+            srec = StepRecord(_step_name(step.name, step.run, ctx, where),
                               always=bool(_NEEDS_STATUS.search(step.if_)))
             rec.steps.append(srec)
             failed = rec.state != RUNNING
@@ -238,7 +281,8 @@ class JobRunner:
                 cwd = _inside(ws, render(step.working_directory, ctx,
                                          f"{where}.working_directory"),
                               where) if step.working_directory else ws
-                await self._step(n, srec, script, cwd, {**env, **step.env}, timeout)
+                await self._step(n, srec, script, cwd, {**env, **step.env}, timeout,
+                                 step.background)
             except Exception as exc:
                 self.fault(rec, exc, srec)
                 self._step_event(n, srec)
@@ -256,59 +300,104 @@ class JobRunner:
             self.s.on_step(n, srec)
 
     async def _step(self, n: int, srec: StepRecord, script: str, cwd: Path,
-                    env: dict[str, str], timeout: float | None) -> None:
+                    env: dict[str, str], timeout: float | None, background: str) -> None:
+        """Run one step; it ends when its shell exits, whatever it left running (see
+        :meth:`_leftovers`)."""
         start = time.monotonic()
-        srec.state = RUNNING
+        srec.state, srec.started_at = RUNNING, time.time()
         self._step_event(n, srec)
-        with self.s.logs(srec.log) as out:
-            loop = asyncio.get_running_loop()
-            transport, protocol = await loop.subprocess_exec(
-                lambda: _StepProtocol(loop),
-                "bash", "-eo", "pipefail", "-c", script, cwd=cwd, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-            proc = asyncio.subprocess.Process(transport, protocol, loop)
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(self.s.logs(srec.log))
+            tracking = f"{self.tracking}.{n}."
+            rfd, wfd = os.pipe()  # ours, not asyncio's: the step is over when bash is
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "bash", "-eo", "pipefail", "-c", script, cwd=cwd,
+                    env={**env, TRACKING_VAR: tracking}, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=wfd, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            except BaseException:
+                os.close(rfd)
+                raise
+            finally:
+                os.close(wfd)
+            output = _Output(rfd, out, self.s.mask)
+            stack.callback(output.close)
+            traces = Traces(tracking, frozenset({proc.pid}), frozenset({output.inode}))
             self.s.stop.procs.add(proc)
             if self.s.guard:
                 self.s.guard.add(proc.pid)
-            pump = asyncio.create_task(self._pump(proc, out))
             try:
-                await asyncio.wait_for(_exit_unless_failed(protocol.exited, pump), timeout)
+                await asyncio.wait_for(_exit_unless_failed(proc, output.ended), timeout)
                 srec.state = SUCCESS if proc.returncode == 0 else FAILURE
             except TimeoutError:
                 kill_group(proc, signal.SIGTERM)
-                if not (await asyncio.wait({protocol.exited}, timeout=KILL_GRACE))[0]:
-                    kill_group(proc, signal.SIGKILL)
-                    await protocol.exited
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), KILL_GRACE)
+                kill_group(proc, signal.SIGKILL)
+                await proc.wait()
                 out.write(f"\nstickyci: step timed out after {timeout:.1f}s; killed\n")
                 srec.state = TIMED_OUT
             finally:
                 self.s.stop.procs.discard(proc)
-                # Whatever the step left in the background dies with it (and so does the step
-                # itself when we got here by an error: nobody reads its output any more).
-                kill_group(proc, signal.SIGKILL)
-                if self.s.guard:
+                if proc.returncode is None:  # we got here by an error: nobody reads it now
+                    kill_group(proc, signal.SIGKILL)
+                    await proc.wait()
+                srec.exit_code = proc.returncode
+                srec.seconds = time.monotonic() - start  # the step is over: its shell is
+                output.drain()  # what it wrote is read, even if a leftover holds the pipe
+                kept = await self._leftovers(traces, output, out, stack,
+                                             keep=background == "keep")
+                if self.s.guard and not kept:
                     self.s.guard.discard(proc.pid)
-                try:
-                    await _drain(pump, proc, out)
-                finally:
-                    transport.close()  # its pipe, even if a process outside the group has it
-        srec.exit_code = proc.returncode
+            if kept:  # its log stays open for what they write, until stop_kept
+                self.kept.append(_Kept(traces, output, out, stack.pop_all()))
         if self.cancelled and srec.state != SUCCESS:
             srec.state = CANCELLED
-        srec.seconds = time.monotonic() - start
         self._step_event(n, srec)
 
-    async def _pump(self, proc: asyncio.subprocess.Process, out: LogWriter) -> None:
-        assert proc.stdout is not None
-        stream = MaskedStream(self.s.mask)
-        try:
-            while data := await proc.stdout.read(READ_CHUNK):
-                out.write(stream.feed(data))
-        except asyncio.CancelledError:
-            out.write(stream.close())  # what was held back for masking, masked
-            raise
-        out.write(stream.close())
+    async def _leftovers(self, traces: Traces, output: _Output, out: LogWriter,
+                         stack: contextlib.ExitStack, *, keep: bool) -> bool:
+        """Name the processes a step left running in its log; keep them (``background:
+        keep``: they are stopped when the job's steps are done) or stop them now.
+
+        Returns whether any were kept; their output is still read into the step's log.
+        """
+        found = await asyncio.to_thread(find_leftovers, traces)
+        if found and keep:
+            out.write(self.s.mask(
+                f"\nstickyci: the step left {len(found)} process(es) running, kept until the "
+                f"job's steps are done (background: keep): {describe(found)}\n"))
+            if self.s.guard:
+                for g in {p.pgid for p in found} - traces.groups:
+                    self.s.guard.add(g)
+                    stack.callback(self.s.guard.discard, g)
+            return True
+        if found:
+            out.write(self.s.mask(
+                f"\nstickyci: the step left {len(found)} process(es) running; stopping them "
+                f"(background: keep keeps them for later steps): {describe(found)}\n"))
+            await stop_leftovers(traces)
+        # Every writer is gone (or was never there): the pipe ends now.
+        await asyncio.wait({output.ended}, timeout=KILL_GRACE)
+        _raise_if_failed(output.ended)
+        return False
+
+    async def stop_kept(self) -> None:
+        """Stop what ``background: keep`` steps left running, naming it in their logs: the
+        job's steps are done (the disks are committed next, and must not be busy)."""
+        while self.kept:
+            k = self.kept.pop(0)
+            with k.stack:  # closes its output, then its log
+                found = await stop_leftovers(k.traces)
+                if found:
+                    k.out.write(self.s.mask(
+                        f"\nstickyci: the job's steps are done; stopped {len(found)} process(es)"
+                        f" this step left running: {describe(found)}\n"))
+                await asyncio.wait({k.output.ended}, timeout=KILL_GRACE)
+                if self.s.guard:
+                    for g in k.traces.groups:
+                        self.s.guard.discard(g)
+            _raise_if_failed(k.output.ended)
 
     def _key(self, key: str) -> str:
         """The key actually used: in a cold run, a copy private to the run, empty at first."""
@@ -358,55 +447,119 @@ def _inside(root: Path, rel: str, where: str) -> Path:
     return path
 
 
-class _StepProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """Says when a step's process exits. ``Process.wait()`` also waits for its output pipe to
-    close, which a background child (``daemon &``) holding it can put off forever."""
+@dataclass(slots=True)
+class _Kept:
+    """A ``background: keep`` step whose leftovers run on: what stops them, and its log."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
+    traces: Traces
+    output: _Output
+    out: LogWriter
+    stack: contextlib.ExitStack  # closes the step's log
 
 
-async def _exit_unless_failed(exited: asyncio.Future[None], pump: asyncio.Task[None]) -> None:
-    """Wait for the step's process to exit; raise at once if reading its output failed (the
-    process would block on a full pipe, and nothing would record what it says)."""
-    # asyncio.wait, not wait_for: a timeout must not cancel ``exited``, still awaited after.
-    await asyncio.wait({exited, pump}, return_when=asyncio.FIRST_COMPLETED)
-    if pump.done() and not pump.cancelled() and (exc := pump.exception()) is not None:
+class _Output:
+    """A step's output pipe, read as the event loop gets to it, masked into the step's log.
+
+    ``ended`` is done at the end of the pipe (no writer left), or with the error that reading
+    or logging met (the step is failed at once: it would block on a full pipe, and nothing
+    would record what it says).
+    """
+
+    def __init__(self, fd: int, out: LogWriter, mask: Masker) -> None:
+        self.fd, self.out = fd, out
+        self.inode = os.fstat(fd).st_ino
+        self.stream = MaskedStream(mask)
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = self.loop.create_future()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._ready)
+
+    def _ready(self) -> None:
+        try:
+            self._read()  # one read a call: a flood must not starve the loop
+        except Exception as exc:
+            self._end(exc)
+
+    def _read(self) -> bool:
+        """Read once; False when there is nothing to read now (or ever again)."""
+        if self.ended.done():
+            return False
+        try:
+            data = os.read(self.fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        if not data:
+            self.out.write(self.stream.close())
+            self._end(None)
+            return False
+        self.out.write(self.stream.feed(data))
+        return True
+
+    def drain(self) -> None:
+        """Read what the pipe holds now (what a step wrote before its shell exited), and no
+        more: a leftover may write on forever. A failure ends the output, as in ``_ready``."""
+        try:
+            buffered = _pending(self.fd) if not self.ended.done() else 0
+            for _ in range(buffered // READ_CHUNK + 2):
+                if not self._read():
+                    return
+        except Exception as exc:
+            self._end(exc)
+
+    def _end(self, exc: BaseException | None) -> None:
+        self.loop.remove_reader(self.fd)
+        if not self.ended.done():
+            if exc is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(exc)
+
+    def close(self) -> None:
+        """Stop reading: what was held back for masking is logged, masked."""
+        if self.fd < 0:
+            return
+        try:
+            if not self.ended.done():
+                self._end(None)
+                self.out.write(self.stream.close())
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pending(fd: int) -> int:
+    """How many bytes a pipe holds."""
+    got = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(got, sys.byteorder, signed=True)
+
+
+async def _exit_unless_failed(proc: asyncio.subprocess.Process,
+                              ended: asyncio.Future[None]) -> None:
+    """Wait for the step's shell to exit; raise at once if reading its output failed."""
+    exited: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
+    try:
+        await asyncio.wait({exited, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not exited.done():
+            exited.cancel()
+    _raise_if_failed(ended)
+    await proc.wait()
+
+
+def _raise_if_failed(ended: asyncio.Future[None]) -> None:
+    if ended.done() and (exc := ended.exception()) is not None:
         raise exc
-    await asyncio.shield(exited)
 
 
-async def _drain(pump: asyncio.Task[None], proc: asyncio.subprocess.Process,
-                 out: LogWriter) -> None:
-    """Let the pump read the rest of a step's output once its group is dead, then re-raise
-    what it failed with, if anything."""
-    if not pump.done():
-        await asyncio.wait({pump}, timeout=KILL_GRACE)
-    if not pump.done():
-        # A process outside the step's group (it called setsid) holds the pipe open.
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
-        out.write("\nstickyci: stopped reading: a process that left the step's process group "
-                  "still holds its output open\n")
-        return
-    if not pump.cancelled() and (exc := pump.exception()) is not None:
-        # Read the rest unlogged, so the pipe gets to its end and closes with the process.
-        assert proc.stdout is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_discard(proc.stdout), KILL_GRACE)
-        raise exc
-
-
-async def _discard(stream: asyncio.StreamReader) -> None:
-    while await stream.read(READ_CHUNK):
-        pass
+def _step_name(name: str | None, script: str, ctx: dict[str, Any], where: str) -> str:
+    """A step's name as shown: its ``name`` rendered (``build ${{ matrix.service }}``), or the
+    first line of its script."""
+    if not name:
+        return script.strip().splitlines()[0][:60] if script.strip() else "step"
+    try:
+        return render(name, ctx, f"{where}.name")
+    except StickyError:
+        return name  # a label: its template failing must not fail the step
 
 
 def _remove(path: Path) -> None:

@@ -7,6 +7,7 @@ single step runs.
 
 from __future__ import annotations
 
+import difflib
 import graphlib
 import os
 from dataclasses import dataclass, field
@@ -72,8 +73,8 @@ def _order(spec: PipelineSpec) -> list[str]:
     for name, job in spec.jobs.items():
         for need in job.needs:
             if need not in spec.jobs:
-                known = ", ".join(sorted(spec.jobs))
-                raise UsageError(f"jobs.{name}.needs: unknown job {need!r} (jobs: {known})")
+                raise UsageError(f"jobs.{name}.needs: unknown job {need!r}"
+                                 f"{_did_you_mean(need, spec.jobs)}")
         graph[name] = list(job.needs)
     try:
         return list(graphlib.TopologicalSorter(graph).static_order())
@@ -82,9 +83,16 @@ def _order(spec: PipelineSpec) -> list[str]:
         raise UsageError(f"jobs form a cycle: {cycle}; remove one of these needs") from exc
 
 
+def _did_you_mean(name: str, known: dict[str, Any], what: str = "jobs") -> str:
+    """``; did you mean `x`?`` for a close name, then the names there are."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return f"{hint} ({what}: {', '.join(sorted(known)) or 'none defined'})"
+
+
 def _closure(spec: PipelineSpec, only: str) -> set[str]:
     if only not in spec.jobs:
-        raise UsageError(f"--only {only}: no such job (jobs: {', '.join(sorted(spec.jobs))})")
+        raise UsageError(f"--only {only}: no such job{_did_you_mean(only, spec.jobs)}")
     keep, todo = set(), [only]
     while todo:
         name = todo.pop()
@@ -150,8 +158,8 @@ def _matrix(plan: Plan, name: str, job: JobSpec) -> list[dict[str, Any]]:
     if isinstance(job.matrix, str):
         spec: MatrixSpec | None = plan.spec.matrices.get(job.matrix)
         if spec is None:
-            known = ", ".join(sorted(plan.spec.matrices)) or "none defined"
-            raise UsageError(f"{where}: unknown matrix {job.matrix!r} (matrices: {known})")
+            raise UsageError(f"{where}: unknown matrix {job.matrix!r}"
+                             f"{_did_you_mean(job.matrix, plan.spec.matrices, 'matrices')}")
         where = f"matrices.{job.matrix}"
     else:
         spec = job.matrix

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from ..errors import UsageError
 from ..units import parse_duration
@@ -54,6 +57,9 @@ class StepSpec(_Model):
     working_directory: StrictStr | None = None
     continue_on_error: bool = False
     env: dict[str, StrictStr] = {}
+    # What the step's shell leaves running when it exits: stopped then (stop), or kept for the
+    # later steps and stopped when the job's steps are done (keep). See docs/pipelines.md.
+    background: Literal["stop", "keep"] = "stop"
 
 
 class MatrixSpec(_Model):
@@ -102,8 +108,9 @@ def _lines(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...],
     out = {path: node.start_mark.line + 1}
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
-            out[(*path, k.value)] = k.start_mark.line + 1
-            out.update({p: ln for p, ln in _lines(v, (*path, k.value)).items() if p != path})
+            key = (*path, k.value)
+            out[key] = k.start_mark.line + 1  # the key's line, not where its value starts
+            out.update({p: ln for p, ln in _lines(v, key).items() if p != key})
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out.update(_lines(v, (*path, i)))
@@ -111,7 +118,11 @@ def _lines(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...],
 
 
 def load(path: Path) -> PipelineSpec:
-    """Read and validate a pipeline file; raise ``UsageError`` naming file, line and field."""
+    """Read and validate a pipeline file; raise ``UsageError`` naming file, line and field.
+
+    A file with several problems gets them all in one error, one line each under a first line
+    that counts them, so that fixing one typo does not just reveal the next.
+    """
     try:
         text = path.read_text()
     except OSError as exc:
@@ -129,17 +140,110 @@ def load(path: Path) -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        # For a union (a matrix name or an inline matrix) pydantic reports every branch; the
-        # deepest location is the one the user meant. A misspelt key is also reported as the
-        # missing one it should have been; the misspelling is the more useful of the two.
-        err = max(exc.errors(), key=lambda e: (len(e["loc"]), e["type"] == "extra_forbidden"))
-        loc = tuple(_ALIASES.get(p, p) if isinstance(p, str) else p for p in err["loc"]
-                    if not (isinstance(p, str) and (p in _TAGS or p.startswith("function-"))))
-        raise UsageError(f"{where(path, loc, node)}: {_dotted(loc)}: {err['msg']}") from exc
+        lines = sorted(((where(path, loc, node), _dotted(loc), message)
+                        for loc, message in _problems(exc.errors())),
+                       key=lambda p: int(p[0].rsplit(":", 1)[1]))
+        if len(lines) == 1:
+            raise UsageError(": ".join(lines[0])) from exc
+        # Every problem at once, one line each: a second run should not find a second typo.
+        raise UsageError(f"{path}: {len(lines)} problems\n"
+                         + "\n".join(f"  {': '.join(line)}" for line in lines)) from exc
 
 
-_TAGS = {"str", "MatrixSpec"}
 _ALIASES = {"if_": "if", "from_": "from"}
+
+
+def _problems(errors: list[ErrorDetails]) -> list[tuple[tuple[Any, ...], str]]:
+    """pydantic's errors as (location, message), one per problem the user made.
+
+    For a union (a matrix name or an inline matrix) pydantic reports every branch; the branch
+    that got deepest is the one the user meant. A misspelt key is also reported as the missing
+    field it should have been; the misspelling, with its suggestion, says both.
+    """
+    branches: dict[tuple[Any, ...], dict[str, list[ErrorDetails]]] = {}
+    plain: list[ErrorDetails] = []
+    for err in errors:
+        tags, _ = _walk(err["loc"])
+        if not tags:
+            plain.append(err)
+        else:
+            union, tag = err["loc"][:tags[0]], str(err["loc"][tags[0]])
+            branches.setdefault(union, {}).setdefault(tag, []).append(err)
+    for union, by_branch in branches.items():
+        depth = {tag: max(len(e["loc"]) for e in errs) for tag, errs in by_branch.items()}
+        if list(depth.values()).count(max(depth.values())) == 1:
+            plain += by_branch[max(depth, key=lambda t: depth[t])]
+        else:  # every branch refused the value itself: say what each would have taken
+            wants = [e["msg"] for errs in by_branch.values() for e in errs]
+            merged = wants[0] + "".join(f" or {w.removeprefix('Input should be ')}"
+                                        for w in wants[1:])
+            plain.append({**by_branch[next(iter(by_branch))][0], "loc": union, "msg": merged})
+    out: list[tuple[tuple[Any, ...], str]] = []
+    meant: set[tuple[Any, ...]] = set()
+    for err in plain:
+        loc, message = err["loc"], err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            _, model = _walk(loc[:-1])
+            names = ([f.alias or name for name, f in model.model_fields.items()]
+                     if _is_model(model) else [])
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            if close:
+                message = f"unknown field; did you mean `{close[0]}`?"
+                meant.add((*loc[:-1], close[0]))
+            else:
+                message = f"unknown field; fields here: {', '.join(names)}"
+        out.append((loc, message))
+    return [(_clean(loc), message) for loc, message in out
+            if loc not in meant or not message.startswith("Field required")]
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[int], Any]:
+    """Follow pydantic's ``loc`` down the pipeline's models: the positions in it that name a
+    union's branch (``matrix: str | MatrixSpec`` → ``str`` or ``MatrixSpec``), and the type
+    at its end (None where it leaves the models)."""
+    ann: Any = PipelineSpec
+    tags = []
+    for i, part in enumerate(loc):
+        ann = _unwrap(ann)
+        if get_origin(ann) in (Union, types.UnionType):
+            tags.append(i)
+            ann = next((a for a in get_args(ann) if getattr(_unwrap(a), "__name__", "") == part),
+                       None)
+        elif _is_model(ann):
+            ann = next((f.annotation for name, f in ann.model_fields.items()
+                        if part in (name, f.alias)), None)
+        elif get_origin(ann) is list and isinstance(part, int):
+            ann = get_args(ann)[0]
+        elif get_origin(ann) is dict:
+            ann = get_args(ann)[1]
+        else:
+            ann = None
+        if ann is None:
+            break
+    return tags, _unwrap(ann)
+
+
+def _is_model(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _unwrap(ann: Any) -> Any:
+    """``Annotated[X, …]`` and ``X | None`` as ``X``."""
+    while True:
+        if get_origin(ann) is Annotated:
+            ann = get_args(ann)[0]
+        elif (get_origin(ann) in (Union, types.UnionType) and len(get_args(ann)) == 2
+              and type(None) in get_args(ann)):
+            ann = next(a for a in get_args(ann) if a is not type(None))
+        else:
+            return ann
+
+
+def _clean(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A location as the user wrote it: no union branches or validator names, YAML keys."""
+    tags = set(_walk(loc)[0])
+    return tuple(_ALIASES.get(p, p) if isinstance(p, str) else p for i, p in enumerate(loc)
+                 if i not in tags and not (isinstance(p, str) and p.startswith("function-")))
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

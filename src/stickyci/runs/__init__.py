@@ -1,8 +1,9 @@
 """Runs: the record of what a pipeline run did, its reports, and the history on this machine.
 
 The pipeline writes records (:mod:`.record`); this package stores them (:mod:`.history`) and
-reports over them (:mod:`.summary`, :mod:`.comparison`). It sits below the pipeline and imports
-nothing of it, so a report or the history never needs the executors.
+reports over them (:mod:`.summary`, :mod:`.comparison`) and to a server (:mod:`.report`). It
+sits below the pipeline and imports nothing of it, so a report or the history never needs the
+executors.
 """
 
 from .comparison import Row, chart, compare, table
@@ -24,6 +25,7 @@ from .record import (
     RunRecord,
     StepRecord,
 )
+from .report import LogTail, Reporter, RunReport, push_runs, runs_url
 from .summary import (
     JOB_COLUMNS,
     duration,
@@ -52,8 +54,11 @@ __all__ = [
     "DiskRecord",
     "History",
     "JobRecord",
+    "LogTail",
+    "Reporter",
     "Row",
     "RunRecord",
+    "RunReport",
     "StepRecord",
     "chart",
     "compare",
@@ -62,9 +67,11 @@ __all__ = [
     "failures",
     "job_rows",
     "printable",
+    "push_runs",
     "race_warnings",
     "record_from_dict",
     "render_markdown",
+    "runs_url",
     "table",
     "write_reports",
 ]

@@ -29,6 +29,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         state TEXT NOT NULL, started_at REAL NOT NULL, seconds REAL NOT NULL,
         jobs INTEGER NOT NULL, failed INTEGER NOT NULL, record TEXT NOT NULL)""",
      "CREATE INDEX runs_started ON runs (started_at)"),
+    # How the disks started (RunRecord.kind); '' for runs recorded before.
+    ("ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT ''",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # Runs on one machine finish together (a matrix of pipelines, a cold/warm bench): wait for
@@ -37,7 +39,7 @@ BUSY_TIMEOUT = 30.0
 # Counted as failed, as ``stickyci run`` counts them; a cancelled job did not fail.
 _FAILED = (FAILURE, TIMED_OUT)
 _LIST_COLUMNS = ("id", "pipeline", "sha", "cold", "state", "started_at", "seconds", "jobs",
-                 "failed")
+                 "failed", "kind")
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -128,7 +130,7 @@ class History:
         """Insert a run, or update it: a run is recorded when it starts and when it ends."""
         failed = sum(1 for j in run.jobs if j.state in _FAILED)
         row = (run.id, run.pipeline, run.sha, int(run.cold), run.state, run.started_at,
-               run.seconds, len(run.jobs), failed, json.dumps(run.to_dict()))
+               run.seconds, len(run.jobs), failed, run.kind, json.dumps(run.to_dict()))
         with self._db(write=True) as db:
             db.execute(
                 f"INSERT INTO runs ({', '.join(_LIST_COLUMNS)}, record) "
@@ -138,21 +140,33 @@ class History:
 
     def list(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest ``limit`` runs first: id, pipeline, sha, cold, state, started_at,
-        seconds, jobs and failed (jobs that failed or timed out)."""
+        seconds, jobs, failed (jobs that failed or timed out) and kind (``RunRecord.kind``)."""
         with self._db() as db:
             rows = db.execute(f"SELECT {', '.join(_LIST_COLUMNS)} FROM runs "
                               "ORDER BY started_at DESC, id DESC LIMIT ?", (limit,)).fetchall()
-        out = [dict(zip(_LIST_COLUMNS, r, strict=True)) for r in rows]
-        for r in out:
-            r["cold"] = bool(r["cold"])
+            out = [dict(zip(_LIST_COLUMNS, r, strict=True)) for r in rows]
+            for r in out:
+                r["cold"] = bool(r["cold"])
+                if not r["kind"]:  # recorded before kinds were
+                    text = db.execute("SELECT record FROM runs WHERE id = ?",
+                                      (r["id"],)).fetchone()[0]
+                    r["kind"] = record_from_dict(json.loads(text)).kind
         return out
 
     def get(self, run_id: str) -> RunRecord:
-        """A run by its id, or by a prefix of it that names only one run."""
+        """A run by its id, by a prefix of it that names only one run, or ``latest``."""
         if not run_id:
             raise UsageError("give a run id (or its start); `stickyci runs ls` lists them")
         with self._db() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM runs WHERE id = ?", (run_id,))]
+            if run_id == "latest":  # no id starts with a letter
+                ids = [r[0] for r in db.execute(
+                    "SELECT id FROM runs ORDER BY started_at DESC, id DESC LIMIT 1")]
+                if not ids:
+                    raise NotFound(f"no runs in {self.path} yet; start one with `stickyci run "
+                                   "PIPELINE.yml`")
+            else:
+                ids = [r[0] for r in db.execute("SELECT id FROM runs WHERE id = ?",
+                                                (run_id,))]
             if not ids:
                 # substr, not LIKE: LIKE ignores case and treats _ and % as wildcards.
                 ids = [r[0] for r in db.execute(

@@ -27,6 +27,7 @@ class StepRecord:
     seconds: float = 0.0
     log: str = ""  # path of the step's log, relative to the run directory
     always: bool = False  # a teardown step (``if: always()``)
+    started_at: float = 0.0  # time.time() when it started (0: it did not run)
 
 
 @dataclass(slots=True)
@@ -114,16 +115,34 @@ class RunRecord:
     jobs: list[JobRecord] = field(default_factory=list)
     executor: str = "local"  # "local", or "dask" with the scheduler's address below
     scheduler: str = ""
+    pid: int = 0  # of the process running it (`stickyci logs -f` stops when it is gone)
 
     @property
     def seconds(self) -> float:
         """Wall time of the run."""
         return max(0.0, self.finished_at - self.started_at)
 
+    @property
+    def kind(self) -> str:
+        """How its disks started: ``cold`` (``--cold``: empty on purpose), ``warm`` (one
+        started from a snapshot committed before the run), ``empty`` (each started empty:
+        nothing was committed under its key yet, as in a first run), or ``no disks``."""
+        if self.cold:
+            return "cold"
+        first: dict[str, DiskRecord] = {}  # each key as the first job to mount it found it
+        for job in sorted((j for j in self.jobs if j.started_at), key=lambda j: j.started_at):
+            for d in job.disks:
+                if d.strategy:  # mounted
+                    first.setdefault(d.key, d)
+        if not first:
+            return "no disks"
+        return "warm" if any(not d.fresh for d in first.values()) else "empty"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form, with the derived timings included."""
         doc = asdict(self)
         doc["seconds"] = self.seconds
+        doc["kind"] = self.kind
         for job, jd in zip(self.jobs, doc["jobs"], strict=True):
             jd["queue_seconds"] = job.queue_seconds
             jd["run_seconds"] = job.run_seconds

@@ -26,7 +26,15 @@ from .record import (
 NOT_SUCCESSFUL = (FAILURE, TIMED_OUT, CANCELLED)
 MARKS = {SUCCESS: "ok", FAILURE: "FAIL", TIMED_OUT: "TIMEOUT", CANCELLED: "CANCEL",
          SKIPPED: "skip"}
-JOB_COLUMNS = ("job", "state", "queued", "ran", "mount", "commit", "stored", "cache")
+JOB_COLUMNS = ("job", "state", "queued", "ran", "steps", "mount", "commit", "stored", "cache")
+# What the job table's columns mean, under the table in summary.md.
+_JOB_LEGEND = (
+    "`ran` is the job from start to end: mounting its disks (`mount`), its `steps`, "
+    "committing its disks (`commit`, when one was committed; discarding one is not shown) "
+    "and the runner's own work between them. `stored`: new bytes its commits wrote to the "
+    "store. `cache`, per disk, how it started: `empty` (no snapshot under its key yet, or a "
+    "cold run), `cached` (its snapshot was already on this machine: nothing fetched), "
+    "`restored` (its snapshot was fetched from the store and laid out here).")
 TAIL_LINES = 20
 # Read at most this much of a log's end: a runaway step can write gigabytes.
 _TAIL_BYTES = 64 * 1024
@@ -104,7 +112,8 @@ def log_tail(run: RunRecord, step: StepRecord, lines: int = TAIL_LINES) -> list[
 
 
 def _base(d: DiskRecord) -> str:
-    return "cached" if d.base_cached else "fresh" if d.fresh else "restored"
+    # An empty disk has nothing to cache: "cached" would claim a warm start it did not have.
+    return "empty" if d.fresh else "cached" if d.base_cached else "restored"
 
 
 def job_rows(run: RunRecord) -> list[list[str]]:
@@ -120,6 +129,7 @@ def job_rows(run: RunRecord) -> list[list[str]]:
             MARKS.get(job.state, job.state),
             duration(job.queue_seconds) if started else "-",
             duration(job.run_seconds) if started else "-",
+            duration(sum(s.seconds for s in job.steps)) if job.steps else "-",
             duration(mount) if job.disks else "-",
             duration(commit) if any(d.committed for d in job.disks) else "-",
             format_size(stored) if job.disks else "-",
@@ -147,6 +157,12 @@ def race_warnings(run: RunRecord) -> list[str]:
                        f"racing with {' and '.join(others)}; last write wins; give each "
                        "committing chain its own disk")
     return out
+
+
+def _kind(run: RunRecord) -> str:
+    return {"cold": "cold (every disk started empty, on purpose)",
+            "empty": "on empty disks (nothing committed under their keys yet)",
+            "warm": "warm", "no disks": "no disks"}.get(run.kind, run.kind)
 
 
 def _cell(text: str) -> str:
@@ -213,7 +229,7 @@ def render_markdown(run: RunRecord) -> str:
         counts[mark] = counts.get(mark, 0) + 1
     tally = ", ".join(f"{n} {mark}" for mark, n in counts.items())
     out = [f"# {run.pipeline}: {run.state.upper()}", "",
-           f"Run `{run.id}` of `{run.sha[:12]}`, {'cold' if run.cold else 'warm'}, "
+           f"Run `{run.id}` of `{run.sha[:12]}`, {_kind(run)}, "
            f"{duration(run.seconds)} wall; {len(run.jobs)} jobs ({tally or 'none'})"
            + (f" on the Dask cluster at `{run.scheduler}`." if run.scheduler else "."), ""]
     if failed:
@@ -226,7 +242,8 @@ def render_markdown(run: RunRecord) -> str:
         out += ["## Races", "", "> **Warning: two chains committed the same disk.**", ">"]
         out += [f"> - {_cell(line)}" for line in races]
         out.append("")
-    out += ["## Jobs", "", *_table(JOB_COLUMNS, job_rows(run), frozenset({2, 3, 4, 5, 6})), ""]
+    out += ["## Jobs", "", *_table(JOB_COLUMNS, job_rows(run), frozenset({2, 3, 4, 5, 6, 7})),
+            "", _JOB_LEGEND, ""]
     out += _attempts_section(run)
     disks = [(j, d) for j in run.jobs for d in j.disks]
     if disks:

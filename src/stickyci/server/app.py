@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from ..errors import StickyError
 from ..store import Backend
-from .api import bazel, blobs, disks, ops
+from .api import bazel, blobs, dashboard, disks, gha, nix, ops, runs
 from .metrics import Observe
 from .schedule import evict_loop
 from .state import ServerConfig, ServerState, error_response
@@ -29,7 +29,8 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> Observe:
     # Order matters where paths overlap: the Bazel routes, which take any instance name as
     # their first segment, come last.
     routes = [*ops.routes(server), *blobs.routes(server), *disks.routes(server),
-              *bazel.routes(server)]
+              *nix.routes(server), *gha.routes(server), *runs.routes(server),
+              *dashboard.routes(server), *bazel.routes(server)]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

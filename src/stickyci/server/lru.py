@@ -1,4 +1,5 @@
-"""Least-recently-used accounting of the Bazel cache entries, for ``serve --max-size``.
+"""Least-recently-used accounting of the size-bounded cache entries (Bazel's, and the Nix
+binary cache's narinfos and NAR pins), for ``serve --max-size``.
 
 The order lives in memory: at start-up it is seeded from the store's modification times, then
 every hit and upload moves an entry to the young end. Losing it on restart costs only a less
@@ -12,7 +13,8 @@ from collections import OrderedDict
 
 from ..store import Backend
 
-NAMESPACES = ("ac", "cas")
+SIZED = ("ac/", "cas/", "nix/", "roots/nix.")
+"""The name prefixes of the entries ``--max-size`` bounds."""
 LOW_WATER = 0.9
 """Evict down to this share of the limit, so one eviction pass serves many uploads."""
 
@@ -29,8 +31,10 @@ class CacheLRU:
     def seed(self, backend: Backend) -> None:
         """Learn the entries already stored, oldest first by modification time."""
         found = []
-        for ns in NAMESPACES:
-            for name in backend.list(ns):
+        for prefix in SIZED:
+            for name in backend.list(prefix.partition("/")[0]):
+                if not name.startswith(prefix):
+                    continue
                 st = backend.stat(name)
                 if st is not None:
                     found.append((st.mtime, name, st.size))

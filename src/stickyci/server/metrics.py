@@ -22,7 +22,8 @@ from ..store import protocol as p
 
 ACCESS_LOG = logging.getLogger("stickyci.access")
 _REQUEST_ID = "request_id"
-_FAMILIES = {"blobs", "versioned", "list", "missing", "disks", "evict", "healthz", "metrics"}
+_FAMILIES = {"blobs", "versioned", "list", "missing", "disks", "evict", "healthz", "metrics",
+             "nix", "twirp", "gha"}
 
 
 class Metrics:
@@ -40,6 +41,9 @@ class Metrics:
         self.lookups = Counter("stickyci_cache_lookups", "Reads by outcome",
                                ["kind", "result"], registry=r)
         self.evictions = Counter("stickyci_evictions", "Entries evicted", ["kind"], registry=r)
+        self.gha_bytes = Counter("stickyci_gha_archive_bytes", "GitHub Actions cache archives: "
+                                 "bytes uploaded, decompressed, and new in the store",
+                                 ["kind"], registry=r)
         self.latency = Histogram(
             "stickyci_request_seconds", "Request latency", ["route"], registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,

@@ -35,6 +35,8 @@ async def evict_loop(server: ServerState, ttl: float) -> None:
             result = await server.call(evict_disks, server, ttl)
             if result.evicted:
                 log.info("evicted disks unused for %ss: %s", ttl, result.evicted)
+            stale = await server.call(server.gha.evict, ttl)
+            server.metrics.evictions.labels("gha").inc(len(stale))
             report = await server.call(
                 functools.partial(disks.gc, server.backend, grace=cfg.gc_grace))
             log.info("gc freed %d bytes", report.bytes_freed)

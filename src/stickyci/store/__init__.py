@@ -48,14 +48,20 @@ def as_backend(store: str | Backend | None) -> Backend:
 
 
 def open_backend(url: str | None = None) -> Backend:
-    """Open the backend a URL names: ``file:///path``, a plain path, ``s3://BUCKET/PREFIX``,
-    or ``http://HOST:PORT`` (a stickyci server, retried for ``STICKYCI_HTTP_RETRY_SECONDS``
+    """Open the backend a URL names: ``file:///path``, ``s3://BUCKET/PREFIX``, or
+    ``http://HOST:PORT`` (a stickyci server, retried for ``STICKYCI_HTTP_RETRY_SECONDS``
     and read through a local tier of ``STICKYCI_TIER_SIZE`` bytes unless
-    ``STICKYCI_TIER=off``)."""
+    ``STICKYCI_TIER=off``). A plain path is refused, naming the ``file://`` URL it may have
+    meant: a store given as ``cache/ci`` could as well mean a host, and guessing a directory
+    would silently start an empty store there."""
     url = url or default_store_url()
     parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme else url
+    if not parsed.scheme:
+        where = Path(url).expanduser().absolute()
+        raise UsageError(f"store URL {url!r} has no scheme; for a directory, use "
+                         f"file://{where}")
+    if parsed.scheme == "file":
+        path = parsed.path
         if not path:
             raise UsageError(f"store URL {url!r} has no path; use file:///absolute/path")
         return LocalBackend(Path(path).expanduser().absolute())

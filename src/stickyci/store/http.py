@@ -12,6 +12,7 @@ id its log files the details under.
 from __future__ import annotations
 
 import os
+import ssl
 import threading
 from collections.abc import Sequence
 from urllib.parse import urlparse
@@ -48,6 +49,7 @@ class HttpBackend:
         self._injected = client
         self._pid = -1
         self._client: httpx.Client | None = None
+        self._tls: ssl.SSLContext | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -61,7 +63,12 @@ class HttpBackend:
         if self._client is None or self._pid != os.getpid():
             with self._lock:
                 if self._client is None or self._pid != os.getpid():
+                    # Loading the CA bundle costs ~40 ms of CPU: do it once, and let forked
+                    # workers, which each need a client of their own, inherit the context.
+                    if self._tls is None:
+                        self._tls = httpx.create_ssl_context()
                     self._client = httpx.Client(
+                        verify=self._tls,
                         timeout=httpx.Timeout(60.0, connect=5.0),
                         limits=httpx.Limits(max_connections=POOL_SIZE,
                                             max_keepalive_connections=POOL_SIZE))

@@ -141,8 +141,10 @@ class ObjectStore:
         # their index as stored: young enough that no gc can have swept them, already indexed.
         self.written: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self._buf = bytearray()
-        self._pending: dict[Digest, tuple[int, int]] = {}
+        # The envelopes of the pack being filled, in pack order, joined once when it is
+        # written (a growing buffer would copy a 16 MiB pack several times).
+        self._pending: dict[Digest, bytes] = {}
+        self._pending_size = 0
         self._publishing: dict[Digest, memoryview] = {}
         self._spans: OrderedDict[str, bytes] = OrderedDict()
         self._span_locks: dict[str, threading.Lock] = {}
@@ -211,11 +213,11 @@ class ObjectStore:
         with self._lock:
             if self.has(digest):
                 return
-            self._pending[digest] = (len(self._buf), len(envelope))
-            self._buf += envelope
+            self._pending[digest] = envelope
+            self._pending_size += len(envelope)
             self.bytes_written += len(envelope)
             self.objects_written += 1
-            if len(self._buf) >= PACK_TARGET:
+            if self._pending_size >= PACK_TARGET:
                 flush = self._take_pack()
         if flush:
             self._write_pack(*flush)
@@ -228,12 +230,15 @@ class ObjectStore:
             self._write_pack(*taken)
 
     def _take_pack(self) -> tuple[bytes, dict[Digest, tuple[int, int]]]:
-        data, entries = bytes(self._buf), self._pending
-        self._buf, self._pending = bytearray(), {}
+        envelopes, self._pending, self._pending_size = self._pending, {}, 0
+        data = b"".join(envelopes.values())
         # Keep the pack readable in memory until it is published, so a reader never misses it.
         view = memoryview(data)
-        for d, (off, ln) in entries.items():
-            self._publishing[d] = view[off : off + ln]
+        entries, off = {}, 0
+        for d, envelope in envelopes.items():
+            entries[d] = (off, len(envelope))
+            self._publishing[d] = view[off : off + len(envelope)]
+            off += len(envelope)
         return data, entries
 
     def _write_pack(self, data: bytes, entries: dict[Digest, tuple[int, int]]) -> None:
@@ -284,8 +289,7 @@ class ObjectStore:
                 if digest in self._publishing:
                     return self._publishing[digest]
                 if digest in self._pending:
-                    off, ln = self._pending[digest]
-                    return bytes(self._buf[off : off + ln])
+                    return self._pending[digest]
             raise NotFound(f"object {digest} is missing from the store")
         if not whole_pack:
             data = self.backend.get(loc.pack, loc.offset, loc.length)

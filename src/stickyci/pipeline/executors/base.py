@@ -10,10 +10,9 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ...runs import (
     CANCELLED,
@@ -24,6 +23,7 @@ from ...runs import (
     TIMED_OUT,
     JobRecord,
     RunRecord,
+    StepRecord,
 )
 from ..job import cold_key, describe_fault, disk_keys
 from ..masking import run_masker
@@ -32,6 +32,41 @@ from ..stop import Stopper
 from ..template import condition
 
 _FAILED = (FAILURE, TIMED_OUT)
+
+
+class Progress(Protocol):
+    """What a run tells as it goes (the CLI shows it: a live table, or lines)."""
+
+    def job(self, rec: JobRecord, event: str) -> None:
+        """A job started (``running``), ended (its state) or is retried (``retrying``)."""
+
+    def step(self, rec: JobRecord, step: StepRecord) -> None:
+        """A step of ``rec`` started or ended."""
+
+    def output(self, rec: JobRecord, text: str) -> None:
+        """A step of ``rec`` wrote ``text`` (masked), as it wrote it."""
+
+
+class Fanout:
+    """Several listeners as one: the CLI's view, and the server the run reports to."""
+
+    def __init__(self, *listeners: Progress) -> None:
+        self.listeners = listeners
+
+    def job(self, rec: JobRecord, event: str) -> None:
+        """Tell every listener."""
+        for listener in self.listeners:
+            listener.job(rec, event)
+
+    def step(self, rec: JobRecord, step: StepRecord) -> None:
+        """Tell every listener."""
+        for listener in self.listeners:
+            listener.step(rec, step)
+
+    def output(self, rec: JobRecord, text: str) -> None:
+        """Tell every listener."""
+        for listener in self.listeners:
+            listener.output(rec, text)
 
 
 @dataclass(slots=True)
@@ -46,7 +81,7 @@ class Options:
     run_dir: Path
     cold: bool = False
     max_parallel: int | None = None
-    progress: Callable[[JobRecord, str], None] | None = None
+    progress: Progress | None = None
 
 
 class Executor:
@@ -99,7 +134,15 @@ class Executor:
 
     def _report(self, rec: JobRecord, event: str) -> None:
         if self.opts.progress:
-            self.opts.progress(rec, event)
+            self.opts.progress.job(rec, event)
+
+    def _report_step(self, rec: JobRecord, step: StepRecord) -> None:
+        if self.opts.progress:
+            self.opts.progress.step(rec, step)
+
+    def _report_output(self, rec: JobRecord, text: str) -> None:
+        if self.opts.progress:
+            self.opts.progress.output(rec, text)
 
     def _needs_context(self, inst: Instance) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -275,21 +275,25 @@ class DaskExecutor(Executor):
         if rec is None:
             return
         if msg["kind"] == "log":
-            self._write_log(msg["log"], msg["text"])
+            if self._write_log(msg["log"], msg["text"]):
+                self._report_output(rec, msg["text"])
         elif msg["kind"] == "start":
             self._started(rec, msg)
         elif msg["kind"] == "step" and rec.attempts and rec.attempts[-1].attempt == msg["attempt"]:
             n = msg["index"]
             rec.steps[n:n + 1] = [StepRecord(**msg["step"])]
+            self._report_step(rec, rec.steps[n])
 
-    def _write_log(self, rel: str, text: str) -> None:
+    def _write_log(self, rel: str, text: str) -> bool:
+        """Append to a step's log; False when ``rel`` is not a log path this client gave out."""
         parts = Path(rel).parts
         if not parts or parts[0] != "logs" or ".." in parts or Path(rel).is_absolute():
-            return  # not a log path this client gave out
+            return False
         path = self.opts.run_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(text)
+        return True
 
     def _started(self, rec: JobRecord, msg: dict[str, Any]) -> None:
         lost = self._lose_running(rec)

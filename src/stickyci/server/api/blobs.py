@@ -26,9 +26,12 @@ from ..state import INLINE_READ, STREAM_CHUNK, Api, ServerState, json_response, 
 from ..visibility import covered, redact, sees_everything
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-# What the blob API serves. ``ac``/``cas`` belong to the Bazel routes; ``tmp`` holds a file
-# backend's unfinished writes, which only garbage collection (admin) may list and delete.
-_NAMESPACES = {"packs", "index", "refs", "tmp"}
+# What the blob API serves. ``ac``/``cas`` belong to the Bazel routes. The server's own
+# namespaces are for garbage collection (admin) to read, never for a client to write: ``tmp``
+# holds a file backend's unfinished writes, ``roots`` the snapshots the server's caches (Nix,
+# GitHub Actions) keep live.
+_NAMESPACES = {"packs", "index", "refs", "tmp", "roots"}
+_SERVERS_OWN = {"tmp", "roots"}
 _IMMUTABLE = {"packs", "index"}
 _CLOCK_SKEW = 300.0
 """How far in the future a reader may set a disk's ``last_used`` (runners' clocks differ)."""
@@ -68,8 +71,8 @@ class Blobs(Api):
                 and who.scope.allows(Permission.READ, key)):
             return await self.touch(request, name, key, who)
         who.require(Permission.WRITE, key, name)
-        if ns == "tmp":
-            raise UsageError(f"{name}: the tmp namespace is the server's own; write elsewhere")
+        if ns in _SERVERS_OWN:
+            raise UsageError(f"{name}: the {ns} namespace is the server's own; write elsewhere")
         data = await self.body(request)
         if_match = request.headers.get("if-match")
         if_none = request.headers.get("if-none-match")
@@ -108,8 +111,8 @@ class Blobs(Api):
     async def read(self, request: Request, who: Principal, ns: str, key: str | None,
                    name: str) -> Response:
         """GET (a range, or a filtered token's view of a pack or index) or HEAD one blob."""
-        # tmp holds other writers' unfinished uploads: only gc (admin) looks at them.
-        who.require(Permission.ADMIN if ns == "tmp" else Permission.READ, key, name)
+        # Other writers' unfinished uploads, the caches' roots: only gc (admin) looks at them.
+        who.require(Permission.ADMIN if ns in _SERVERS_OWN else Permission.READ, key, name)
         if request.method == "HEAD":
             st = await self.call(self.backend.stat, name)
             if st is None:
@@ -250,8 +253,8 @@ class Blobs(Api):
             raise UsageError(f"namespace {ns!r} is not served; use one of "
                              f"{', '.join(sorted(_NAMESPACES))}")
         who = self.who(request)
-        if ns == "tmp":
-            who.require(Permission.ADMIN, None, "the tmp namespace")
+        if ns in _SERVERS_OWN:
+            who.require(Permission.ADMIN, None, f"the {ns} namespace")
         else:
             who.require(Permission.READ, None, f"the {ns} namespace")
         names = await self.call(self.backend.list, ns)

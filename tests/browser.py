@@ -1,0 +1,52 @@
+"""A real browser for the dashboard tests: Debian's headless Chromium driven by Playwright.
+
+Playwright never downloads a browser here: it launches ``/usr/bin/chromium`` (``apt-get install
+chromium``, as ``.ci/run`` does), or ``STICKYCI_CHROMIUM``. Screenshots go to
+``STICKYCI_TEST_ARTIFACTS`` when it is set (CI keeps them), else next to the test's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from helpers import IS_ROOT
+from playwright.sync_api import Browser, Page, sync_playwright
+
+CHROMIUM = os.environ.get("STICKYCI_CHROMIUM", "/usr/bin/chromium")
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """A headless Chromium, closed on exit."""
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: apt-get install chromium (as .ci/run "
+                           "does), or point STICKYCI_CHROMIUM at one")
+    with sync_playwright() as p:
+        # Chromium refuses to sandbox itself as root without user namespaces set up for it.
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox"] if IS_ROOT else [])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def log_in(page: Page, url: str, token: str, path: str = "/ui/runs") -> None:
+    """Open ``path``, which sends the browser to the login form, and enter ``token`` there."""
+    page.goto(f"{url}{path}")
+    assert "/ui/login" in page.url, page.url
+    page.fill("input[name=token]", token)
+    page.click("form.login button[type=submit]")
+    page.wait_for_url(f"{url}{path}")
+
+
+def screenshot(page: Page, name: str, fallback: Path) -> Path:
+    """Keep a full-page screenshot as ``NAME.png`` among the test artifacts."""
+    where = Path(os.environ.get("STICKYCI_TEST_ARTIFACTS") or fallback)
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path

@@ -1,0 +1,246 @@
+"""Attacks on the Nix binary cache: every writer is hostile, every reader may be nosy.
+
+Scopes hold across caches; a narinfo is accepted only for a NAR the server received and
+hashed in the same cache; names never become paths; bodies are bounded, compressed or not;
+a writer's signature is never served; damaged or missing chunks fail before a byte is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import lzma
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from nix_helpers import Nix, needs_nix, public_key
+from server import Server, error, start_server, store_dir
+
+from stickyci.server.nix import nix32, parse_narinfo, verify
+
+pytestmark = needs_nix
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with start_server(tmp_path_factory.mktemp("nixsec"), args=["--max-body", "4M"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def nix(tmp_path_factory: pytest.TempPathFactory) -> Nix:
+    return Nix(tmp_path_factory.mktemp("nixclient"))
+
+
+def client(srv: Server, cache: str, token: str | None) -> httpx.Client:
+    """A client of one cache, sending ``token`` as Nix does (HTTP Basic from a netrc)."""
+    headers = {}
+    if token:
+        headers["authorization"] = "Basic " + base64.b64encode(f"nix:{token}".encode()).decode()
+    return httpx.Client(base_url=f"{srv.url}/nix/{cache}", headers=headers, timeout=60)
+
+
+def narinfo(path: str, nar: bytes, **override: str) -> str:
+    """The narinfo ``nix copy`` would upload for ``path`` whose NAR is ``nar``."""
+    fields = {"StorePath": path, "URL": f"nar/{nix32(hashlib.sha256(nar).digest())}.nar",
+              "Compression": "none", "NarHash": f"sha256:{nix32(hashlib.sha256(nar).digest())}",
+              "NarSize": str(len(nar)), "References": "", **override}
+    return "".join(f"{k}: {v}\n" for k, v in fields.items())
+
+
+def upload(c: httpx.Client, path: str, nar: bytes, **override: str) -> httpx.Response:
+    """PUT a NAR then its narinfo, as ``nix copy`` does; the narinfo's response."""
+    r = c.put(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar", content=nar)
+    assert r.status_code == 200, r.text
+    return c.put(f"/{Path(path).name[:32]}.narinfo", content=narinfo(path, nar, **override))
+
+
+def fresh_path(nix: Nix, name: str, size: int = 1000) -> tuple[str, bytes]:
+    """A new store path of random content, and its NAR."""
+    path = nix.add_tree(name, {"data": os.urandom(size)})
+    return path, nix.dump(path)
+
+
+def test_a_token_for_one_cache_can_neither_read_nor_write_another(srv: Server, nix: Nix,
+                                                                  tmp_path: Path) -> None:
+    token_a = srv.token("--write", "cache-a")
+    admin_b = client(srv, "cache-b", srv.admin)
+    path, nar = fresh_path(nix, "in-b")
+    assert upload(admin_b, path, nar).status_code == 200
+    as_a = client(srv, "cache-b", token_a)
+    hash_part = Path(path).name[:32]
+    nar_url = f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar.zst"
+    for method, url in [("GET", "/nix-cache-info"), ("GET", f"/{hash_part}.narinfo"),
+                        ("HEAD", f"/{hash_part}.narinfo"), ("GET", nar_url),
+                        ("PUT", f"/{hash_part}.narinfo"), ("PUT", nar_url[:-4])]:
+        r = as_a.request(method, url, content=b"x" if method == "PUT" else None)
+        assert r.status_code == 403, (method, url, r.status_code)
+        if method != "HEAD":
+            assert "cache-b" in error(r).error and token_a.split("_")[1] in error(r).error
+    # the real client, with the token in its netrc, is refused the same way
+    reader = Nix(tmp_path / "reader")
+    netrc = reader.netrc("127.0.0.1", token_a)
+    got = reader.substitute(f"{srv.url}/nix/cache-b", public_key(srv.state, "cache-b"), path,
+                            netrc=netrc)
+    assert got.returncode != 0 and not reader.has(path)
+    other, _ = fresh_path(reader, "from-a")
+    assert reader.copy_to(f"{srv.url}/nix/cache-b", other, netrc=netrc).returncode != 0
+    assert client(srv, "cache-b", srv.admin).get(
+        f"/{Path(other).name[:32]}.narinfo").status_code == 404
+    # a read-only token reads but does not write; no token at all is asked for one
+    reader_b = client(srv, "cache-b", srv.token("--read", "cache-b"))
+    assert reader_b.get(f"/{hash_part}.narinfo").status_code == 200
+    assert reader_b.put(f"/{hash_part}.narinfo", content=narinfo(path, nar)).status_code == 403
+    anonymous = client(srv, "cache-b", None)
+    assert anonymous.get(f"/{hash_part}.narinfo").status_code == 401
+    assert anonymous.put(nar_url[:-4], content=nar).status_code == 401
+
+
+def test_anonymous_read_reads_but_never_writes(nix: Nix, tmp_path: Path) -> None:
+    with start_server(tmp_path / "srv", args=["--anonymous-read"]) as s:
+        path, nar = fresh_path(nix, "public")
+        assert upload(client(s, "pub", s.admin), path, nar).status_code == 200
+        anonymous = client(s, "pub", None)
+        info = anonymous.get(f"/{Path(path).name[:32]}.narinfo")
+        assert info.status_code == 200 and f"StorePath: {path}" in info.text
+        other, other_nar = fresh_path(nix, "sneaky")
+        r = anonymous.put(f"/nar/{nix32(hashlib.sha256(other_nar).digest())}.nar",
+                          content=other_nar)
+        assert r.status_code == 401
+        assert anonymous.put(f"/{Path(other).name[:32]}.narinfo",
+                             content=narinfo(other, other_nar)).status_code == 401
+
+
+def test_a_narinfo_must_name_a_nar_the_server_hashed_in_the_same_cache(srv: Server,
+                                                                       nix: Nix) -> None:
+    c = client(srv, "honest", srv.admin)
+    path, nar = fresh_path(nix, "hashed")
+    hash_part = Path(path).name[:32]
+    wrong = hashlib.sha256(nar + b"x").digest()
+    r = upload(c, path, nar, NarHash=f"sha256:{nix32(wrong)}")
+    assert r.status_code == 400 and "upload the NAR first" in error(r).error
+    r = c.put(f"/{hash_part}.narinfo", content=narinfo(path, nar, NarSize=str(len(nar) + 1)))
+    assert r.status_code == 400 and "NarSize" in error(r).error
+    assert c.get(f"/{hash_part}.narinfo").status_code == 404
+    # a NAR uploaded to another cache does not count: its hash is public, its bytes are not
+    other = client(srv, "elsewhere", srv.admin)
+    r = other.put(f"/{hash_part}.narinfo", content=narinfo(path, nar))
+    assert r.status_code == 400 and "cache elsewhere has no NAR" in error(r).error
+    assert other.get(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar.zst").status_code == 404
+
+
+@pytest.mark.parametrize("url", [
+    "/nix/../x.narinfo", "/nix/%2e%2e/nix-cache-info", "/nix/a.b/nix-cache-info",
+    "/nix/c/..%2f..%2fetc%2fpasswd.narinfo", "/nix/c/nar/..%2f..%2fx.nar",
+    "/nix/c/nar/" + "0" * 52 + ".nar.gz", "/nix/c/" + "e" * 32 + ".narinfo",
+    "/nix/c/nar/" + "z" * 52 + ".nar.zst",  # 52 digits too big for a SHA-256
+])
+def test_names_that_are_not_nix_names_are_refused(srv: Server, url: str) -> None:
+    auth = {"authorization": f"Bearer {srv.admin}"}
+    for method in ("GET", "PUT"):
+        r = httpx.request(method, srv.url + url, content=b"x", headers=auth)
+        assert r.status_code in (400, 404), (method, url, r.status_code)
+    assert not (store_dir(srv).parent / "x").exists()
+    assert not any(store_dir(srv).parent.glob("etc*"))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("StorePath", "/nix/store/../../etc/passwd"),
+    ("StorePath", "/tmp/" + "0" * 32 + "-x"),
+    ("References", "../../../etc/passwd"),
+    ("References", "0" * 32 + "-ok /nix/store/" + "1" * 32 + "-absolute"),
+    ("Deriver", "../x.drv"),
+    ("NarSize", "-1"),
+    ("NarHash", "md5:00000000000000000000000000000000"),
+    ("CA", "fixed:r:sha256:$(reboot)"),
+])
+def test_a_narinfo_field_outside_nix_grammar_is_refused(srv: Server, nix: Nix, field: str,
+                                                       value: str) -> None:
+    c = client(srv, "strict", srv.admin)
+    path, nar = fresh_path(nix, "strict")
+    hash_part = Path(path).name[:32]
+    c.put(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar", content=nar).raise_for_status()
+    r = c.put(f"/{hash_part}.narinfo", content=narinfo(path, nar, **{field: value}))
+    assert r.status_code == 400, r.text
+    assert field in error(r).error
+    assert c.get(f"/{hash_part}.narinfo").status_code == 404
+
+
+def test_oversized_bodies_are_refused_compressed_or_not(srv: Server, nix: Nix) -> None:
+    c = client(srv, "big", srv.admin)
+    path, _ = fresh_path(nix, "big-info")
+    huge = f"StorePath: {path}\nReferences: " + ("0" * 32 + "-x ") * 40_000 + "\n"
+    r = c.put(f"/{Path(path).name[:32]}.narinfo", content=huge)
+    assert r.status_code == 413
+    r = c.put("/nar/" + "0" * 52 + ".nar", content=os.urandom(5 << 20))  # --max-body 4M
+    assert r.status_code == 413
+    # a small xz body that decompresses past the limit: refused before it fills the disk
+    bomb = lzma.compress(b"\x0d" + bytes(7) + b"nix-archive-1" + bytes(64 << 20))
+    assert len(bomb) < 1 << 20
+    r = c.put("/nar/" + "1" * 52 + ".nar.xz", content=bomb)
+    assert r.status_code == 413 and "uncompressed" in error(r).error
+
+
+@pytest.mark.parametrize("name,body,message", [
+    ("0" * 52 + ".nar", b"not a nar at all", "not a NAR"),
+    ("0" * 52 + ".nar.xz", lzma.compress(b"x" * 1000)[:-20], "truncated"),
+    ("0" * 52 + ".nar.xz", b"garbage, not xz", "not valid xz"),
+    ("0" * 52 + ".nar.br", b"whatever", "not accepted"),
+])
+def test_a_nar_that_is_not_one_is_refused(srv: Server, name: str, body: bytes,
+                                          message: str) -> None:
+    r = client(srv, "junk", srv.admin).put(f"/nar/{name}", content=body)
+    assert r.status_code == 400 and message in error(r).error
+
+
+def test_the_writers_signature_is_dropped_and_the_server_signs(srv: Server, nix: Nix) -> None:
+    c = client(srv, "resign", srv.admin)
+    path, nar = fresh_path(nix, "resign")
+    forged = "resign-1:" + base64.b64encode(bytes(64)).decode()
+    assert upload(c, path, nar, Sig=forged).status_code == 200
+    served = c.get(f"/{Path(path).name[:32]}.narinfo").text
+    sigs = [line[5:] for line in served.splitlines() if line.startswith("Sig: ")]
+    assert len(sigs) == 1 and sigs[0] != forged
+    info = parse_narinfo(served.encode())
+    assert verify(public_key(srv.state, "resign"), info.fingerprint(), sigs[0])
+
+
+def _packs(srv: Server) -> set[Path]:
+    packs = store_dir(srv) / "packs"
+    return set(packs.iterdir()) if packs.exists() else set()
+
+
+def _only_pack(srv: Server, before: set[Path]) -> Path:
+    packs = _packs(srv) - before
+    assert len(packs) == 1, packs
+    return packs.pop()
+
+
+def test_a_damaged_or_missing_chunk_fails_before_a_byte_is_sent(srv: Server, nix: Nix,
+                                                                tmp_path: Path) -> None:
+    c = client(srv, "damaged", srv.admin)
+    paths = []
+    for name in ("corrupt", "missing"):
+        before = _packs(srv)
+        path, nar = fresh_path(nix, name, size=300_000)
+        assert upload(c, path, nar).status_code == 200
+        paths.append((path, nar, _only_pack(srv, before)))
+    (path, nar, pack), (_, gone_nar, gone_pack) = paths
+    data = bytearray(pack.read_bytes())
+    data[40] ^= 0xFF  # inside the first chunk's envelope
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    gone_pack.unlink()
+
+    r = c.get(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar.zst")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+    assert "damaged" in error(r).error
+    r = c.get(f"/nar/{nix32(hashlib.sha256(gone_nar).digest())}.nar.zst")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+    reader = Nix(tmp_path / "reader")
+    got = reader.substitute(f"{srv.url}/nix/damaged", public_key(srv.state, "damaged"), path,
+                            netrc=reader.netrc("127.0.0.1", srv.admin))
+    assert got.returncode != 0 and not reader.has(path)
