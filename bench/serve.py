@@ -360,21 +360,14 @@ def serving(env: Env, cfg: Config) -> Iterator[tuple[int, list[int], Path]]:
 
 
 def serve_on_fd(fd: int, serve_args: list[str]) -> None:
-    """Run ``stickyci serve ARGS`` unchanged, except that uvicorn serves on the inherited,
-    already listening socket ``fd`` (several processes share it and the kernel spreads the
-    connections), as ``uvicorn --workers`` or gunicorn do."""
-    import uvicorn
-
+    """Run ``stickyci serve ARGS`` unchanged, except that it serves on the inherited, already
+    listening socket ``fd`` (several processes share it and the kernel spreads the
+    connections), as ``uvicorn --workers`` or gunicorn do, instead of binding its own."""
+    from stickyci.cli import serve
     from stickyci.cli.main import main as stickyci_main
 
     sock = socket.socket(fileno=fd)
-
-    def run(app: Any, **kwargs: Any) -> None:
-        kwargs.pop("host", None)
-        kwargs.pop("port", None)
-        uvicorn.Server(uvicorn.Config(app, **kwargs)).run(sockets=[sock])
-
-    uvicorn.run = run  # serve() looks it up when it calls it
+    serve._bind = lambda host, port: sock  # type: ignore[attr-defined]  # serve() calls it
     sys.argv = ["stickyci", "serve", *serve_args]
     stickyci_main()
 
