@@ -1,4 +1,5 @@
-"""A real browser for the dashboard tests: Debian's headless Chromium driven by Playwright.
+"""A real browser for the dashboard tests: Debian's headless Chromium driven by Playwright, and
+the ``browser`` and ``page`` fixtures (a pytest plugin of tests/conftest.py).
 
 Playwright never downloads a browser here: it launches ``/usr/bin/chromium`` (``apt-get install
 chromium``, as ``.ci/run`` does), or ``STICKYCI_CHROMIUM``. Screenshots go to
@@ -12,6 +13,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from helpers import IS_ROOT
 from playwright.sync_api import Browser, Page, sync_playwright
 
@@ -32,6 +34,28 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """One Chromium per test module."""
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page (its own cookies) of 1280x800; a page that opened a dialog (an injected
+    ``alert``) fails the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        p = context.new_page()
+        dialogs: list[str] = []
+        p.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        yield p
+        assert dialogs == []
+    finally:
+        context.close()
 
 
 def log_in(page: Page, url: str, token: str, path: str = "/ui/runs") -> None:

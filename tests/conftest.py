@@ -21,14 +21,14 @@ import pytest
 from helpers import IS_ROOT, Env, tmpfs, unmount_under
 from server import Server, start_server
 
-# The S3 server fixture, for every module that asks for it by name.
-pytest_plugins = ["seaweed"]
+# The S3 server and browser fixtures, for every module that asks for them by name.
+pytest_plugins = ["seaweed", "browser"]
 
 QUICK = frozenset({
     "test_chunking", "test_diskclient", "test_disks_cli", "test_first_hour", "test_history",
     "test_holders", "test_http_inprocess", "test_pipeline_plan", "test_pipeline_run",
-    "test_policy", "test_public_api", "test_step_lifetime", "test_store", "test_summary",
-    "test_watchdog",
+    "test_adopt_base", "test_policy", "test_public_api", "test_step_lifetime", "test_store",
+    "test_summary", "test_watchdog",
 })
 # Five seconds or more each here (pytest --durations), with quicker tests of the same code.
 SLOW_TESTS = frozenset({

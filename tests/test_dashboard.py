@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser import chromium, log_in, screenshot
+from browser import log_in, screenshot
 from helpers import Env, wait_for
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Page, expect
 from server import Server, start_server
 
 from stickyci.runs import duration
@@ -98,21 +98,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(server, token, env, runs)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context: BrowserContext = browser.new_context(viewport={"width": 1280, "height": 800})
-    try:
-        yield context.new_page()
-    finally:
-        context.close()
-
-
 def test_runs_list_after_one_login_newest_first_with_failures_standing_out(
         site: Site, page: Page, tmp_path: Path) -> None:
     log_in(page, site.server.url, site.token)
@@ -184,11 +169,12 @@ def test_a_runs_page_shows_its_timeline_critical_path_failing_step_and_log_tail(
     screenshot(page, "dashboard-run", tmp_path)
 
 
-def test_a_warm_run_shows_its_disk_restored_and_a_racing_run_its_race(
+def test_a_warm_run_shows_its_disk_cached_and_a_racing_run_its_race(
         site: Site, page: Page) -> None:
     log_in(page, site.server.url, site.token,
            f"/ui/runs/{site.runs['warm']['id']}")
-    expect(page.locator("#disks td.start")).to_have_text(["restored"])
+    # The machine that committed the disk kept the committed tree as its base: no restore.
+    expect(page.locator("#disks td.start")).to_have_text(["cached"])
     expect(page.locator(".facts")).to_contain_text("warm")
     expect(page.locator("#failures")).to_have_count(0)
     page.goto(f"{site.server.url}/ui/runs/{site.runs['races']['id']}")

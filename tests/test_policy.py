@@ -186,9 +186,11 @@ def test_evict_never_drops_the_base_of_a_live_mount(cache_env: Path, strategy: s
     data_a = (basecache.base_path(snap_a) / "a.bin").read_bytes()
     assert (live / "a.bin").read_bytes() == data_a
     (live / "more").write_text("more")
-    assert disks.commit(live).committed
+    committed = disks.commit(live)
+    assert committed.committed
     names = {u.name for u in basecache.entries()}
-    assert snap_a.hex in names
+    # overlay: the live mount's base became the new snapshot's (adopted); copy: both stay
+    assert committed.snapshot in names and (strategy == "overlay") != (snap_a.hex in names)
     assert set(basecache.trim(budget=0)) == names  # nothing is live any more: all go
     assert not basecache.base_path(snap_a).exists() and basecache.entries() == []
 

@@ -4,6 +4,7 @@ cookie, logins from elsewhere, and tokens without the scope."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -13,14 +14,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 import yaml
-from browser import chromium, log_in, screenshot
-from helpers import Env
-from playwright.sync_api import Browser, Page, expect
+from browser import log_in, screenshot
+from helpers import Env, commit_tree
+from playwright.sync_api import Page, expect
 from server import Server, start_server
+
+from stickyci.server.usage import MAX_NAMES, OVERFLOW
 
 JOB = "<script>window.pwned='job'</script>"
 STEP = "<img src=x onerror=\"window.pwned='step'\">"
@@ -75,25 +79,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(server, token, record["id"])
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    try:
-        p = context.new_page()
-        dialogs: list[str] = []
-        p.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        yield p
-        assert dialogs == []
-    finally:
-        context.close()
-
-
 def assert_nothing_ran(page: Page) -> None:
     assert page.evaluate("window.pwned") is None
     # Our one script, and no element a payload could have made.
@@ -146,7 +131,8 @@ def test_markup_in_every_field_of_a_hostile_report_is_text_also_when_the_page_up
 
 def test_no_page_can_be_framed(site: Site, page: Page) -> None:
     paths = ["/ui/login", "/ui/runs", f"/ui/runs/{site.hostile_run}",
-             f"/ui/runs/{site.hostile_run}/body", "/ui/compare"]
+             f"/ui/runs/{site.hostile_run}/body", "/ui/compare", "/ui/disks", "/ui/caches",
+             "/ui/store"]
     cookie = {"stickyci_token": site.token}
     for path in paths:
         r = httpx.get(f"{site.server.url}{path}", cookies=cookie)
@@ -237,3 +223,65 @@ def test_anonymous_read_opens_the_pages_read_only(tmp_path: Path, page: Page) ->
         assert_nothing_ran(page)
         r = httpx.put(f"{s.url}/v1/runs/{run_id}", json=report)
         assert r.status_code == 401
+
+
+def test_markup_in_a_disks_committer_is_text(site: Site, page: Page, tmp_path: Path) -> None:
+    # A real commit, then its writer rewrites the ref's committers (free text in a ref that
+    # every writer of the key controls) as markup: the server accepts it, the page shows text.
+    env = Env(tmp_path, tmp_path / "unused", tmp_path / "cache",
+              {**os.environ, "STICKYCI_STORE": site.server.url, "STICKYCI_TOKEN": site.token,
+               "STICKYCI_CACHE_DIR": str(tmp_path / "cache")})
+    commit_tree(env, "demo-evil", {"f": b"x"})
+    client = site.server.client(site.token)
+    ref = client.get("/v1/blobs/refs/demo-evil").raise_for_status().json()
+    for g in ref["generations"]:
+        g["committer"] = MARKUP
+    client.put("/v1/blobs/refs/demo-evil", content=json.dumps(ref)).raise_for_status()
+    log_in(page, site.server.url, site.token, "/ui/disks")
+    row = page.locator("#disks tr[data-key='demo-evil']")
+    expect(row.locator("td.committer")).to_have_text(MARKUP)
+    row.locator("summary").click()
+    expect(row.locator("ol.generations .committer")).to_have_text([MARKUP])
+    assert_nothing_ran(page)
+
+
+def test_markup_in_the_query_of_the_store_pages_is_text(site: Site, page: Page) -> None:
+    log_in(page, site.server.url, site.token, "/ui/disks")
+    page.goto(f"{site.server.url}/ui/disks?key={quote(MARKUP)}&sort={quote(MARKUP)}")
+    expect(page.locator("input[name=key]")).to_have_value(MARKUP)
+    expect(page.locator("#no-disks code.prefix")).to_have_text(MARKUP)
+    assert_nothing_ran(page)
+    for path in ("/ui/caches?window=", "/ui/store?window="):
+        page.goto(f"{site.server.url}{path}{quote(MARKUP)}")
+        expect(page.locator("h1")).to_be_visible()
+        assert_nothing_ran(page)
+
+
+def test_the_store_pages_need_a_token(site: Site) -> None:
+    for path in ("/ui/disks", "/ui/caches", "/ui/store"):
+        r = httpx.get(f"{site.server.url}{path}")
+        assert r.status_code == 303, path
+        assert r.headers["location"] == f"/ui/login?next={quote(path, safe='')}"
+
+
+def test_made_up_cache_names_are_bounded_and_their_overflow_is_shown_to_no_scoped_token(
+        site: Site, page: Page) -> None:
+    # A token that may read junk-* names a new instance on every request (each a miss). More
+    # than twice MAX_NAMES in all: however the minutes fall, one of them overflows.
+    flooder = site.server.token("--read", "junk-*")
+    missing = hashlib.sha256(b"nothing").hexdigest()
+    with site.server.client(flooder) as c:
+        for n in range(2 * MAX_NAMES + 50):
+            assert c.get(f"/junk-{n}/ac/{missing}").status_code == 404
+    # Names are checked before anything is counted: markup never becomes a cache name.
+    with site.server.client() as c:
+        assert c.get(f"/{quote(MARKUP, safe='')}/ac/{missing}").status_code in (400, 404)
+    log_in(page, site.server.url, site.server.admin, "/ui/caches")
+    names = page.locator("#caches tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.name)")
+    assert OVERFLOW in names and len(names) <= 2 * MAX_NAMES + 1
+    assert_nothing_ran(page)
+    # A pattern that matches the overflow's name is still not shown it: it is everyone's.
+    page.context.clear_cookies()
+    log_in(page, site.server.url, site.server.token("--read", "?other?"), "/ui/caches")
+    expect(page.locator("#no-caches")).to_be_visible()

@@ -14,7 +14,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 
-from .proc import log, run
+from .proc import log, run, tree_ticks
 
 TICK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
@@ -79,12 +79,15 @@ class CpuWatch:
         self._busy = self._own = self._start = 0.0
         self._share = 0.0
         self.quiet_wait = 0.0
+        # Servers the benchmark started and has not reaped (so getrusage does not count them):
+        # their CPU, and their children's, is the benchmark's, not other processes'.
+        self.ours: Sequence[int] = ()
 
     def begin(self) -> float:
         """Start a measurement (after waiting for a quiet machine); returns
         ``time.perf_counter()``."""
         wait_quiet(self.quiet_wait)
-        self._busy, self._own = machine_ticks() / TICK, own_cpu()
+        self._busy, self._own = machine_ticks() / TICK, self._own_cpu()
         self._start = time.perf_counter()
         return self._start
 
@@ -92,11 +95,14 @@ class CpuWatch:
         """End a measurement; returns ``time.perf_counter()``."""
         now = time.perf_counter()
         wall = now - self._start
-        other = (machine_ticks() / TICK - self._busy) - (own_cpu() - self._own)
+        other = (machine_ticks() / TICK - self._busy) - (self._own_cpu() - self._own)
         # /proc/stat counts in clock ticks (10 ms): too coarse to say anything about shorter
         # measurements, which are then taken as undisturbed.
         self._share = max(0.0, other) / (wall * NCPU) if wall >= 0.2 else 0.0
         return now
+
+    def _own_cpu(self) -> float:
+        return own_cpu() + (tree_ticks(self.ours) / TICK if self.ours else 0.0)
 
     @property
     def other_share(self) -> float:

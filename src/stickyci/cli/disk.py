@@ -59,7 +59,8 @@ def mount(key: str, path: Path, strategy: str, trust_owners: bool, store_url: st
     def text(_: Any) -> str:
         if r.fresh:
             return f"mounted new empty disk {r.key} at {r.path} ({r.strategy}, {r.seconds:.3f}s)"
-        cache = "base cached" if r.base_cached else "base materialised"
+        cache = ("base cached" if r.base_cached else "content fetched on first read"
+                 if r.strategy == "lazy" else "base materialised")
         return (f"mounted {r.key} generation {r.generation} at {r.path} "
                 f"({r.strategy}, {cache}, {r.seconds:.3f}s)")
 

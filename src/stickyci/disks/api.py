@@ -16,12 +16,12 @@ function returns a dataclass whose ``as_dict()`` is its JSON form (what ``--json
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,11 @@ from typing import Any
 from ..digest import Digest
 from ..errors import ConflictError, NotFound, StickyError, UsageError
 from ..fsutil import empty_dir
-from ..snapshot import Diff, Entry, Manifest, diff, fill_content, load_manifest, save_manifest
+from ..snapshot import Diff, Entry, Manifest, Scan, diff, fill_content, load_manifest, save_manifest
 from ..store import Backend, ObjectStore, as_backend, decode_index, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
 from .refs import KEEP_GENERATIONS, DiskRef, Generation
+from .strategies.overlay import apply_upper
 
 log = logging.getLogger("stickyci")
 COMMIT_MODES = ("on-change", "always", "if-missing")
@@ -82,6 +83,7 @@ class CommitResult:
     still_mounted: bool = False  # committed, but the unmount after it failed: see ``warning``
     warning: str = ""
     seconds: float = 0.0
+    lazy: dict[str, Any] = field(default_factory=dict)  # a lazy mount's fetches, see filler
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -96,6 +98,7 @@ class UnmountResult:
     path: str
     discarded: bool = True
     killed: list[str] = field(default_factory=list)
+    lazy: dict[str, Any] = field(default_factory=dict)  # a lazy mount's fetches, see filler
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -224,9 +227,12 @@ def mount(key: str, path: Path, *, strategy: str = "auto",
     state = mounts.MountState(key, str(path), backend.url, "", snapshot,
                               latest.gen if latest else 0, time.time(), trust_owners)
     try:
-        with basecache.pinned(objects, snapshot, trust_owners) as (base, cached):
-            state.strategy = strategies.mount(strategy, base, path, state.dir, manifest,
-                                              trust_owners=trust_owners)
+        # A cold base can be lazy: its skeleton now, content on first read (strategies/lazy).
+        lazy = strategies.lazy_base(strategy, objects, snapshot, trust_owners, state.dir)
+        with (contextlib.nullcontext((lazy, False)) if lazy
+              else basecache.pinned(objects, snapshot, trust_owners)) as (base, cached):
+            state.strategy = strategies.mount("lazy" if lazy else strategy, base, path,
+                                              state.dir, manifest, trust_owners=trust_owners)
             state.save()
         if ref:
             refs.touch(backend, key)
@@ -284,7 +290,8 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         raise UsageError(f"{path} was unmounted outside stickyci; run "
                          f"`stickyci disk unmount {path}` to clear its record")
     killed = _ended(holders.release(path, kill=kill_holders))
-    result = CommitResult(state.key, str(path), False, "", killed=killed)
+    result = CommitResult(state.key, str(path), False, "", killed=killed,
+                          lazy=strategies.lazy_status(state.dir))
     backend = open_backend(state.store)
     current = refs.read_ref(backend, state.key)
     if mode == "if-missing" and current and current.latest:
@@ -352,7 +359,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
                     state.key, ", ".join(str(g.gen) for g in raced))
     # The ref has moved: the commit has happened whatever the unmount does, and says so.
     try:
-        _finish(state, path, snapshot, size, adoptable=scan.adoptable, unchanged=scan.unchanged)
+        _finish(state, path, snapshot, size, scan, base)
     except (OSError, StickyError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         held = "; ".join(str(h) for h in holders.find(path)) or "no process holds it"
@@ -379,24 +386,32 @@ def _new_content(objects: ObjectStore, read: list[Entry]) -> int:
 UNMOUNT_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
-def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int,
-            *, adoptable: bool, unchanged: Callable[[Path], bool]) -> None:
-    """Unmount after a commit; a clone is kept as the new snapshot's base when it can be."""
-    if state.strategy != "overlay" and adoptable:
+def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, scan: Scan,
+            base: Manifest) -> None:
+    """Unmount after a commit; the committed tree becomes the new snapshot's base when it can
+    (a clone is moved into the base cache, an overlay's changes patch its old base)."""
+    if state.strategy not in ("overlay", "lazy") and scan.adoptable:
         mode = path.stat().st_mode & 0o7777
-        if basecache.adopt(path, snapshot, size, unchanged):
+        if basecache.adopt(path, snapshot, size, scan):
             path.mkdir(mode=mode)
             os.chmod(path, mode)
             state.forget()
             return
     for delay in (*UNMOUNT_BACKOFF, None):
         try:
-            _discard(state, path)
-            return
+            strategies.get(state.strategy).unmount(path, state.dir)
+            break
         except OSError as exc:
             if exc.errno != errno.EBUSY or delay is None:
                 raise
             time.sleep(delay)
+    touched = scan.touched
+    if state.strategy in ("overlay", "lazy") and touched is not None:
+        basecache.adopt_changes(
+            state.base, snapshot, size, state.trust_owners, state.path,
+            lambda tree: apply_upper(tree, state.dir / "upper", base, scan.manifest, touched,
+                                     state.trust_owners))
+    state.forget()
 
 
 def unmount(path: Path, *, kill_holders: bool = False) -> UnmountResult:
@@ -404,8 +419,9 @@ def unmount(path: Path, *, kill_holders: bool = False) -> UnmountResult:
     path = _existing_dir(path)
     state = mounts.load(path)
     killed = _ended(holders.release(path, kill=kill_holders))
+    lazy = strategies.lazy_status(state.dir)
     _discard(state, path)
-    return UnmountResult(state.key, str(path), killed=killed)
+    return UnmountResult(state.key, str(path), killed=killed, lazy=lazy)
 
 
 def _require(backend: Backend, key: str) -> DiskRef:

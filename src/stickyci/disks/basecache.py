@@ -13,24 +13,26 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..digest import Digest
-from ..errors import UsageError
-from ..fsutil import remove_tree
+from ..errors import StickyError, UsageError
+from ..fsutil import Opener, Tree, remove_tree
 from ..paths import cache_home
-from ..snapshot import load_manifest, restore
+from ..snapshot import Entry, Scan, load_manifest, restore
 from ..store import ObjectStore
 from ..units import parse_size
-from . import mounts
+from . import holders, mounts
 from .policy import Used, over_budget
 
 DEFAULT_LIMIT = "20G"
 EMPTY = "empty"
 OWNERS_SUFFIX = ".owners"
+log = logging.getLogger("stickyci")
 
 
 def bases_root() -> Path:
@@ -59,9 +61,11 @@ def name_of(snapshot: Digest | None, trust_owners: bool = False) -> str:
     return f"{snapshot.hex}{OWNERS_SUFFIX}" if trust_owners else snapshot.hex
 
 
-def _live() -> set[str]:
-    """Bases live mounts may use; a record does not say whether it trusts owners."""
-    return {name_of(m.base, trust) for m in mounts.all_mounts() for trust in (False, True)}
+def _live(ignore: str = "") -> set[str]:
+    """Bases live mounts (but the one at ``ignore``) may use; a record does not say whether it
+    trusts owners."""
+    return {name_of(m.base, trust) for m in mounts.all_mounts() if m.path != ignore
+            for trust in (False, True)}
 
 
 def base_path(snapshot: Digest | None, trust_owners: bool = False) -> Path:
@@ -124,12 +128,14 @@ def _ensure(objects: ObjectStore, snapshot: Digest | None,
         return path, False
 
 
-def adopt(tree: Path, snapshot: Digest, size: int, unchanged: Callable[[Path], bool]) -> bool:
+def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan) -> bool:
     """Publish an existing tree (a just-committed copy mount) as the base of ``snapshot``.
 
-    The tree is first moved out of reach of processes that may still be changing it, then
-    ``unchanged`` checks it is still the tree the commit scanned; if not, it is dropped, as a
-    base must match its manifest. True if ``tree`` was moved away (published or dropped).
+    The tree is first moved out of reach of the paths processes use, then checked: no
+    process may still hold anything in it (an open file could be written after the check),
+    it must still be the tree ``scan`` walked, and the files whose content the commit read
+    must still hold the chunks it stored. If any check fails it is dropped, as a base must
+    match its manifest. True if ``tree`` was moved away (published or dropped).
     """
     path = base_path(snapshot)
     with _lock(snapshot.hex):
@@ -140,10 +146,96 @@ def adopt(tree: Path, snapshot: Digest, size: int, unchanged: Callable[[Path], b
             os.rename(tree, tmp)
         except OSError:
             return False
-        if not unchanged(tmp):
+        try:
+            ok = not holders.find(tmp) and scan.unchanged(tmp) and _holds(tmp, scan.todo)
+        except (OSError, StickyError) as exc:
+            log.info("the committed tree of %s is not kept as a base: %s", snapshot, exc)
+            ok = False
+        if not ok:
             remove_tree(tmp)
             return True
         os.rename(tmp, path)
+        Path(f"{path}.json").write_text(json.dumps({"size": size}))
+        return True
+
+
+def _holds(tree: Path, files: list[Entry]) -> bool:
+    """True if every file in ``files`` under ``tree`` holds exactly its chunks."""
+    with Opener(Tree.at(tree)) as op:
+        for e in files:
+            fd = op.open(e.path, os.O_RDONLY)
+            try:
+                # A short read is a changed file too: its digest cannot match.
+                if any(Digest.of(os.read(fd, n)).hex != h for h, n in e.chunks):
+                    return False
+                if os.read(fd, 1):
+                    return False
+            finally:
+                os.close(fd)
+    return True
+
+
+def adopt_changes(old: Digest | None, snapshot: Digest, size: int, trust_owners: bool,
+                  mount: str, patch: Callable[[Path], None]) -> bool:
+    """Make the base of ``snapshot`` from the base of ``old`` and the changes a commit of the
+    mount at ``mount`` (an overlay, now unmounted) stored: ``patch`` applies them to a tree.
+
+    The old base is taken over, not copied, when no other mount uses it or is being set up
+    on it (a fresh disk's changes start from an empty tree); otherwise nothing is adopted and
+    the next mount restores the snapshot as before. A base that ``patch`` cannot complete is
+    dropped. True if the new snapshot has a base now.
+    """
+    name = name_of(snapshot, trust_owners)
+    path = bases_root() / name
+    with _lock(name):
+        if path.is_dir():
+            _touch(path)
+            return True
+        tmp = bases_root() / f".tmp-{name}-{uuid.uuid4().hex}"
+        # The commit has happened: whatever goes wrong here only costs the next mount a restore.
+        try:
+            if not _take(name_of(old, trust_owners) if old else None, tmp, mount):
+                return False
+            patch(tmp)
+            os.rename(tmp, path)
+            Path(f"{path}.json").write_text(json.dumps({"size": size}))
+        except (OSError, StickyError) as exc:
+            log.info("the committed tree of %s is not kept as a base: %s", snapshot, exc)
+            remove_tree(tmp)
+            return False
+        except BaseException:
+            remove_tree(tmp)
+            raise
+    with contextlib.suppress(UsageError, OSError):
+        trim()
+    return True
+
+
+def _take(old: str | None, tmp: Path, mount: str) -> bool:
+    """Move the base ``old`` (None: an empty tree) to ``tmp``, if no mount but ``mount`` uses
+    it and none is pinning it; True if it was moved."""
+    if old is None:
+        tmp.mkdir()
+        return True
+    with _lock(old, "pin", fcntl.LOCK_EX | fcntl.LOCK_NB) as free, \
+            _lock(old, "lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as mine:
+        path = bases_root() / old
+        if not (free and mine) or old in _live(ignore=mount) or not path.is_dir():
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}.json")
+        os.rename(path, tmp)
+        return True
+
+
+def publish(tree: Path, snapshot: Digest, size: int, trust_owners: bool) -> bool:
+    """Move a complete tree written elsewhere (a lazily filled base) into place as the base of
+    ``snapshot``, unless it has one already; True if it was moved."""
+    path = base_path(snapshot, trust_owners)
+    with _lock(name_of(snapshot, trust_owners)):
+        if path.exists():
+            return False
+        os.rename(tree, path)
         Path(f"{path}.json").write_text(json.dumps({"size": size}))
         return True
 

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from ..errors import StickyError
 from ..store import Backend
 from .api import bazel, blobs, dashboard, disks, gha, nix, ops, runs
+from .history import sample_loop
 from .metrics import Observe
 from .schedule import evict_loop
 from .state import ServerConfig, ServerState, error_response
@@ -34,17 +35,24 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> Observe:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        """Seed the cache accounting, and run disk eviction on its schedule."""
+        """Seed the cache accounting, run disk eviction on its schedule, and sample the
+        history."""
         tasks = []
         if cfg.max_size is not None:
             await server.call(server.lru.seed, server.backend)
         if cfg.evict_after:
             tasks.append(asyncio.create_task(evict_loop(server, cfg.evict_after)))
+        sampler = asyncio.create_task(
+            sample_loop(server.history, server.metrics, server.backend))
+        tasks.append(sampler)
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
+            # It writes what the minute under way counted as it ends (a gc in flight is
+            # not waited for).
+            await asyncio.gather(sampler, return_exceptions=True)
 
     app = Starlette(routes=routes, exception_handlers={StickyError: error_response},
                     lifespan=lifespan)

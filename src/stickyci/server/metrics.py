@@ -13,15 +13,19 @@ import json
 import logging
 import secrets
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..store import protocol as p
+from .usage import CacheUse
 
 ACCESS_LOG = logging.getLogger("stickyci.access")
 _REQUEST_ID = "request_id"
+# The lookup a handler reported (kind, hit), for the per-cache tally of the request.
+_LOOKUP: ContextVar[dict[str, Any] | None] = ContextVar("stickyci_lookup", default=None)
 _FAMILIES = {"blobs", "versioned", "list", "missing", "disks", "evict", "healthz", "metrics",
              "nix", "twirp", "gha"}
 
@@ -48,10 +52,14 @@ class Metrics:
             "stickyci_request_seconds", "Request latency", ["route"], registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                      5, 10, 30))
+        self.caches = CacheUse()
 
     def hit(self, kind: str, found: bool) -> None:
         """Count one read of ``kind`` (ac, cas, blob) as a hit or a miss."""
         self.lookups.labels(kind, "hit" if found else "miss").inc()
+        lookup = _LOOKUP.get()
+        if lookup is not None:
+            lookup.update(kind=kind, found=found)
 
     def render(self) -> bytes:
         """The text exposition format."""
@@ -97,6 +105,8 @@ class Observe:
         start = time.perf_counter()
         seen: dict[str, int] = {"status": 500, "in": 0, "out": 0}
         rid = (p.REQUEST_ID_HEADER.encode(), request_id(scope).encode())
+        lookup: dict[str, Any] = {}
+        reset = _LOOKUP.set(lookup)
 
         async def counted_receive() -> Message:
             message = await receive()
@@ -116,7 +126,10 @@ class Observe:
         try:
             await self.app(scope, counted_receive, counted_send)
         finally:
+            _LOOKUP.reset(reset)
             self._record(scope, seen, time.perf_counter() - start)
+            self.metrics.caches.record(scope, lookup.get("kind"), lookup.get("found"),
+                                       seen["status"], seen["out"])
 
     def _record(self, scope: Scope, seen: dict[str, int], elapsed: float) -> None:
         route = route_family(scope["path"])

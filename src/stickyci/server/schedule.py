@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 
 from .. import disks
 from ..errors import StickyError
+from .history import GcRun, record_gc
 from .state import ServerState
 
 log = logging.getLogger("stickyci.server")
@@ -32,6 +34,7 @@ async def evict_loop(server: ServerState, ttl: float) -> None:
     # runners are safe, and a commit re-checks its packs before it moves a ref.
     while True:
         try:
+            started, clock = time.time(), time.monotonic()
             result = await server.call(evict_disks, server, ttl)
             if result.evicted:
                 log.info("evicted disks unused for %ss: %s", ttl, result.evicted)
@@ -40,6 +43,8 @@ async def evict_loop(server: ServerState, ttl: float) -> None:
             report = await server.call(
                 functools.partial(disks.gc, server.backend, grace=cfg.gc_grace))
             log.info("gc freed %d bytes", report.bytes_freed)
+            await server.call(record_gc, server.history, server.backend, GcRun.of(
+                report, started, time.monotonic() - clock, len(result.evicted), len(stale)))
         except StickyError as exc:
             log.warning("scheduled disk eviction failed: %s", exc)
         except Exception:  # a bug must not end the schedule: log it, try next time

@@ -24,6 +24,7 @@ from ..store import Backend, LocalBackend, open_backend
 from ..store import protocol as p
 from .auth import ANONYMOUS_READ, Principal, TokenStore
 from .gha import GhaCache, UrlSigner
+from .history import HISTORY_DB, History
 from .lru import CacheLRU
 from .metrics import Metrics, request_id
 from .verify import Verifier
@@ -67,6 +68,7 @@ class ServerState:
         self.verifier = Verifier(self.backend, cfg.state_dir, self.visibility)
         self.gha = GhaCache(self.backend, cfg.state_dir, cfg.max_body)
         self.gha_urls = UrlSigner(cfg.state_dir)
+        self.history = History(cfg.state_dir / HISTORY_DB)
 
     def who(self, request: Request) -> Principal:
         """Authenticate the request; its token id goes to the access log, never the token."""

@@ -48,19 +48,20 @@ def restore(store: ObjectStore, m: Manifest, root: str, *, trust_owners: bool = 
 
 def materialize(m: Manifest, root: str, write_content: WriteContent,
                 order: Callable[[Entry], tuple[str, int]] | None = None, *,
-                trust_owners: bool = False) -> None:
+                trust_owners: bool = False, parallel: bool = True) -> None:
     """Write the tree ``m`` describes into ``root``, which must exist and be empty.
 
     ``write_content`` fills each regular file (once per hardlink group) through an open fd;
     ``order`` may sort the files for the content source's sake. Without ``trust_owners`` the
-    tree is owned by the caller and setuid/setgid bits are dropped.
+    tree is owned by the caller and setuid/setgid bits are dropped. ``parallel=False`` keeps
+    to this process (writing content that is cheap, forked workers cost more than they save).
 
     The manifest is validated first, so an unsafe entry is refused before anything is written.
     Directories get their final modes and times last, since writing into them changes both.
     """
     validate(m)
     tree = Tree.at(root)
-    meta = _Meta(trust_owners)
+    meta = Metadata(trust_owners)
     with Opener(tree) as op:
         if os.listdir(op.root):
             raise UsageError(f"{root} is not empty; restore needs an empty directory")
@@ -86,7 +87,7 @@ def materialize(m: Manifest, root: str, write_content: WriteContent,
 
         if order:
             files.sort(key=order)
-        if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
+        if not parallel or sum(e.size for e in files) < PARALLEL_MIN_BYTES:
             for e in files:
                 _write_file(op, e, write_content, meta)
         else:
@@ -119,8 +120,9 @@ def materialize(m: Manifest, root: str, write_content: WriteContent,
                 os.close(fd)
 
 
-class _Meta:
-    """Sets an entry's metadata on what the restore created, as far as it is trusted."""
+class Metadata:
+    """Sets an entry's metadata on what a restore created, as far as it is trusted: owners and
+    setuid/setgid bits only with ``trust_owners``."""
 
     def __init__(self, trust_owners: bool) -> None:
         self.chown = trust_owners and _ROOT
@@ -148,7 +150,7 @@ def _creating(tree: Tree, e: Entry) -> Iterator[None]:
         raise changed_error(tree.path, e.path) from exc
 
 
-def _write_file(op: Opener, e: Entry, write_content: WriteContent, meta: _Meta) -> None:
+def _write_file(op: Opener, e: Entry, write_content: WriteContent, meta: Metadata) -> None:
     fd = op.open(e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         write_content(e, fd)

@@ -1,5 +1,8 @@
 """Mount strategies, and ``auto``: the first that works here, in order overlay → reflink → copy.
 
+With ``lazy`` (opt-in), a base not cached here is made lazy (``lazy_base``): an overlay over
+a skeleton whose files are filled on first read.
+
 A strategy falls through only on the errno values that mean "not supported here"; any other
 failure is a real error and is reported.
 """
@@ -15,6 +18,7 @@ from ...errors import StickyError, UsageError
 from ...fsutil import Tree, empty_dir, remove_tree
 from ...snapshot import Manifest, Scan
 from .clone import Clone
+from .lazy import LAZY_FILE, Lazy, lazy_base, lazy_status
 from .overlay import Overlay
 
 log = logging.getLogger("stickyci")
@@ -54,9 +58,12 @@ STRATEGIES: dict[str, Strategy] = {
     "overlay": Overlay(),
     "reflink": Clone("reflink"),
     "copy": Clone("copy"),
+    "lazy": Lazy(),
 }
 AUTO_ORDER = ("overlay", "reflink", "copy")
-CHOICES = ("auto", *AUTO_ORDER)
+CHOICES = ("auto", *AUTO_ORDER, "lazy")
+__all__ = ["AUTO_ORDER", "CHOICES", "STRATEGIES", "Strategy", "get", "lazy_base", "lazy_status",
+           "mount"]
 
 
 def get(name: str) -> Strategy:
@@ -69,7 +76,12 @@ def get(name: str) -> Strategy:
 
 def mount(choice: str, base: Path, path: Path, sdir: Path,
           manifest: Callable[[], Manifest], *, trust_owners: bool = False) -> str:
-    """Mount with ``choice`` (or the first working one for ``auto``); return the one used."""
+    """Mount with ``choice`` (or the first working one for ``auto``); return the one used.
+
+    ``lazy`` needs a base from :func:`lazy_base`; over a complete base it is ``overlay``.
+    """
+    if choice == "lazy" and not (sdir / LAZY_FILE).is_file():
+        choice = "overlay"
     names = AUTO_ORDER if choice == "auto" else (get(choice).name,)
     for name in names:
         strategy = STRATEGIES[name]

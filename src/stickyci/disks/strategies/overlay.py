@@ -1,21 +1,31 @@
-"""The overlay strategy: overlayfs over the base; a commit reads only the upper dir."""
+"""The overlay strategy: overlayfs over the base; a commit reads only the upper dir.
+
+After a commit the old base patched with the upper dir's changes is the new snapshot's tree:
+:func:`apply_upper` writes them into a private copy of the base, the content of every changed
+file read from the upper dir and checked against the new manifest's chunk digests as it is
+written, and the metadata set from the manifest as a restore sets it.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from ...errors import UsageError
-from ...fsutil import Found, Tree
+from ...digest import Digest
+from ...errors import IntegrityError, UsageError
+from ...fsutil import Found, Opener, Tree
 from ...snapshot import (
     DIR,
     FILE,
+    SYMLINK,
     Entry,
     Manifest,
+    Metadata,
     Scan,
     is_special,
     keep_base_meta,
@@ -130,3 +140,103 @@ def _hidden(path: str, gone: set[str], opaque: set[str]) -> bool:
         if parent in gone or parent in opaque:
             return True
     return False
+
+
+def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched: set[str],
+                trust_owners: bool) -> None:
+    """Turn ``tree``, a private copy of the base that ``base`` describes, into the tree ``new``
+    describes, taking new content from the overlay's ``upper`` dir.
+
+    Only ``touched`` paths (the commit's scan of the upper dir) can differ. Every file among
+    them is written afresh, its bytes checked against its chunk digests as they are copied: a
+    process still writing to the upper dir (through a descriptor opened before the commit, or
+    a copy of the mount in another namespace) makes this fail with ``IntegrityError``, never
+    puts its bytes in the tree. Owners and modes are set as a restore with or without
+    ``trust_owners`` sets them.
+    """
+    # Overlay keeps no hardlink between layers: a touched path never shares a group with one
+    # left as it was, so its groups are its own.
+    for p in touched:
+        e = new.entries.get(p)
+        if e is not None and e.link > 0:
+            raise IntegrityError(f"{p} is linked to a path the commit did not touch")
+    with Opener(Tree.at(tree)) as out, Opener(Tree.at(upper)) as src:
+        kept: set[str] = set()
+        removed: set[str] = set()
+        for p in sorted(touched):  # a directory sorts before what it holds
+            old, e = base.entries.get(p), new.entries.get(p)
+            if old is None or any(a in removed for a in _ancestors(p)):
+                continue
+            if old.kind == DIR and e is not None and e.kind == DIR:
+                kept.add(p)
+                continue
+            parent, name = out.parent(p)
+            if old.kind == DIR:
+                shutil.rmtree(name, dir_fd=parent)
+                removed.add(p)
+            else:
+                os.unlink(name, dir_fd=parent)
+        leaders: dict[int, str] = {}
+        for p in sorted(touched):
+            e = new.entries.get(p)
+            if e is None or p in kept:
+                continue
+            if e.kind == DIR:
+                parent, name = out.parent(p)
+                os.mkdir(name, 0o700, dir_fd=parent)
+            elif e.kind == SYMLINK:
+                parent, name = out.parent(p)
+                os.symlink(e.target, name, dir_fd=parent)
+                Metadata(trust_owners).apply_to_symlink(parent, name, e)
+            elif e.link and e.link in leaders:
+                _link(out, leaders[e.link], p)
+            else:
+                if e.link:
+                    leaders[e.link] = p
+                _copy_file(src, out, e, trust_owners)
+        dirs = {d for p in touched for d in (p, *_ancestors(p))
+                if (e := new.entries.get(d)) is not None and e.kind == DIR}
+        for d in sorted(dirs, reverse=True):  # children first: writing in a dir moves its mtime
+            fd = out.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                Metadata(trust_owners).apply(fd, new.entries[d])
+            finally:
+                os.close(fd)
+
+
+def _link(out: Opener, leader: str, p: str) -> None:
+    # The leader's directory fd is the opener's until its next call: keep a copy for linkat.
+    src_dir, src_name = out.parent(leader)
+    src_dir = os.dup(src_dir)
+    try:
+        parent, name = out.parent(p)
+        os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
+    finally:
+        os.close(src_dir)
+
+
+def _ancestors(p: str) -> list[str]:
+    parts = p.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _copy_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
+    """Write the file ``e`` from the upper dir, checking each chunk's digest as it is copied."""
+    fd_in = src.open(e.path, os.O_RDONLY)
+    try:
+        fd_out = out.open(e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for hexd, length in e.chunks:
+                data = os.read(fd_in, length)  # a short read cannot match the digest either
+                if Digest.of(data).hex != hexd:
+                    raise IntegrityError(f"{e.path} changed after the commit read it")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd_out, view):]
+            if os.read(fd_in, 1):
+                raise IntegrityError(f"{e.path} grew after the commit read it")
+            Metadata(trust_owners).apply(fd_out, e)
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)

@@ -1,11 +1,12 @@
-"""The dashboard (``/ui/…``): the runs the server was told about, as pages for a browser.
+"""The dashboard (``/ui/…``): the runs the server was told about, and its disks, caches and
+store over time (computed in ``dashboard_store.py``), as pages for a browser.
 
 Pages are rendered here with Jinja2 (autoescaped: job names, step names and log lines are text,
 never markup) and need no front-end build: one small script of our own polls a running run's
 body and swaps it in. A page needs a token, entered once in a form and kept in an HttpOnly,
-SameSite=Strict, Secure cookie (or no token with ``--anonymous-read``); it shows only the runs
-the token may read. No page can be framed, and the content security policy allows no script
-but our own file.
+SameSite=Strict, Secure cookie (or no token with ``--anonymous-read``); it shows only the runs,
+disks and caches the token may read. No page can be framed, and the content security policy
+allows no script but our own file.
 """
 
 from __future__ import annotations
@@ -36,8 +37,20 @@ from ...runs import (
     failures,
     race_warnings,
 )
+from ...units import format_size
 from ..auth import Principal
+from ..history import evictions_of
 from ..state import Api, ServerState
+from ..visibility import sees_everything
+from .dashboard_store import (
+    DISK_SORTS,
+    STORE_WINDOWS,
+    WINDOWS,
+    Sharing,
+    cache_page,
+    disk_page,
+    store_page,
+)
 from .runs import RUNS_DB, RunStore, filter_of, read_limited
 
 COOKIE = "stickyci_token"
@@ -59,7 +72,8 @@ SECURITY_HEADERS = {
 
 
 def routes(server: ServerState) -> list[Route]:
-    """The dashboard's pages, its login, and its two static files."""
+    """The dashboard's pages (runs, disks, caches, the store), its login, and its two
+    static files."""
     ui = Dashboard(server, RunStore(server.cfg.state_dir / RUNS_DB))
     return [
         Route("/", ui.home, methods=["GET"]),
@@ -70,6 +84,9 @@ def routes(server: ServerState) -> list[Route]:
         Route("/ui/runs/{run_id}", ui.run_page, methods=["GET"]),
         Route("/ui/runs/{run_id}/body", ui.run_body, methods=["GET"]),
         Route("/ui/compare", ui.compare_page, methods=["GET"]),
+        Route("/ui/disks", ui.disks_page, methods=["GET"]),
+        Route("/ui/caches", ui.caches_page, methods=["GET"]),
+        Route("/ui/store", ui.store_page, methods=["GET"]),
         Route("/ui/static/{name}", ui.static, methods=["GET"]),
     ]
 
@@ -238,11 +255,12 @@ class Dashboard(Api):
     def __init__(self, server: ServerState, store: RunStore) -> None:
         super().__init__(server)
         self.store = store
+        self.sharing = Sharing(server.backend)
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(_HERE / "templates"),
             autoescape=True, undefined=jinja2.StrictUndefined)
         self.env.globals.update(duration=duration, when=_when, state_class=state_class,
-                                quote=quote)
+                                quote=quote, size=format_size)
         self.static_files = {name: (_HERE / "static" / name).read_bytes() for name in _STATIC}
 
     def _page(self, template: str, status: int = 200, /, **context: object) -> Response:
@@ -354,6 +372,45 @@ class Dashboard(Api):
         return {"run": run, "rows": rows, "span": span, "who": who,
                 "live": run.state == RUNNING, "failures": failure_rows(run, report.tails),
                 "races": race_warnings(run), "disks": disk_rows(run)}
+
+    async def disks_page(self, request: Request) -> Response:
+        """The disks the token may read: generations, size, bytes shared, last use, who
+        committed."""
+        try:
+            who = self._viewer(request)
+        except AuthError:
+            return self._to_login(request)
+        q = request.query_params
+        prefix, sort = q.get("key", "").strip(), q.get("sort", "key")
+        sort = sort if sort in DISK_SORTS else "key"
+        page = await self.call(disk_page, self.backend, self.sharing, who, prefix, sort)
+        return self._page("disks.html", who=who, page=page, prefix=prefix, sort=sort,
+                          sorts=DISK_SORTS)
+
+    async def caches_page(self, request: Request) -> Response:
+        """Each cache the token may read over time: hit rate, bytes served; evictions."""
+        try:
+            who = self._viewer(request)
+        except AuthError:
+            return self._to_login(request)
+        metrics = self.server.metrics
+        page = await self.call(cache_page, self.server.history, metrics.caches.peek(),
+                               evictions_of(metrics), who,
+                               request.query_params.get("window", "1h"), time.time())
+        return self._page("caches.html", who=who, page=page, windows=list(WINDOWS))
+
+    async def store_page(self, request: Request) -> Response:
+        """The store's size over time and what each gc reclaimed (a token that sees
+        everything: they are of the whole store)."""
+        try:
+            who = self._viewer(request)
+        except AuthError:
+            return self._to_login(request)
+        if not sees_everything(who):
+            return self._page("store.html", who=who, page=None, windows=list(STORE_WINDOWS))
+        page = await self.call(store_page, self.server.history,
+                               request.query_params.get("window", "7d"), time.time())
+        return self._page("store.html", who=who, page=page, windows=list(STORE_WINDOWS))
 
     async def static(self, request: Request) -> Response:
         """The stylesheet and the script, from a fixed list (never a path from the URL)."""

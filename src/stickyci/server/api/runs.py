@@ -13,11 +13,8 @@ that key. Every report is validated at the boundary with the run record's own ty
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import sqlite3
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...errors import NotFound, StickyError, TooLarge, UsageError
+from ...errors import NotFound, TooLarge, UsageError
 from ...runs import (
     FAILURE,
     FINISHED,
@@ -42,6 +39,7 @@ from ...runs import (
 )
 from ...store import protocol as p
 from ..auth import Permission, Principal
+from ..database import Database
 from ..state import Api, ServerState
 
 RUNS_DB = "runs.db"
@@ -78,28 +76,11 @@ class Filter:
     limit: int = 100
 
 
-class RunStore:
+class RunStore(Database):
     """The server's runs: one row per run, its last report as JSON."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            for statement in _SCHEMA:
-                db.execute(statement)
-
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
-        try:
-            with db:  # one transaction, committed on success
-                yield db
-        except sqlite3.Error as exc:
-            raise StickyError(f"run database {self.path}: {exc}",
-                              summary="the server's run database failed") from exc
-        finally:
-            db.close()
+        super().__init__(path, _SCHEMA, "run database")
 
     def put(self, report: RunReport, who: Principal) -> None:
         """Store a run's report; a run already there under another pipeline must be one the

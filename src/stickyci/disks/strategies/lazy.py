@@ -1,0 +1,180 @@
+"""The lazy strategy: an overlay over a base whose file content arrives when first read.
+
+A cold mount (the snapshot's base is not cached here) builds the base's skeleton from the
+manifest alone, with the restore's own safety rules (``materialize``: fd-relative, no symlink
+followed, owners and special bits only when trusted): directories, symlinks, hard links,
+modes and mtimes, and every file a sparse placeholder of its size carrying a fanotify
+pre-content mark. A filler daemon (:mod:`..filler`) fills files on first read and prefetches
+the rest; the overlay above it is the one of :mod:`.overlay`, so a commit reads only the
+upper dir. Where pre-content events are missing (an older kernel, a filesystem without
+them, no root) :func:`lazy_base` says so in one line and the mount restores eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ... import fanotify
+from ...digest import Digest
+from ...errors import StickyError
+from ...fsutil import Tree, remove_tree
+from ...snapshot import Entry, Manifest, Scan, load_manifest, materialize
+from ...store import ObjectStore
+from .. import basecache, filler
+from .overlay import Overlay
+
+log = logging.getLogger("stickyci")
+LAZY_FILE = "lazy.json"
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.ENOSYS,
+                          errno.EXDEV, errno.ENODEV})
+
+
+class Lazy(Overlay):
+    """overlayfs over a lazily filled base; the filler lives as long as the mount."""
+
+    name = "lazy"
+
+    def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest],
+              trust_owners: bool) -> None:
+        """Mount the overlay; if that fails, stop the filler and drop the lazy base."""
+        try:
+            super().mount(base, path, sdir, manifest, trust_owners)
+        except BaseException:
+            discard(sdir)
+            raise
+
+    def unmount(self, path: Path, sdir: Path) -> None:
+        """Unmount the overlay, then stop the filler and drop the base unless it is complete."""
+        super().unmount(path, sdir)
+        discard(sdir)
+
+    def changes(self, path: Path, sdir: Path, base: Manifest,
+                trust_owners: bool) -> tuple[Scan, Tree]:
+        """The overlay's changes, if the filler guarded the base all along."""
+        if is_lazy(sdir):
+            status = filler.read_status(sdir)
+            if not (status and status.done) and filler.guardian_pid(sdir) is None:
+                raise StickyError(
+                    f"the lazy filler of {path} stopped before its base was complete, so what "
+                    f"was read there since cannot be trusted; see {sdir / filler.LOG_FILE}, "
+                    f"then `stickyci disk unmount {path}` and mount it again")
+        return super().changes(path, sdir, base, trust_owners)
+
+
+def lazy_status(sdir: Path) -> dict[str, Any]:
+    """What the filler of a lazy mount fetched (on demand, prefetched); {} for other mounts."""
+    status = filler.read_status(sdir) if is_lazy(sdir) else None
+    return status.as_dict() if status else {}
+
+
+def is_lazy(sdir: Path) -> bool:
+    """True if the mount with private dir ``sdir`` was given a lazy base."""
+    return (sdir / LAZY_FILE).is_file()
+
+
+def _notice(why: str) -> None:
+    log.warning("lazy mount not available here (%s); restoring the whole base instead", why)
+
+
+def _probe(group: int, root: Path) -> OSError | None:
+    """Mark a scratch file under ``root``: the error if this filesystem refuses the mark."""
+    probe = root / ".probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fanotify.mark(group, fd, filler.MASK)
+        fanotify.unmark(group, fd, filler.MASK)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return exc
+        raise
+    finally:
+        os.close(fd)
+        probe.unlink()
+    return None
+
+
+def lazy_base(choice: str, objects: ObjectStore, snapshot: Digest | None, trust_owners: bool,
+              sdir: Path) -> Path | None:
+    """For ``lazy`` on a snapshot whose base is not cached: build its skeleton, start its
+    filler, and return it; None when the base is cached, the disk is new, or this machine
+    cannot fill lazily (then a one-line notice says why).
+
+    ``auto`` does not choose it yet: it stays opt-in until its benchmark (bench/lazy.py) shows
+    the cold mounts it is for are faster.
+    """
+    if choice != "lazy" or snapshot is None:
+        return None
+    if basecache.base_path(snapshot, trust_owners).is_dir():
+        return None
+    try:
+        group = fanotify.init()
+    except OSError as exc:
+        _notice(f"fanotify pre-content groups: {exc.strerror}")
+        return None
+    root = basecache.bases_root() / f".lazy-{snapshot.hex}-{uuid.uuid4().hex}"
+    try:
+        root.mkdir(parents=True)
+        refused = _probe(group, root)
+        if refused:
+            _notice(f"pre-content marks on {root.parent}: {refused.strerror}")
+            remove_tree(root)
+            return None
+        m = load_manifest(objects, snapshot)
+
+        def placeholder(e: Entry, fd: int) -> None:
+            os.ftruncate(fd, e.size)
+            if e.size:
+                fanotify.mark(group, fd, filler.MASK)
+
+        materialize(m, str(root), placeholder, trust_owners=trust_owners, parallel=False)
+        root = root.resolve()
+        sdir.mkdir(parents=True, exist_ok=True)
+        (sdir / LAZY_FILE).write_text(json.dumps({"root": str(root)}))
+
+        def publish() -> None:
+            # Filled: an ordinary base from now on, for the next mount of this snapshot.
+            try:
+                basecache.publish(root, snapshot, m.size, trust_owners)
+            except OSError as exc:  # an unmount moved it away first
+                log.info("the lazy base %s is not kept: %s", root, exc.strerror)
+
+        filler.start(group, root, m, objects.backend.url, sdir, publish)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            (sdir / LAZY_FILE).unlink()
+        remove_tree(root)
+        raise
+    finally:
+        os.close(group)
+    return root
+
+
+def discard(sdir: Path) -> None:
+    """Stop the filler of a mount and remove its base unless it was published complete.
+
+    The base is moved away first: once the filler stops, nothing guards its placeholders.
+    """
+    try:
+        root = Path(json.loads((sdir / LAZY_FILE).read_text())["root"])
+    except (OSError, ValueError, KeyError, TypeError):
+        root = None
+    doomed = None
+    bases = basecache.bases_root().resolve()
+    if root and root.parent == bases and root.name.startswith(".lazy-"):
+        doomed = bases / f".gone-{uuid.uuid4().hex}"
+        try:
+            os.rename(root, doomed)
+        except FileNotFoundError:
+            doomed = None  # published, or already gone
+    filler.stop(sdir)
+    if doomed:
+        remove_tree(doomed)

@@ -1,0 +1,40 @@
+"""The server's own SQLite files in its state dir (run reports, history): one way to open them.
+
+Each call is one transaction on a fresh connection (WAL, so readers never wait for the one
+writer); an SQLite error becomes a ``StickyError`` naming the file, which clients see only as
+its summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..errors import StickyError
+
+
+class Database:
+    """An SQLite file with its schema, created if missing."""
+
+    def __init__(self, path: Path, schema: Sequence[str], what: str) -> None:
+        self.path = path
+        self._what = what
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            for statement in schema:
+                db.execute(statement)
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:  # one transaction, committed on success
+                yield db
+        except sqlite3.Error as exc:
+            raise StickyError(f"{self._what} {self.path}: {exc}",
+                              summary=f"the server's {self._what} failed") from exc
+        finally:
+            db.close()

@@ -1,0 +1,223 @@
+"""The committed tree becomes this machine's base of the new snapshot, so the next mount here is
+warm; and an adopted base is exactly what a restore of its manifest writes, whatever a process
+racing the commit does."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import Env
+
+from stickyci.digest import Digest
+from stickyci.disks import basecache
+from stickyci.disks.strategies.overlay import apply_upper
+from stickyci.snapshot import FILE, Manifest, load_manifest, restore, scan_tree
+from stickyci.store import LocalBackend, ObjectStore
+
+Tree = dict[str, tuple[object, ...]]
+
+
+def exact(root: Path) -> Tree:
+    """Every entry under ``root`` with all a base must match: kind, mode, mtime, owners, bytes
+    or link target, and which paths are one inode (named by the group's first path)."""
+    seen: dict[str, tuple[os.stat_result, object]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                what: object = ("symlink", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                what = "dir"
+            else:
+                with open(p, "rb") as f:
+                    what = Digest.of(f.read()).hex
+            seen[os.path.relpath(p, root)] = (st, what)
+    groups: dict[int, str] = {}
+    for rel in sorted(seen):
+        st = seen[rel][0]
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            groups.setdefault(st.st_ino, rel)
+    return {rel: (what, stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_uid, st.st_gid,
+                  groups.get(st.st_ino, "") if not stat.S_ISDIR(st.st_mode) else "")
+            for rel, (st, what) in seen.items()}
+
+
+def restored(env: Env, snapshot: str, into: Path) -> Tree:
+    """What a mount on another machine gets: the snapshot restored from the store."""
+    store = ObjectStore(LocalBackend(env.store))
+    into.mkdir()
+    restore(store, load_manifest(store, Digest.parse(snapshot)), str(into))
+    return exact(into)
+
+
+def base_of(env: Env, snapshot: str) -> Path:
+    return env.cache / "bases" / snapshot
+
+
+def build_first(ws: Path) -> None:
+    (ws / "src" / "deep").mkdir(parents=True)
+    (ws / "src" / "main.c").write_bytes(b"int main(void) { return 0; }\n")
+    (ws / "src" / "deep" / "big.o").write_bytes(os.urandom(3 << 20))
+    (ws / "tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(ws / "tool", 0o4755)  # setuid: a restore without trusted owners drops it
+    (ws / "empty").write_bytes(b"")
+    (ws / "secret").write_bytes(b"s")
+    os.chmod(ws / "secret", 0o600)
+    os.link(ws / "src" / "main.c", ws / "main-link.c")
+    os.symlink("src/main.c", ws / "entry")
+    (ws / "gone").mkdir()
+    (ws / "gone" / "a").write_bytes(b"a")
+    (ws / "becomes-file").mkdir()
+    (ws / "becomes-file" / "x").write_bytes(b"x")
+    (ws / "becomes-dir").write_bytes(b"y")
+    os.chmod(ws / "src" / "deep", 0o700)
+
+
+def change(ws: Path) -> None:
+    with open(ws / "src" / "deep" / "big.o", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"patched")
+    os.chmod(ws / "secret", 0o640)
+    os.unlink(ws / "empty")
+    subprocess.run(["rm", "-rf", str(ws / "gone")], check=True)
+    subprocess.run(["rm", "-rf", str(ws / "becomes-file")], check=True)
+    (ws / "becomes-file").write_bytes(b"now a file")
+    os.unlink(ws / "becomes-dir")
+    (ws / "becomes-dir").mkdir()
+    (ws / "becomes-dir" / "inside").write_bytes(b"z")
+    os.symlink("../tool", ws / "src" / "tool-link")
+    (ws / "src" / "new.h").write_bytes(b"#pragma once\n")
+    os.link(ws / "src" / "new.h", ws / "src" / "new-link.h")
+
+
+@pytest.mark.root
+def test_an_overlay_commit_leaves_the_new_snapshot_as_this_machines_base(env: Env) -> None:
+    ws = env.root / "ws"
+    env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
+    build_first(ws)
+    first = env.json("disk", "commit", str(ws))
+    assert first["committed"]
+    assert exact(base_of(env, first["snapshot"])) == restored(env, first["snapshot"],
+                                                              env.root / "r1")
+    mounted = env.json("disk", "mount", "k", str(ws), "--strategy", "overlay")
+    assert mounted["base_cached"] and mounted["snapshot"] == first["snapshot"]
+
+    change(ws)
+    second = env.json("disk", "commit", str(ws))
+    assert second["committed"] and second["modified"] and second["removed"]
+    # The old base was patched into the new one, not copied: nothing else used it.
+    assert not base_of(env, first["snapshot"]).exists()
+    assert exact(base_of(env, second["snapshot"])) == restored(env, second["snapshot"],
+                                                               env.root / "r2")
+    mounted = env.json("disk", "mount", "k", str(ws), "--strategy", "overlay")
+    assert mounted["base_cached"] and mounted["generation"] == 2
+    assert (ws / "becomes-dir" / "inside").read_bytes() == b"z"
+
+
+@pytest.mark.root
+def test_a_base_another_mount_stands_on_is_left_as_it_is(env: Env) -> None:
+    a, b = env.root / "a", env.root / "b"
+    env.run("disk", "mount", "k", str(a), "--strategy", "overlay")
+    build_first(a)
+    first = env.json("disk", "commit", str(a))
+    env.run("disk", "mount", "k", str(a), "--strategy", "overlay")
+    env.run("disk", "mount", "k", str(b), "--strategy", "overlay")
+    change(a)
+    second = env.json("disk", "commit", str(a))
+    assert second["committed"]
+    # b's lower layer is untouched, and still the first snapshot exactly.
+    assert exact(base_of(env, first["snapshot"])) == restored(env, first["snapshot"],
+                                                              env.root / "r1")
+    assert not base_of(env, second["snapshot"]).exists()
+    assert (b / "gone" / "a").read_bytes() == b"a"
+    assert not env.json("disk", "mount", "k", str(a), "--strategy", "overlay")["base_cached"]
+    assert (a / "becomes-file").read_bytes() == b"now a file"
+
+
+@pytest.mark.root
+def test_a_trusted_overlay_base_keeps_owners_and_special_bits(env: Env) -> None:
+    ws = env.root / "ws"
+    env.run("disk", "mount", "nix", str(ws), "--strategy", "overlay", "--trust-owners")
+    (ws / "store").mkdir()
+    (ws / "store" / "daemon").write_bytes(b"\x7fELF")
+    os.chown(ws / "store" / "daemon", 30001, 30000)
+    os.chmod(ws / "store" / "daemon", 0o4755)
+    first = env.json("disk", "commit", str(ws))
+    base = env.cache / "bases" / f"{first['snapshot']}{basecache.OWNERS_SUFFIX}"
+    st = os.lstat(base / "store" / "daemon")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (30001, 30000, 0o4755)
+    assert not base_of(env, first["snapshot"]).exists()  # an untrusted mount never gets it
+    mounted = env.json("disk", "mount", "nix", str(ws), "--strategy", "overlay",
+                       "--trust-owners")
+    assert mounted["base_cached"]
+
+
+def test_an_upper_file_changed_after_the_commit_read_it_is_not_adopted(env: Env) -> None:
+    """A process that still writes to the upper dir once the commit has read it (through a
+    descriptor opened before the commit, or the overlay mounted in another namespace) must not
+    get its bytes into the base. The write is made by hand between the commit's read and the
+    adoption, which no test can time for real."""
+    upper = env.root / "upper"
+    upper.mkdir()
+    read = os.urandom(1 << 16)
+    (upper / "f").write_bytes(read)
+    new = Manifest()
+    for found in scan_tree(str(upper)).manifest.entries.values():
+        new.entries[found.path] = found
+    entry = new.entries["f"]
+    assert entry.kind == FILE
+    entry.chunks = [[Digest.of(read).hex, len(read)]]
+    snapshot = Digest.of(b"the new snapshot")
+
+    def adopt() -> bool:
+        return basecache.adopt_changes(None, snapshot, len(read), False, str(env.root / "ws"),
+                                       lambda tree: apply_upper(tree, upper, Manifest(), new,
+                                                                {"f"}, False))
+
+    with open(upper / "f", "r+b") as f:
+        f.write(b"slipped in")  # same size, other bytes
+    assert not adopt()
+    bases = env.cache / "bases"
+    assert [p.name for p in bases.iterdir() if not p.name.endswith((".lock", ".pin"))] == []
+
+    (upper / "f").write_bytes(read)
+    assert adopt()
+    assert (bases / snapshot.hex / "f").read_bytes() == read
+
+
+def test_a_copy_mount_still_held_open_is_not_adopted(env: Env) -> None:
+    """A clone moved into the base cache is dropped if a process still holds a file in it:
+    that process could write after every check."""
+    tree = env.root / "clone"
+    tree.mkdir()
+    data = b"committed bytes\n"
+    (tree / "f").write_bytes(data)
+    scan = scan_tree(str(tree))
+    for e in scan.todo:
+        e.chunks = [[Digest.of(data).hex, len(data)]]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); print(flush=True); "
+         "sys.stdin.read()", str(tree / "f")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "\n"  # it is open
+        snapshot = Digest.of(b"held")
+        assert basecache.adopt(tree, snapshot, len(data), scan)  # moved away...
+        assert not base_of(env, snapshot.hex).exists()  # ...and dropped
+    finally:
+        holder.communicate("")
+
+    tree.mkdir()
+    (tree / "f").write_bytes(data)
+    scan = scan_tree(str(tree))
+    for e in scan.todo:
+        e.chunks = [[Digest.of(data).hex, len(data)]]
+    snapshot = Digest.of(b"free")
+    assert basecache.adopt(tree, snapshot, len(data), scan)
+    assert (base_of(env, snapshot.hex) / "f").read_bytes() == data
