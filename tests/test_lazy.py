@@ -20,7 +20,7 @@ from helpers import Env, MiB, elsewhere, one_line_error, read_tree, tmpfs, wait_
 
 from stickyci import fanotify
 from stickyci.digest import Digest
-from stickyci.snapshot import load_manifest
+from stickyci.snapshot import Entry, load_manifest
 from stickyci.store import ObjectStore, open_backend
 
 pytestmark = pytest.mark.root
@@ -130,6 +130,13 @@ def _cat(path: Path) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["cat", str(path)], capture_output=True, timeout=60)
 
 
+def _latest_entry(e: Env, path: str) -> tuple[ObjectStore, Entry]:
+    """The store, and ``path``'s entry in the disk's latest snapshot (to find its chunks)."""
+    objects = ObjectStore(open_backend(f"file://{e.store}"))
+    snapshot = e.json("disk", "show", KEY)["generations"][-1]["snapshot"]
+    return objects, load_manifest(objects, Digest.parse(snapshot)).entries[path]
+
+
 def _mount(e: Env, ws: Path, strategy: str = "lazy") -> dict[str, Any]:
     r: dict[str, Any] = e.json("disk", "mount", KEY, str(ws), "--strategy", strategy)
     return r
@@ -210,9 +217,7 @@ def test_prefetch_completes_the_base_and_publishes_it(
 def test_a_chunk_that_fails_to_verify_is_an_io_error_naming_it(
         lazy: tuple[Env, dict[str, bytes]]) -> None:
     cold, files = lazy
-    objects = ObjectStore(open_backend(f"file://{cold.store}"))
-    snapshot = cold.json("disk", "show", KEY)["generations"][-1]["snapshot"]
-    entry = load_manifest(objects, Digest.parse(snapshot)).entries["big.bin"]
+    objects, entry = _latest_entry(cold, "big.bin")
     chunk = Digest(bytes.fromhex(entry.chunks[1][0]))
     loc = objects.locate(chunk)
     assert loc is not None
@@ -239,9 +244,7 @@ def test_a_store_that_cannot_serve_is_an_io_error_then_a_retry_fills(
     cold, files = lazy
     ws = cold.root / "ws"
     _mount(cold, ws)
-    objects = ObjectStore(open_backend(f"file://{cold.store}"))
-    snapshot = cold.json("disk", "show", KEY)["generations"][-1]["snapshot"]
-    entry = load_manifest(objects, Digest.parse(snapshot)).entries["dir/sub/data.bin"]
+    objects, entry = _latest_entry(cold, "dir/sub/data.bin")
     chunk = Digest(bytes.fromhex(entry.chunks[0][0]))
     loc = objects.locate(chunk)
     assert loc is not None
@@ -271,9 +274,7 @@ def test_a_filler_killed_mid_fill_is_replaced_and_no_reader_sees_holes(
     cold, files = lazy
     ws = cold.root / "ws"
     _mount(cold, ws)
-    objects = ObjectStore(open_backend(f"file://{cold.store}"))
-    snapshot = cold.json("disk", "show", KEY)["generations"][-1]["snapshot"]
-    entry = load_manifest(objects, Digest.parse(snapshot)).entries["big.bin"]
+    objects, entry = _latest_entry(cold, "big.bin")
     loc = objects.locate(Digest(bytes.fromhex(entry.chunks[0][0])))
     assert loc is not None
     # A store that stalls: the pack is a FIFO nobody writes, so the fill blocks opening it.
