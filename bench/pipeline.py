@@ -7,6 +7,9 @@
    over N is the scheduler's cost per job.
 2. The canonical example (`examples/monorepo/pipeline.yml`) through `stickyci bench`: cold and
    warm runs alternated, per-job medians, and the warm/cold ratio of the total.
+3. With ``--baseline REV``: the example's warm runs of this checkout and of ``REV`` (``git
+   archive``), alternated, each on a store of its own: wall time, and each job's overhead (its
+   time minus its steps' time: mounts, commits, the runner's own work).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from harness.datasets import EXAMPLE_PIPELINE as EXAMPLE
 from harness.proc import stickyci
 from harness.report import write_section
+from harness.revisions import THIS, Revision, revision_tree
 
 KEY = "pipeline"
 
@@ -61,8 +66,67 @@ def example(runs: int, env: dict[str, str]) -> dict[str, object]:
     return doc
 
 
+def job_kind(job_id: str) -> str:
+    """``build[gateway,8080]`` → ``build``."""
+    return job_id.split("[", 1)[0]
+
+
+def warm_side_by_side(revs: list[Revision], runs: int, work: Path) -> dict[str, dict[str, float]]:
+    """Warm runs of the example by each revision, alternated (one cold run each first, not
+    timed): per revision, the median wall time and the median overhead of each kind of job."""
+    walls: dict[str, list[float]] = {r.label: [] for r in revs}
+    over: dict[str, dict[str, list[float]]] = {r.label: {} for r in revs}
+
+    def once(rev: Revision, i: int) -> dict[str, Any]:
+        env = rev.environ(STICKYCI_CACHE_DIR=str(work / f"cache-{i}"),
+                          STICKYCI_STORE=f"file://{work / f'store-{i}'}")
+        proc = subprocess.run(rev.cli("run", str(EXAMPLE), "--json", "--sha", "bench"),
+                              env=env, capture_output=True, text=True)
+        record: dict[str, Any] = json.loads(proc.stdout)
+        if proc.returncode != 0:
+            raise SystemExit(f"{rev.label}: the example failed: {proc.stderr[-2000:]}")
+        return record
+
+    for i, rev in enumerate(revs):
+        once(rev, i)
+    for n in range(runs):
+        order = list(enumerate(revs))
+        for i, rev in order[n % 2:] + order[:n % 2]:  # alternate who goes first
+            record = once(rev, i)
+            walls[rev.label].append(record["seconds"])
+            for job in record["jobs"]:
+                steps = sum(s["seconds"] for s in job["steps"])
+                over[rev.label].setdefault(job_kind(job["id"]), []).append(
+                    job["run_seconds"] - steps)
+    return {r.label: {"wall": statistics.median(walls[r.label]),
+                      **{k: statistics.median(v) for k, v in over[r.label].items()}}
+            for r in revs}
+
+
+def side_by_side_markdown(revs: list[Revision], got: dict[str, dict[str, float]],
+                          runs: int) -> list[str]:
+    """The ``--baseline`` table."""
+    this, base = (got[r.label] for r in revs)
+    lines = ["", f"### Warm example: this checkout against {revs[1].label}", "",
+             f"Warm runs of the example (8 services), alternated, medians of {runs}; a job's "
+             "overhead is its time minus its steps' time (its disks' mount and commit, the "
+             "runner's own work).", "",
+             f"| | this checkout | {revs[1].label} | this / {revs[1].label} |",
+             "|---|---:|---:|---:|",
+             f"| warm run, wall s | {this['wall']:.2f} | {base['wall']:.2f} | "
+             f"{this['wall'] / base['wall']:.2f}x (target <= 0.50x: "
+             f"{'PASS' if this['wall'] <= 0.5 * base['wall'] else 'MISS'}) |"]
+    for kind in (k for k in this if k != "wall"):
+        lines.append(f"| {kind}: overhead per job, ms | {this[kind] * 1000:.0f} | "
+                     f"{base[kind] * 1000:.0f} | {this[kind] / base[kind]:.2f}x |")
+    mount_commit = this.get("warm-deps", 0.0) * 1000
+    lines += ["", f"warm-deps (a warm mount and an unchanged commit) costs **{mount_commit:.0f} "
+              f"ms** of overhead (target <= 100 ms: {'PASS' if mount_commit <= 100 else 'MISS'})."]
+    return lines
+
+
 def markdown(n: int, runs: int, over: dict[str, float], ex: dict[str, object],
-             command: str) -> str:
+             command: str, extra: list[str]) -> str:
     """The results as a Markdown section."""
     rows = ex["rows"]
     assert isinstance(rows, list)
@@ -87,7 +151,7 @@ def markdown(n: int, runs: int, over: dict[str, float], ex: dict[str, object],
     lines += ["", f"Warm total is **{total['ratio']:.0%}** of cold (target <= 35%: "
               f"{'PASS' if total['ratio'] <= 0.35 else 'MISS'}). Cold runs start every disk "
               "empty (warm-deps compiles the 125 dependency objects); warm runs mount the "
-              "committed disks and compile none."]
+              "committed disks and compile none.", *extra]
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +161,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--write", type=Path)
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also measure the warm example against this git revision")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -106,8 +172,14 @@ def main() -> None:
         print(json.dumps(over))
         ex = example(args.runs, env)
         print(json.dumps(ex))
+        extra: list[str] = []
+        if args.baseline:
+            revs = [THIS, revision_tree(work, args.baseline)]
+            got = warm_side_by_side(revs, args.runs, work)
+            print(json.dumps(got))
+            extra = side_by_side_markdown(revs, got, args.runs)
     command = "python3 bench/pipeline.py " + " ".join(sys.argv[1:])
-    section = markdown(args.jobs, args.runs, over, ex, command.strip())
+    section = markdown(args.jobs, args.runs, over, ex, command.strip(), extra)
     print(section)
     if args.write:
         write_section(args.write, KEY, section)

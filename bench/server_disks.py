@@ -42,29 +42,13 @@ from harness.datasets import Dataset, TreeStats, generated_dataset
 from harness.fs import drop_caches, read_tree, remove, settle, unmount_leftovers
 from harness.machine import machine, stickyci_revision
 from harness.noise import WATCH, timed
-from harness.proc import REPO, free_port, log, run, started, wait_http
+from harness.proc import free_port, log, run, started, wait_http
 from harness.report import write_section
+from harness.revisions import THIS, Revision, revision_tree
 
 KEY = "bench-disk"
 COMMIT, MOUNT = "commit", "cold mount"
 TAR = "tar | zstd -T0 -3 / zstd -d | tar -x"
-
-
-@dataclass
-class Revision:
-    """A stickyci source tree whose CLI and server are measured."""
-
-    label: str
-    src: Path
-
-    def environ(self, **extra: str) -> dict[str, str]:
-        """The environment that runs this revision's ``stickyci``."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STICKYCI_")}
-        return {**env, "PYTHONPATH": str(self.src), **extra}
-
-    def cli(self, *args: str) -> list[str]:
-        """``stickyci ARGS`` of this revision."""
-        return [sys.executable, "-m", "stickyci", *args]
 
 
 @dataclass
@@ -207,19 +191,6 @@ class ServerDisksBench:
         return "\n".join(lines) + "\n"
 
 
-def baseline_tree(work: Path, rev: str) -> Revision:
-    """``git archive`` of ``rev``'s ``src/`` into the work dir (cached by commit)."""
-    repo = str(REPO)
-    commit = run(["git", "-C", repo, "rev-parse", "--short", rev]).stdout.decode().strip()
-    dest = work / "revisions" / commit
-    if not (dest / "src" / "stickyci").is_dir():
-        remove(dest)
-        dest.mkdir(parents=True)
-        run(f"git -C {shlex.quote(repo)} archive {shlex.quote(commit)} src "
-                 f"| tar -x -C {shlex.quote(str(dest))}")
-    return Revision(commit, dest / "src")
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = cli.parser(__doc__)
@@ -239,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = cli.command_line("bench/server_disks.py", argv)
     started = cli.started_at()
     work = args.work_dir.resolve()
-    this = (baseline_tree(work, args.candidate) if args.candidate
-            else Revision("this checkout", REPO / "src"))
-    revisions = [this, baseline_tree(work, args.baseline)]
+    this = (revision_tree(work, args.candidate) if args.candidate
+            else THIS)
+    revisions = [this, revision_tree(work, args.baseline)]
     dataset = generated_dataset(work, args.seed, args.scale)
     log(f"data set {dataset.key}: {dataset.stats.summary()}")
     WATCH.quiet_wait = args.quiet_wait

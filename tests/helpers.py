@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -30,6 +31,20 @@ MiB = 1 << 20
 STRATEGIES = ["copy", pytest.param("overlay", marks=pytest.mark.root)]
 
 WAIT_TIMEOUT = 30.0
+
+EXAMPLE_DIR = Path(__file__).parent.parent / "examples" / "monorepo"
+DEPS_FILES = 6
+"""The example's dependency layer in the tests (``--set deps_files``): a quarter of the default,
+the same story in a quarter of the compile time."""
+
+
+def deps_objects(files: int) -> int:
+    """How many objects the example's dependency layer has with ``files`` kernels per library."""
+    spec = importlib.util.spec_from_file_location("gen_deps", EXAMPLE_DIR / "gen_deps.py")
+    assert spec and spec.loader
+    gen_deps = sys.modules.setdefault("gen_deps", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(gen_deps)  # registered first: its dataclasses look themselves up
+    return sum(p.suffix == ".c" for p in gen_deps.wanted_files(files))
 
 
 class TimedOut(AssertionError):

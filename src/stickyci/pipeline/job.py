@@ -2,7 +2,7 @@
 
 Both executors run a job with this code: the local one in its own event loop, the Dask one
 in the worker process the scheduler picked (``asyncio.run`` of :meth:`JobRunner.run`).
-Disks are mounted and committed through the ``stickyci disk`` CLI (:mod:`.diskclient`); step
+Disks are mounted and committed in children of a disk helper process (:mod:`.diskclient`); step
 output is masked as it is read (:mod:`.masking`); cancellation and guards are :mod:`.stop`.
 
 A job succeeds only when it gets to the end with nothing gone wrong: its state is ``running``
