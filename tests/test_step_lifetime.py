@@ -15,6 +15,8 @@ from typing import Any
 
 from helpers import Env
 
+from stickyci.pipeline import leftovers
+
 # A daemon that leaves the step's process group, keeps its output, and says where it is.
 DAEMON = ("mkdir -p srv; (cd srv && exec setsid bash -c "
           "'echo $$ > ../daemon.pid; while :; do echo tick; sleep 0.1; done') &")
@@ -172,3 +174,22 @@ jobs:
     log = step_log(record, 0, 0)
     assert "stopping them" in log and "bash -c sleep 3600; : ***" in log, log
     assert secret not in log
+
+
+def test_holding_only_the_read_end_of_a_steps_output_does_not_make_a_leftover() -> None:
+    # Every process the runner forks holds the read end until it execs: another job's step
+    # being started right then was stopped as this step's leftover (the example's builds
+    # failed with "exited -15" one run in four).
+    rfd, wfd = os.pipe()
+    pipes = frozenset({os.fstat(rfd).st_ino})
+    reader = subprocess.Popen(["sleep", "60"], pass_fds=(rfd,))
+    writer = subprocess.Popen(["sleep", "60"], pass_fds=(wfd,))
+    os.close(rfd)
+    os.close(wfd)
+    try:
+        found = leftovers.find(leftovers.Traces("no-such-step.", pipes=pipes))
+        assert [p.pid for p in found] == [writer.pid]
+    finally:
+        for proc in (reader, writer):
+            proc.kill()
+            proc.wait()

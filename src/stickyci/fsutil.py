@@ -211,6 +211,18 @@ class Opener:
                 raise changed_error(self.tree.path, rel) from exc
             raise
 
+    def link(self, existing: str, rel: str) -> None:
+        """Hard-link ``rel`` to the file ``existing`` (neither followed if a symlink)."""
+        # The existing file's directory fd is the opener's until its next call: keep a copy.
+        src_dir, src_name = self.parent(existing)
+        src_dir = os.dup(src_dir)
+        try:
+            dst_dir, dst_name = self.parent(rel)
+            os.link(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir,
+                    follow_symlinks=False)
+        finally:
+            os.close(src_dir)
+
 
 def _open_up(path: str) -> None:
     # Snapshots may contain read-only directories; their entries cannot be unlinked as non-root.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 
 COMMAND_MAX = 120
 """Characters of a command line shown in a message (one line, however long the arguments)."""
@@ -46,3 +46,27 @@ def fd_links(pid: int) -> Iterator[str]:
     for fd in names:
         with contextlib.suppress(OSError):
             yield os.readlink(f"{fds}/{fd}")
+
+
+def writes_to(pid: int, links: Set[str]) -> bool:
+    """Whether ``pid`` holds one of ``links`` (as :func:`fd_links` names them) open for
+    writing. Holding it for reading is not enough: a process forked from one that reads a pipe
+    holds the read end until it execs, whatever it is about to become."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for fd in names:
+        with contextlib.suppress(OSError, ValueError):
+            if os.readlink(f"{fds}/{fd}") in links and _writable(pid, fd):
+                return True
+    return False
+
+
+def _writable(pid: int, fd: str) -> bool:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    return False

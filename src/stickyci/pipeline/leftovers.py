@@ -3,9 +3,11 @@
 A step's processes carry a tracking id in their environment (``STICKYCI_TRACKING_ID``), as
 GitHub's hosted runner tags a job's processes with ``RUNNER_TRACKING_ID`` to stop the orphans
 when the job ends. A leftover is any live process that still carries the id, is still in the
-step's process group, or still holds the step's output pipe: a daemon that called ``setsid``
-keeps the id, and one that also cleared its environment still holds the pipe unless it
-redirected its output. Only a process that does all three escapes.
+step's process group, or still holds the step's output pipe for writing: a daemon that called
+``setsid`` keeps the id, and one that also cleared its environment still holds the pipe unless
+it redirected its output. Only a process that does all three escapes. (The read end is the
+runner's, and so, until they exec, every process it forks has it: another job's step being
+started is not this step's leftover.)
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def find(traces: Traces) -> list[Leftover]:
             if state in "ZX":  # dead, waiting to be reaped: nothing left to stop
                 continue
             if (pgid in traces.groups or _tagged(pid, tag)
-                    or (pipes and not pipes.isdisjoint(procs.fd_links(pid)))):
+                    or (pipes and procs.writes_to(pid, pipes))):
                 out.append(Leftover(pid, pgid, procs.command(pid)))
         except (OSError, ValueError):
             continue  # gone meanwhile, or not ours to read

@@ -105,7 +105,8 @@ def materialize(m: Manifest, root: str, write_content: WriteContent,
             for _ in forked_map(work, range(len(runs))):
                 pass
         for e in links:
-            _link(op, leaders[e.link], e)
+            with _creating(op.tree, e):
+                op.link(leaders[e.link], e.path)
         for e in entries:
             if e.kind == SYMLINK:
                 parent, name = op.parent(e.path)
@@ -157,16 +158,3 @@ def _write_file(op: Opener, e: Entry, write_content: WriteContent, meta: Metadat
         meta.apply(fd, e)
     finally:
         os.close(fd)
-
-
-def _link(op: Opener, leader: str, e: Entry) -> None:
-    # The leader's directory fd is the opener's until its next call: keep a copy for linkat.
-    src_dir, src_name = op.parent(leader)
-    src_dir = os.dup(src_dir)
-    try:
-        dst_dir, dst_name = op.parent(e.path)
-        with _creating(op.tree, e):
-            os.link(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir,
-                    follow_symlinks=False)
-    finally:
-        os.close(src_dir)

@@ -189,7 +189,7 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
                 os.symlink(e.target, name, dir_fd=parent)
                 Metadata(trust_owners).apply_to_symlink(parent, name, e)
             elif e.link and e.link in leaders:
-                _link(out, leaders[e.link], p)
+                out.link(leaders[e.link], p)
             else:
                 if e.link:
                     leaders[e.link] = p
@@ -202,17 +202,6 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
                 Metadata(trust_owners).apply(fd, new.entries[d])
             finally:
                 os.close(fd)
-
-
-def _link(out: Opener, leader: str, p: str) -> None:
-    # The leader's directory fd is the opener's until its next call: keep a copy for linkat.
-    src_dir, src_name = out.parent(leader)
-    src_dir = os.dup(src_dir)
-    try:
-        parent, name = out.parent(p)
-        os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
-    finally:
-        os.close(src_dir)
 
 
 def _ancestors(p: str) -> list[str]:
