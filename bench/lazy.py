@@ -3,8 +3,10 @@
 job reading all of it, on a fresh machine (empty base cache, page cache dropped).
 
 A benchmark, not a test. The data set is committed once to a ``file://`` store under the work
-dir; then, for each run and each strategy (``overlay``: today's eager restore, ``lazy``), a new
-cache dir stands for a fresh runner::
+dir; then, for each run, each store (that ``file://`` store, and the same store through
+``stickyci serve`` with a read-only token) and each strategy (``overlay``: today's eager
+restore, ``lazy``), a new cache dir stands for a fresh runner. ``zstd -d | tar -x`` of the
+same tree (a local archive, as actions/cache restores it) is the reference row::
 
     python3 bench/lazy.py --scale 0.1 --runs 1                 # smoke run (~100 MB tree)
     python3 bench/lazy.py --runs 3 --write docs/benchmarks.md  # 1 GB generated tree
@@ -16,24 +18,33 @@ stdout, progress to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import shlex
 import stat
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from harness import cli
 from harness.datasets import Dataset, generated_dataset, real_dataset
 from harness.fs import drop_caches, remove, unmount_leftovers, walk
-from harness.proc import log
+from harness.machine import machine, stickyci_revision
+from harness.noise import WATCH
+from harness.proc import create_token, free_port, log, run, started, wait_http
 from harness.report import ratio, secs, write_section
 
 KEY = "lazy-bench"
-STRATEGIES = ("overlay", "lazy")
+EAGER, LAZY, TAR = "eager", "lazy", "tar"
+STRATEGY = {EAGER: "overlay", LAZY: "lazy"}
+FILE, SERVE = "file://", "stickyci serve"
+JOBS = ("first byte", "10% of the bytes", "every file")
+FILLER_LOG = "filler.log"  # in a lazy mount's record dir
+Result = tuple[float, float, float]  # first byte, whole job (s), other processes' CPU share
 
 
 def _stickyci(env: dict[str, str], *args: str) -> None:
@@ -67,26 +78,154 @@ def _tenth(files: list[tuple[str, int]], seed: int) -> list[str]:
     return picked
 
 
-def _cold(work: Path, store: Path, name: str) -> dict[str, str]:
+def _cold(work: Path, store: str, name: str, token: str = "") -> dict[str, str]:
     cache = work / "caches" / name
     remove(cache)
-    return {**os.environ, "STICKYCI_STORE": f"file://{store}", "STICKYCI_CACHE_DIR": str(cache)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STICKYCI_")}
+    return {**env, "STICKYCI_STORE": store, "STICKYCI_CACHE_DIR": str(cache),
+            **({"STICKYCI_TOKEN": token} if token else {})}
 
 
-def _job(env: dict[str, str], ws: Path, strategy: str, reads: list[str]) -> tuple[float, float]:
-    """Mount, read ``reads`` (the first byte of the first is noted), unmount; (first byte,
-    whole job) in seconds from the start of the mount."""
+def _timed_reads(start_job: Sequence[str], root: Path, reads: list[str],
+                 env: dict[str, str] | None = None) -> Result:
+    """Run ``start_job`` (a mount or an extraction), then read ``reads`` under ``root``;
+    seconds from the start to the first byte of the first file and to the end."""
     drop_caches()
-    start = time.perf_counter()
-    _stickyci(env, "disk", "mount", KEY, str(ws), "--strategy", strategy)
-    with open(ws / reads[0], "rb") as f:
+    start = WATCH.begin()
+    run(list(start_job), env=env)
+    with open(root / reads[0], "rb") as f:
         f.read(1)
     first = time.perf_counter() - start
     for rel in reads:
-        _read(ws / rel)
-    job = time.perf_counter() - start
-    _stickyci(env, "disk", "unmount", str(ws))
-    return first, job
+        _read(root / rel)
+    job = WATCH.end() - start
+    return first, job, WATCH.other_share
+
+
+@contextlib.contextmanager
+def _serving(run_dir: Path, store: Path) -> Iterator[tuple[str, str]]:
+    """``stickyci serve`` over ``store``; its URL and a token that may read the disk."""
+    state = run_dir / "server"
+    remove(state)
+    state.mkdir(parents=True)
+    token = create_token(state, "--read", f"{KEY}*")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "stickyci", "serve", "--store", f"file://{store}",
+           "--listen", f"127.0.0.1:{port}", "--state-dir", str(state), "--no-access-log"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STICKYCI_")}
+    with started([cmd], state / "server.log", env=env) as procs:
+        wait_http(f"{url}/healthz", procs, state / "server.log")
+        WATCH.ours = [p.pid for p in procs]
+        try:
+            yield url, token
+        finally:
+            WATCH.ours = ()
+
+
+class LazyBench:
+    """Every measurement of one invocation."""
+
+    def __init__(self, ds: Dataset, run_dir: Path, seed: int) -> None:
+        self.ds, self.run_dir = ds, run_dir
+        self.store = run_dir / "store"
+        self.ws = run_dir / "ws"
+        files = _files(ds.root)
+        self.jobs = {JOBS[0]: [files[0][0]], JOBS[1]: _tenth(files, seed),
+                     JOBS[2]: [rel for rel, _ in files]}
+        self.results: dict[tuple[str, str, str], list[Result]] = {}
+
+    def seed(self) -> None:
+        """Commit the data set to the ``file://`` store, and make the tar archive."""
+        env = _cold(self.run_dir, f"file://{self.store}", "seed")
+        log(f"committing {self.ds.root} to {self.store}")
+        _stickyci(env, "disk", "mount", KEY, str(self.ws), "--strategy", "copy")
+        run(["cp", "-a", f"{self.ds.root}/.", f"{self.ws}/"])
+        _stickyci(env, "disk", "commit", str(self.ws))
+        remove(self.run_dir / "caches")
+        run(["bash", "-o", "pipefail", "-c",
+             f"tar -C {shlex.quote(str(self.ds.root))} -cf - . | zstd -T0 -3 -q -f -o "
+             f"{shlex.quote(str(self.run_dir / 'tree.tar.zst'))}"])
+
+    def add(self, job: str, source: str, tool: str, got: Result) -> None:
+        """Record one measurement."""
+        self.results.setdefault((job, source, tool), []).append(got)
+        log(f"  {job:17} {source:15} {tool:6} first byte {secs(got[0])} s, job "
+            f"{secs(got[1])} s (other CPU {got[2]:.0%})")
+
+    def stickyci(self, i: int, source: str, store_url: str, token: str) -> None:
+        """Every job, eager then lazy (lazy then eager on odd runs), from one store."""
+        order = (EAGER, LAZY) if i % 2 == 0 else (LAZY, EAGER)
+        for job, reads in self.jobs.items():
+            for tool in order:
+                env = _cold(self.run_dir, store_url, f"{tool}-{i}", token)
+                mount = [sys.executable, "-m", "stickyci", "disk", "mount", KEY, str(self.ws),
+                         "--strategy", STRATEGY[tool]]
+                cache = Path(env["STICKYCI_CACHE_DIR"])
+                try:
+                    self.add(job, source, tool, _timed_reads(mount, self.ws, reads, env))
+                except OSError:
+                    for path in cache.glob(f"mounts/*/{FILLER_LOG}"):
+                        log(f"  {path}:\n{path.read_text()[-3000:]}")
+                    raise
+                _stickyci(env, "disk", "unmount", str(self.ws))
+                remove(cache)  # a 1 GB base per job would fill a small disk
+
+    def tar(self) -> None:
+        """The reference: extract the whole archive, then read."""
+        target = self.run_dir / "tar-target"
+        for job, reads in self.jobs.items():
+            remove(target)
+            target.mkdir()
+            got = _timed_reads(["bash", "-o", "pipefail", "-c",
+                                f"zstd -d -q -c {shlex.quote(str(self.run_dir / 'tree.tar.zst'))}"
+                                f" | tar -x -C {shlex.quote(str(target))}"], target, reads)
+            self.add(job, "local archive", TAR, got)
+        remove(target)
+
+    def run(self, runs: int) -> None:
+        """Seed, then ``runs`` rounds of every job from both stores and from the archive."""
+        self.seed()
+        for i in range(runs):
+            log(f"== run {i + 1}/{runs}")
+            self.stickyci(i, FILE, f"file://{self.store}", "")
+            with _serving(self.run_dir, self.store) as (url, token):
+                self.stickyci(i, SERVE, url, token)
+            self.tar()
+
+    def median(self, job: str, source: str, tool: str, which: int) -> float:
+        """The median of one figure of a row."""
+        return statistics.median(r[which] for r in self.results[(job, source, tool)])
+
+    def report(self, command: str, started: str, runs: int) -> str:
+        """The Markdown section."""
+        m = machine()
+        noisiest = max(r[2] for rs in self.results.values() for r in rs)
+        lines = [
+            f"### Lazy cold mounts: {self.ds.title}", "",
+            f"Command: `{command}`, started {started} UTC, medians of {runs}. Data set: "
+            f"{self.ds.stats.summary()}. Machine: {m['cpu']}, {m['nproc']} CPUs, {m['ram']}, "
+            f"kernel {m['kernel']}, Python {m['python']}. This checkout: "
+            f"{stickyci_revision()}. Other processes used at most {noisiest:.0%} of the CPUs "
+            "during a measurement (a shared machine).", "",
+            "Every mount starts on an empty base cache with the page cache dropped; the times "
+            "run from the start of `stickyci disk mount` (process start-up included) to the "
+            "first byte of the first file read and to the end of the job. Eager is today's "
+            "`--strategy overlay` cold mount, which restores the whole base first. The "
+            "`tar` row extracts a local `tar | zstd -3` archive of the tree, then reads.", "",
+            "| job | store | eager: first byte | lazy: first byte | eager: job | lazy: job "
+            "| eager / lazy |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for job in self.jobs:
+            for source in (FILE, SERVE):
+                e1, l1 = (self.median(job, source, t, 0) for t in (EAGER, LAZY))
+                ej, lj = (self.median(job, source, t, 1) for t in (EAGER, LAZY))
+                lines.append(f"| {job} | `{source}` | {secs(e1)} s | {secs(l1)} s | "
+                             f"{secs(ej)} s | {secs(lj)} s | {ratio(ej, lj)} |")
+            t1, tj = (self.median(job, "local archive", TAR, k) for k in (0, 1))
+            lines.append(f"| {job} | tar (local archive) | {secs(t1)} s | — | {secs(tj)} s | "
+                         "— | — |")
+        return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,51 +236,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--real-tree", help="the real tree to copy (default: the Rust toolchain)")
     p.add_argument("--keep", action="store_true", help="keep the run dir (store, caches)")
     args = cli.parse_tree_args(p, argv)
-    if not cli.preflight():
+    if not cli.preflight("zstd", "tar"):
         return 2
+    WATCH.quiet_wait = args.quiet_wait
     work: Path = args.work_dir
     ds: Dataset = (real_dataset(work, args.real_tree) if args.dataset == "real"
                    else generated_dataset(work, args.seed, args.scale))
+    started_at = cli.started_at()
     run_dir = work / "run-lazy"
     unmount_leftovers(run_dir)
     remove(run_dir)
-    store = run_dir / "store"
-    seed_env = _cold(run_dir, store, "seed")
-    ws = run_dir / "ws"
-    log(f"committing {ds.root} to {store}")
-    _stickyci(seed_env, "disk", "mount", KEY, str(ws), "--strategy", "copy")
-    subprocess.run(["cp", "-a", f"{ds.root}/.", f"{ws}/"], check=True)
-    _stickyci(seed_env, "disk", "commit", str(ws))
-    files = _files(ds.root)
-    jobs = {"first byte": [files[0][0]], "10% of the bytes": _tenth(files, args.seed),
-            "every file": [rel for rel, _ in files]}
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    bench = LazyBench(ds, run_dir, args.seed)
     try:
-        for i in range(args.runs):
-            for job, reads in jobs.items():
-                for strategy in STRATEGIES:
-                    env = _cold(run_dir, store, f"{strategy}-{i}")
-                    got = _job(env, ws, strategy, reads)
-                    log(f"run {i + 1}: {strategy:7} {job}: first byte {secs(got[0])}, "
-                        f"job {secs(got[1])}")
-                    results.setdefault((job, strategy), []).append(got)
+        bench.run(args.runs)
     finally:
         unmount_leftovers(run_dir)
         if not args.keep:
             remove(run_dir)
-    lines = [f"### Lazy cold mounts: {ds.title}", "",
-             f"`{cli.command_line('bench/lazy.py', argv)}`; {ds.stats.summary()}; medians of "
-             f"{args.runs}, page cache dropped before each mount, every mount on an empty "
-             "base cache.", "",
-             "| job | eager: first byte | lazy: first byte | eager: job | lazy: job | speed-up |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for job in jobs:
-        eager, lazy = results[(job, "overlay")], results[(job, "lazy")]
-        e1, l1 = (statistics.median(r[0] for r in x) for x in (eager, lazy))
-        ej, lj = (statistics.median(r[1] for r in x) for x in (eager, lazy))
-        lines.append(f"| {job} | {secs(e1)} | {secs(l1)} | {secs(ej)} | {secs(lj)} | "
-                     f"{ratio(ej, lj)} |")
-    section = "\n".join(lines) + "\n"
+    section = bench.report(cli.command_line("bench/lazy.py", argv), started_at, args.runs)
     print(section)
     if args.write:
         write_section(args.write, f"lazy-{ds.key}", section)

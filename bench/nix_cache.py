@@ -7,8 +7,9 @@ only the store paths the cache does not hold yet) to three caches, interleaved, 
 substitutes each version into an empty store from each of them:
 
 - **stickyci**: ``stickyci serve`` over a fresh ``file://`` store, the cache
-  ``http://127.0.0.1:PORT/nix/bench?compression=zstd`` (the client compresses with zstd; the
-  server decompresses, chunks and deduplicates, signs narinfos with the cache's key);
+  ``http://127.0.0.1:PORT/nix/bench?compression=C`` (``--stickyci-compression``, zstd unless
+  told: the server decompresses, blanks out store paths, chunks and deduplicates, compresses
+  the chunks it lacks, signs narinfos with the cache's key);
 - **file:// xz**: what ``nix copy --to file://DIR`` writes with Nix's default compression (xz),
   signed with ``secret-key=`` so that substitution checks signatures as it does from stickyci;
 - **file:// zstd**: the same with ``?compression=zstd``.
@@ -63,6 +64,11 @@ ST, XZ, ZSTD = "stickyci", "file:// xz", "file:// zstd"
 CACHES = (ST, XZ, ZSTD)
 SLUG = {XZ: "xz", ZSTD: "zstd"}
 UPLOAD, SUBST = "upload", "substitute"
+COMPRESSION_NOTE = {
+    "none": " (the server compresses the chunks it lacks after deduplicating, so Nix "
+            "compressing every NAR first is work done twice: on loopback, or a link faster "
+            "than Nix's zstd, sending NARs as they are is the quicker way; the bytes stored "
+            "do not change)"}
 
 # --------------------------------------------------------------------------------------------
 # The closure
@@ -454,7 +460,8 @@ class NixCacheBench:
                 file_key = public.read_text().strip()
                 yield Round(
                     upload_url={
-                        ST: f"{server.url}/nix/{CACHE}?compression=zstd",
+                        ST: f"{server.url}/nix/{CACHE}?compression="
+                            f"{self.args.stickyci_compression}",
                         XZ: f"file://{dirs[XZ]}?secret-key={secret}",
                         ZSTD: f"file://{dirs[ZSTD]}?compression=zstd&secret-key={secret}"},
                     read_url={ST: f"{server.url}/nix/{CACHE}",
@@ -537,8 +544,10 @@ class NixCacheBench:
             "caches (fresh ones every round; the order rotates), then substituted from each "
             "into an empty store (`nix-store --realise`, the cache as the only substituter, "
             "its key the only trusted one). **stickyci**: `stickyci serve` over a `file://` "
-            "store, `nix copy --to 'http://…/nix/bench?compression=zstd'`, bytes = `du -sb` "
-            "of the server's store. **file:// xz** / **file:// zstd**: `nix copy --to "
+            "store, `nix copy --to 'http://…/nix/bench?compression="
+            f"{self.args.stickyci_compression}'`, bytes = `du -sb` of the server's store"
+            f"{COMPRESSION_NOTE.get(self.args.stickyci_compression, '')}. "
+            "**file:// xz** / **file:// zstd**: `nix copy --to "
             "'file://DIR?secret-key=…'` with Nix's default compression (xz) or with "
             "`&compression=zstd`, bytes = `du -sb DIR`, served to substituters by nginx.", "",
             "| version | change | paths (new) | new NAR MB | upload s: stickyci | xz | zstd "
@@ -611,6 +620,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="then profile the server (py-spy) through the five uploads and a "
                    "substitution, and report where its time goes")
+    p.add_argument("--stickyci-compression", choices=("none", "zstd", "xz"), default="zstd",
+                   help="what Nix compresses its uploads to stickyci with (default zstd); the "
+                   "server decompresses them and compresses only the chunks it lacks")
     p.add_argument("--write", type=Path, metavar="MD", help="write/replace this section")
     p.add_argument("--quiet-wait", type=float, default=10, metavar="S",
                    help="before each measurement, wait up to S seconds for other processes "

@@ -108,3 +108,20 @@ def test_the_helper_ends_with_the_process_that_started_it(env: Env, tmp_path: Pa
         return state == "Z"  # exited, not yet reaped
 
     wait_for(gone, "the disk helper to exit")
+
+
+def test_a_prestarted_helper_is_the_one_the_first_operation_uses(env: Env) -> None:
+    code = ("import asyncio, pathlib, sys\n"
+            "from stickyci.pipeline import diskclient\n"
+            "from stickyci.pipeline.masking import Masker\n"
+            "diskclient.prestart()\n"
+            "first = diskclient._helper.proc.pid\n"
+            "c = diskclient.DiskClient(None, None, Masker({}))\n"
+            f"got = asyncio.run(c.mount('k', pathlib.Path({str(env.root / 'ws')!r}), 'copy',"
+            " False))\n"
+            "assert got['fresh'], got\n"
+            "print(first == diskclient._helper.proc.pid)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env.environ, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"

@@ -176,6 +176,12 @@ def test_cold_mount_is_a_skeleton_filled_on_first_read(
     assert status["on_demand_bytes"] == sum(
         len(files[p]) for p in ("small.txt", "big.bin", "bin/tool", "dir/sub/data.bin"))
     assert not status["done"]
+    # `disk show` tells what this machine's lazy mount of the disk fetched, and how.
+    (shown,) = cold.json("disk", "show", KEY)["lazy_mounts"]
+    assert shown == {"path": str(ws.resolve()), **status}
+    text = cold.run("disk", "show", KEY).stdout
+    assert f"lazy mount at {ws.resolve()}: " in text and "in 4 files fetched on demand" in text
+    assert "in 0 files prefetched" in text and "; filling on demand only" in text
 
     (guardian,) = _guardians(cold)
     c = cold.json("disk", "commit", str(ws))
@@ -197,18 +203,24 @@ def test_prefetch_completes_the_base_and_publishes_it(
     cold.environ.pop("STICKYCI_LAZY_PREFETCH")
     ws = cold.root / "ws"
     assert _mount(cold, ws, "lazy")["strategy"] == "lazy"
-    (guardian,) = _guardians(cold)
+    # Not _guardians(): on a small tree the filler may be done and gone already.
+    (state,) = _state_dirs(cold)
+    guardian = int((state / "filler.pid").read_text().split()[0])
     wait_for(lambda: _status(cold).get("done", False), "the prefetch to finish")
     status = _status(cold)
     distinct = sum(len(d) for d in files.values())
     assert status["prefetched_bytes"] + status["on_demand_bytes"] == distinct == status["bytes"]
     wait_for(lambda: not _alive(guardian), "the filler to exit once the base is complete")
+    (shown,) = cold.json("disk", "show", KEY)["lazy_mounts"]
+    assert shown["done"] and shown["prefetched_files"] + shown["on_demand_files"] == 4, shown
+    assert cold.run("disk", "show", KEY).stdout.rstrip().endswith("; complete")
     snapshot = cold.json("disk", "show", KEY)["generations"][-1]["snapshot"]
     base = cold.cache / "bases" / snapshot
     assert read_tree(base) == {**files, "big.link": files["big.bin"],
                                "data.sym": files["dir/sub/data.bin"]}
     assert read_tree(ws) == read_tree(base)
     cold.run("disk", "unmount", str(ws))
+    assert cold.json("disk", "show", KEY)["lazy_mounts"] == []
     assert base.is_dir()  # a published base stays cached
     again = _mount(cold, ws, "auto")
     assert (again["strategy"], again["base_cached"]) == ("overlay", True)

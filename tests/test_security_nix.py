@@ -2,13 +2,16 @@
 
 Scopes hold across caches; a narinfo is accepted only for a NAR the server received and
 hashed in the same cache; names never become paths; bodies are bounded, compressed or not;
-a writer's signature is never served; damaged or missing chunks fail before a byte is sent.
+a writer's signature is never served; damaged or missing chunks fail before a byte is sent,
+and so does a stored patch list that points outside its NAR, overlaps, or restores the wrong
+store path.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import lzma
 import os
 from collections.abc import Iterator
@@ -19,9 +22,12 @@ import pytest
 from nix_helpers import Nix, needs_nix, public_key
 from server import Server, error, start_server, store_dir
 
-from stickyci.server.nix import nix32, parse_narinfo, verify
+from stickyci.server.nix import nix32, parse_narinfo, pin_name, verify
+from stickyci.store import LocalBackend
 
 pytestmark = needs_nix
+NAR_HEAD = b"\x0d" + bytes(7) + b"nix-archive-1"
+"""How every NAR starts: a body without it is refused as no NAR before any other check."""
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +181,10 @@ def test_oversized_bodies_are_refused_compressed_or_not(srv: Server, nix: Nix) -
     huge = f"StorePath: {path}\nReferences: " + ("0" * 32 + "-x ") * 40_000 + "\n"
     r = c.put(f"/{Path(path).name[:32]}.narinfo", content=huge)
     assert r.status_code == 413
-    r = c.put("/nar/" + "0" * 52 + ".nar", content=os.urandom(5 << 20))  # --max-body 4M
+    r = c.put("/nar/" + "0" * 52 + ".nar", content=NAR_HEAD + os.urandom(5 << 20))  # 4M max
     assert r.status_code == 413
     # a small xz body that decompresses past the limit: refused before it fills the disk
-    bomb = lzma.compress(b"\x0d" + bytes(7) + b"nix-archive-1" + bytes(64 << 20))
+    bomb = lzma.compress(NAR_HEAD + bytes(64 << 20))
     assert len(bomb) < 1 << 20
     r = c.put("/nar/" + "1" * 52 + ".nar.xz", content=bomb)
     assert r.status_code == 413 and "uncompressed" in error(r).error
@@ -186,7 +192,8 @@ def test_oversized_bodies_are_refused_compressed_or_not(srv: Server, nix: Nix) -
 
 @pytest.mark.parametrize("name,body,message", [
     ("0" * 52 + ".nar", b"not a nar at all", "not a NAR"),
-    ("0" * 52 + ".nar.xz", lzma.compress(b"x" * 1000)[:-20], "truncated"),
+    ("0" * 52 + ".nar.xz", lzma.compress(NAR_HEAD + b"x" * 1000)[:-20], "truncated"),
+    ("0" * 52 + ".nar.xz", lzma.compress(b"x" * 1000), "not a NAR"),
     ("0" * 52 + ".nar.xz", b"garbage, not xz", "not valid xz"),
     ("0" * 52 + ".nar.br", b"whatever", "not accepted"),
 ])
@@ -242,5 +249,53 @@ def test_a_damaged_or_missing_chunk_fails_before_a_byte_is_sent(srv: Server, nix
     assert r.status_code == 404 and r.headers["content-type"] == "application/json"
     reader = Nix(tmp_path / "reader")
     got = reader.substitute(f"{srv.url}/nix/damaged", public_key(srv.state, "damaged"), path,
+                            netrc=reader.netrc("127.0.0.1", srv.admin))
+    assert got.returncode != 0 and not reader.has(path)
+
+
+def _with_reference(nix: Nix, name: str) -> tuple[str, bytes, bytes]:
+    """A store path whose content names another store path twice; its NAR and that name."""
+    dep = b"0123456789abcdfghijklmnpqrsvwxyz-dep-1.0"
+    body = os.urandom(300_000) + b"/nix/store/" + dep + b"/lib\0" + os.urandom(1000) \
+        + b"/nix/store/" + dep + b"\0"
+    path = nix.add_tree(name, {"data": body})
+    return path, nix.dump(path), dep
+
+
+def _swap_patch_list(srv: Server, cache: str, nar: bytes, listing: bytes) -> None:
+    """Give the pin of a stored NAR ``listing`` as its patch list: what a store writer (or
+    damage) could leave behind."""
+    backend = LocalBackend(store_dir(srv))
+    name = pin_name(cache, hashlib.sha256(nar).digest())
+    pin = json.loads(backend.get(name))
+    assert pin["refs"]  # the upload's own
+    backend.put(name, json.dumps({**pin, "refs": listing.decode()}).encode())
+
+
+@pytest.mark.parametrize(("listing", "why"), [
+    (b"stickyci-nix-refs 1\n%d 0123456789abcdfghijklmnpqrsvwxyz-dep-1.0\n", "outside"),
+    (b"stickyci-nix-refs 1\n0 0123456789abcdfghijklmnpqrsvwxyz-dep-1.0\n"
+     b"30 0123456789abcdfghijklmnpqrsvwxyz-dep-1.0\n", "overlaps"),
+    (b"stickyci-nix-refs 1\n%d zyxwvsrqpnmlkjihgfdcba9876543210-dep-1.0\n", "hash"),
+])
+def test_a_stored_patch_list_that_is_out_of_bounds_or_wrong_is_never_served(
+        srv: Server, nix: Nix, tmp_path: Path, listing: bytes, why: str) -> None:
+    c = client(srv, f"patched-{why}", srv.admin)
+    path, nar, dep = _with_reference(nix, f"patched-{why}")
+    assert upload(c, path, nar).status_code == 200
+    url = f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar.zst"
+    assert c.get(url).status_code == 200  # served whole before the damage
+    at = nar.index(dep)
+    # "outside": the last byte of the NAR; "hash": where the name is, but another name, in
+    # bounds and well formed: only the NarHash check can tell
+    offset = len(nar) - 10 if why == "outside" else at
+    _swap_patch_list(srv, f"patched-{why}", nar,
+                     listing % offset if b"%d" in listing else listing)
+    r = c.get(url)
+    assert r.status_code == 500 and "damaged" in error(r).error, r.text
+    assert dep not in r.content
+    reader = Nix(tmp_path / "reader")
+    got = reader.substitute(f"{srv.url}/nix/patched-{why}",
+                            public_key(srv.state, f"patched-{why}"), path,
                             netrc=reader.netrc("127.0.0.1", srv.admin))
     assert got.returncode != 0 and not reader.has(path)

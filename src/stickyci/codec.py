@@ -23,12 +23,14 @@ LEVEL = 3
 _local = threading.local()
 
 
-def _compressor() -> zstandard.ZstdCompressor:
+def _compressor(level: int) -> zstandard.ZstdCompressor:
     # zstd contexts are not thread-safe; one per thread keeps workers from contending.
-    comp: zstandard.ZstdCompressor | None = getattr(_local, "comp", None)
+    comps: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "comps", None)
+    if comps is None:
+        comps = _local.comps = {}
+    comp = comps.get(level)
     if comp is None:
-        comp = zstandard.ZstdCompressor(level=LEVEL)
-        _local.comp = comp
+        comp = comps[level] = zstandard.ZstdCompressor(level=level)
     return comp
 
 
@@ -40,9 +42,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def encode(plain: bytes | memoryview) -> bytes:
-    """Wrap ``plain`` in an envelope, compressed unless compression would not save space."""
-    packed = _compressor().compress(plain)
+def encode(plain: bytes | memoryview, level: int = LEVEL) -> bytes:
+    """Wrap ``plain`` in an envelope, compressed (at zstd ``level``) unless compression would
+    not save space."""
+    packed = _compressor(level).compress(plain)
     if len(packed) < len(plain):
         return MAGIC + bytes((VERSION, ZSTD)) + packed
     return MAGIC + bytes((VERSION, RAW)) + bytes(plain)

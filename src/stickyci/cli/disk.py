@@ -141,7 +141,7 @@ def ls(store_url: str | None, as_json: bool) -> None:
 @store_option
 @json_option
 def show(key: str, store_url: str | None, as_json: bool) -> None:
-    """Show a disk's generations, sizes and last use."""
+    """Show a disk's generations, sizes and last use, and its lazy mounts on this machine."""
 
     def text(d: dict[str, Any]) -> str:
         out = [f"disk {d['key']}: created {_when(d['created'])}, last used "
@@ -149,9 +149,22 @@ def show(key: str, store_url: str | None, as_json: bool) -> None:
         out += [f"  generation {g['gen']}: {_size(g['size'])} in {g['files']} files, "
                 f"stored {_size(g['stored_bytes'])}, committed {_when(g['committed_at'])} by "
                 f"{g['committer']}, snapshot {g['snapshot'][:16]}" for g in d["generations"]]
+        out += [_lazy_line(m) for m in d["lazy_mounts"]]
         return "\n".join(out)
 
-    emit(as_json, disks.show(key, store=store_url).as_dict(), text)
+    emit(as_json, disks.show(key, store=store_url, here=True).as_dict(), text)
+
+
+def _lazy_line(m: dict[str, Any]) -> str:
+    """How far the filler of a lazy mount is, in one line."""
+    if "files" not in m:
+        return f"  lazy mount at {m['path']}: no filler status yet"
+    state = ("complete" if m["done"] else "filling" if m["prefetch"]
+             else "filling on demand only")
+    return (f"  lazy mount at {m['path']}: {_size(m['on_demand_bytes'])} in "
+            f"{m['on_demand_files']} files fetched on demand, {_size(m['prefetched_bytes'])} in "
+            f"{m['prefetched_files']} files prefetched, of {_size(m['bytes'])} in {m['files']} "
+            f"files; {state}" + (f", {m['errors']} failed fills" if m["errors"] else ""))
 
 
 @disk.command()

@@ -33,17 +33,17 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import fanotify
+from .. import codec, fanotify
 from ..digest import Digest
 from ..errors import StickyError
 from ..fsutil import Opener, Tree
 from ..snapshot import FILE, Entry, Manifest
-from ..store import ObjectStore, open_backend
+from ..store import Location, ObjectStore, open_backend
 
 log = logging.getLogger("stickyci")
 # Reads raise FAN_PRE_ACCESS; a mapping made through the overlay raises none (its backing
@@ -73,6 +73,7 @@ class Status:
     prefetched_bytes: int = 0
     errors: int = 0
     restarts: int = 0
+    prefetch: bool = True  # False: only what is read is filled, so the base never completes
     done: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,6 +177,7 @@ class _Worker:
         self.status = read_status(sdir) or Status()
         self.status.files = len(self.files.leaders)
         self.status.bytes = sum(e.size for e in self.files.leaders)
+        self.status.prefetch = os.environ.get(PREFETCH_ENV, "1") != "0"
         self.stop = threading.Event()
         self.prefetch_done = threading.Event()
         self.prefetch_ok = True
@@ -188,7 +190,7 @@ class _Worker:
         """Serve until every file is filled (then publish) or until asked to stop."""
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         threading.Thread(target=self._serve_readers, daemon=True).start()
-        if os.environ.get(PREFETCH_ENV, "1") != "0":
+        if self.status.prefetch:
             threading.Thread(target=self._prefetch, daemon=True).start()
         me = os.getpid()
         poll = select.poll()
@@ -264,7 +266,7 @@ class _Worker:
                 return
             fd = op.open(e.path, os.O_WRONLY)
             try:
-                self._write(e, fd)
+                self._write(e, fd, whole_pack=not on_demand)
                 # Writing moved the mtime; the base must show the manifest's.
                 os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
                 fanotify.unmark(self.group, fd, MASK)
@@ -280,14 +282,9 @@ class _Worker:
                 self.status.prefetched_files += 1
                 self.status.prefetched_bytes += e.size
 
-    def _write(self, e: Entry, fd: int) -> None:
+    def _write(self, e: Entry, fd: int, whole_pack: bool) -> None:
         offset, batch = 0, bytearray()
-        for hexd, length in e.chunks:
-            digest = Digest(bytes.fromhex(hexd))
-            try:
-                data = self.objects.get(digest, whole_pack=True)
-            except StickyError as exc:
-                raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
+        for digest, length, data in self._chunks(e, whole_pack):
             if len(data) != length:
                 raise StickyError(f"object {digest} of {e.path} has {len(data)} bytes, its "
                                   f"manifest entry says {length}")
@@ -299,6 +296,40 @@ class _Worker:
         offset = _pwrite_all(fd, batch, offset)
         if offset != e.size:
             raise StickyError(f"the chunks of {e.path} hold {offset} bytes, not {e.size}")
+
+    def _chunks(self, e: Entry, whole_pack: bool) -> Iterator[tuple[Digest, int, bytes]]:
+        """The file's chunks, each verified, with its manifest length.
+
+        The prefetch reads whole packs (it goes through them in order). A reader waits on
+        its file only: its chunks are read by ranges, one read per run of chunks stored side
+        by side in a pack, not the packs around them.
+        """
+        digests = [(Digest(bytes.fromhex(hexd)), length) for hexd, length in e.chunks]
+        chunks = [(d, length, self.objects.locate(d)) for d, length in digests]
+        for run in ([[c] for c in chunks] if whole_pack else _runs(chunks)):
+            span, start = b"", 0
+            if len(run) > 1:
+                first, last = run[0][2], run[-1][2]
+                assert first is not None and last is not None  # _runs: located, side by side
+                start = first.offset
+                with contextlib.suppress(StickyError):
+                    span = self.objects.backend.get(first.pack, start,
+                                                    last.offset + last.length - start)
+            for digest, length, loc in run:
+                data = None
+                if span and loc:
+                    with contextlib.suppress(StickyError):
+                        data = codec.decode(memoryview(span)[loc.offset - start:
+                                                             loc.offset - start + loc.length],
+                                            digest)
+                try:
+                    # Alone, or when the run's read failed: the object store's own read,
+                    # which looks again at an index that was wrong.
+                    got = data if data is not None else self.objects.get(digest,
+                                                                         whole_pack=whole_pack)
+                except StickyError as exc:
+                    raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
+                yield digest, length, got
 
     def _prefetch(self) -> None:
         """Fill every file in pack order, so each pack is read once, front to back."""
@@ -332,6 +363,27 @@ class _Worker:
                 doc = self.status.as_dict()
             with contextlib.suppress(OSError):
                 _write_status(self.sdir, Status(**doc))
+
+
+_Located = tuple[Digest, int, Location | None]
+
+
+def _runs(chunks: list[_Located]) -> Iterator[list[_Located]]:
+    """The chunks in runs stored back to back in one pack (a chunk not located: alone)."""
+    run: list[_Located] = []
+    end: tuple[str, int] | None = None
+    for chunk in chunks:
+        loc = chunk[2]
+        if run and (loc is None or (loc.pack, loc.offset) != end):
+            yield run
+            run = []
+        run.append(chunk)
+        end = (loc.pack, loc.offset + loc.length) if loc else None
+        if loc is None:
+            yield run
+            run = []
+    if run:
+        yield run
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> int:

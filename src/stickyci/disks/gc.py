@@ -21,14 +21,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..digest import Digest
 from ..errors import BackendError, IntegrityError, NotFound
 from ..snapshot import Manifest
-from ..store import Backend, IndexEntry, Location, as_backend, decode_index, read_at, repack
+from ..store import (
+    Backend,
+    IndexEntry,
+    Location,
+    Stat,
+    as_backend,
+    decode_index,
+    read_at,
+    repack,
+)
 from . import mounts, refs
+from .refs import each
 
 log = logging.getLogger("stickyci")
 DEFAULT_GRACE = 3600.0
@@ -66,10 +77,8 @@ def mark(backend: Backend, found: list[refs.DiskRef], where: Where,
     """
     snapshots = {g.snapshot for r in found for g in r.generations} | (roots or set())
     snapshots |= {m.base for m in mounts.all_mounts() if m.base and m.store == backend.url}
-    live: set[Digest] = set()
-    for snap in snapshots:
-        m = _manifest(backend, where, snap)
-        live.add(snap)
+    live: set[Digest] = set(snapshots)
+    for m in each(lambda snap: _manifest(backend, where, snap), sorted(snapshots)):
         live.update(Digest(bytes.fromhex(h)) for h in m.chunk_digests())
     return live
 
@@ -122,17 +131,21 @@ class _Pack:
     damaged: bool = False  # unreadable, with its pack present: both are left for an admin
 
 
-def _read_index(backend: Backend, name: str) -> _Pack | None:
-    """An index and its pack; ``entries`` is None unless the index fits the pack it names."""
+def _read_index(backend: Backend, name: str, stats: dict[str, Stat] | None) -> _Pack | None:
+    """An index and its pack (its size and age from ``stats``, the listing of packs, when
+    the backend gives one); ``entries`` is None unless the index fits the pack it names.
+
+    Every index is read from the store, never from a runner's local index: gc is also
+    where a damaged index comes to light."""
     pack = "packs/" + name.split("/", 1)[1]
-    st, ist = backend.stat(pack), backend.stat(name)
-    if ist is None:
+    try:
+        data = backend.get(name)
+    except NotFound:
         return None  # deleted since the listing
+    st = backend.stat(pack) if stats is None else stats.get(pack)
     entries: list[IndexEntry] | None
     try:
-        entries = decode_index(name, backend.get(name))
-    except NotFound:
-        return None
+        entries = decode_index(name, data)
     except IntegrityError as exc:
         if st is not None:
             # Damage rather than a lie (the server checks an index before storing it): its
@@ -141,6 +154,9 @@ def _read_index(backend: Backend, name: str) -> _Pack | None:
             return _Pack(st.mtime, st.size, name, pack, None, damaged=True)
         entries = None
     if st is None:
+        ist = backend.stat(name)  # its own age decides when it goes
+        if ist is None:
+            return None
         if entries is not None:
             log.warning("gc: %s claims nothing: its pack is missing", name)
         return _Pack(ist.mtime, 0, name, pack, None)
@@ -150,6 +166,13 @@ def _read_index(backend: Backend, name: str) -> _Pack | None:
                     name, st.size)
         entries = None
     return _Pack(st.mtime, st.size, name, pack, entries)
+
+
+def listed_stats(backend: Backend, namespace: str) -> dict[str, Stat] | None:
+    """Size and age of every blob under ``namespace`` from the listing itself, where the
+    backend gives them there (``list_stats``: ``file://`` and S3 do), else None."""
+    lister = getattr(backend, "list_stats", None)
+    return lister(namespace) if lister is not None else None
 
 
 def _holds(backend: Backend, where: Location, digest: Digest) -> bool:
@@ -173,8 +196,11 @@ def gc(store: str | Backend | None = None, *, grace: float = DEFAULT_GRACE,
     roots = scan_roots(backend, report.skipped)
     indexed = set()
     packs = []
-    for name in backend.list("index"):
-        found = _read_index(backend, name)
+    names = backend.list("index")
+    # Packs listed after indexes: a pack is written before its index, so every index listed
+    # has its pack in this listing unless it was deleted since.
+    stats = listed_stats(backend, "packs")
+    for found in each(lambda name: _read_index(backend, name, stats), names):
         if found is not None:
             packs.append(found)
             if found.entries is not None or found.damaged:
@@ -230,9 +256,16 @@ def gc(store: str | Backend | None = None, *, grace: float = DEFAULT_GRACE,
                 # Its replacement is no orphan, however young it looks: S3 mtimes are whole
                 # seconds, so with a short grace it would pass for older than this gc.
                 indexed |= repack(backend, p.pack, p.index, keep)
-    for name in [*backend.list("packs"), *backend.list("tmp")]:
-        st = backend.stat(name)
-        if name not in indexed and st and now - st.mtime >= grace:
+    tmp = listed_stats(backend, "tmp")
+    found_stats: Iterable[tuple[str, Stat | None]]
+    if stats is None or tmp is None:
+        unindexed = [n for n in [*backend.list("packs"), *backend.list("tmp")]
+                     if n not in indexed]
+        found_stats = zip(unindexed, each(backend.stat, unindexed), strict=True)
+    else:
+        found_stats = ((n, st) for n, st in [*stats.items(), *tmp.items()] if n not in indexed)
+    for name, st in found_stats:
+        if st and now - st.mtime >= grace:
             report.orphans_deleted += 1
             report.bytes_freed += st.size
             if not dry_run:

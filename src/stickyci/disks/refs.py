@@ -19,9 +19,10 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..digest import Digest
 from ..errors import BackendError, IntegrityError, InvalidKey
@@ -32,6 +33,10 @@ KEEP_GENERATIONS = 3
 # A bound on untrusted input, far above what commits keep: gc loads one manifest per generation.
 MAX_GENERATIONS = 64
 MAX_COMMITTER = 256
+READERS = 8
+"""Refs (and, for gc, indexes and manifests) read at once."""
+T = TypeVar("T")
+U = TypeVar("U")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 KEY_RULE = ("letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 "
             "characters")
@@ -243,18 +248,34 @@ class Listing:
     skipped: dict[str, str] = field(default_factory=dict)  # ref name → one-line reason
 
 
+def each(fn: Callable[[T], U], items: Sequence[T]) -> list[U]:
+    """``fn`` of every item, in order, ``READERS`` at a time: reading every ref or index of
+    a store is a wait for round trips, not work."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(READERS, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def scan_refs(backend: Backend) -> Listing:
     """Read every ref; one that does not parse is skipped, logged as a warning, and listed."""
     out = Listing()
-    for name in backend.list("refs"):
+
+    def read(name: str) -> DiskRef | IntegrityError | InvalidKey | None:
         key = name.removeprefix("refs/")
         try:
             got = backend.read_versioned(_name(key))
-            if got:
-                out.refs.append(DiskRef.decode(got[0], key))
+            return DiskRef.decode(got[0], key) if got else None
         except (IntegrityError, InvalidKey) as exc:
-            out.skipped[name] = str(exc)
-            log.warning("skipping %s", exc)
+            return exc
+
+    names = backend.list("refs")
+    for name, got in zip(names, each(read, names), strict=True):
+        if isinstance(got, DiskRef):
+            out.refs.append(got)
+        elif got is not None:
+            out.skipped[name] = str(got)
+            log.warning("skipping %s", got)
     out.refs.sort(key=lambda r: r.key)
     return out
 

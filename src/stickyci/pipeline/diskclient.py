@@ -156,18 +156,30 @@ _helper: _Helper | None = None
 _lock = threading.Lock()  # jobs of one process may run on several threads (Dask)
 
 
+def prestart() -> None:
+    """Start this process's helper now, if it has none, so that the first disk operation does
+    not wait for an interpreter to start."""
+    with _lock:
+        _running()
+
+
+def _running() -> _Helper:
+    """This process's helper, started (or restarted) if need be; the caller holds ``_lock``."""
+    global _helper
+    if _helper is None or not _helper.usable():
+        _helper = _Helper()
+    return _helper
+
+
 def _connect() -> socket.socket:
-    """A new connection to this process's helper (started, or restarted, if need be): the
-    client's end of it."""
+    """A new connection to this process's helper: the client's end of it."""
     global _helper
     mine, theirs = socket.socketpair()
     try:
         with _lock:
             for attempt in (1, 2):
-                if _helper is None or not _helper.usable():
-                    _helper = _Helper()
                 try:
-                    socket.send_fds(_helper.control, [b"+"], [theirs.fileno()])
+                    socket.send_fds(_running().control, [b"+"], [theirs.fileno()])
                     break
                 except OSError:
                     if attempt == 2:

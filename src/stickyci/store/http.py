@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import httpx
 
+from ..digest import Digest
 from ..errors import NotFound, StoreMisconfigured, StoreUnavailable, UsageError
 from . import protocol as p
 from .backend import Stat, check_name
@@ -46,6 +47,9 @@ class HttpBackend:
         self.url = url.rstrip("/")
         token = token if token is not None else os.environ.get("STICKYCI_TOKEN")
         self._auth = {"authorization": f"Bearer {token}"} if token else {}
+        # What this token is shown depends on the token: a local index is kept per token
+        # (its hash: the token itself never reaches a file name).
+        self.cache_scope = f"{self.url}#{Digest.of((token or '').encode()).hex[:32]}"
         self._injected = client
         self._pid = -1
         self._client: httpx.Client | None = None

@@ -119,6 +119,22 @@ class LocalBackend:
         except FileNotFoundError:
             return []
 
+    def list_stats(self, namespace: str) -> dict[str, Stat]:
+        """Names under a namespace with their size and mtime (gc's listing)."""
+        check_name(f"{namespace}/x")
+        out = {}
+        try:
+            with self._boundary(namespace), os.scandir(self.root / namespace) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = e.stat()
+                        out[f"{namespace}/{e.name}"] = Stat(st.st_size, st.st_mtime)
+        except FileNotFoundError:
+            return {}
+        return out
+
     def delete(self, name: str) -> None:
         """Remove a blob if present."""
         path = self._path(name)

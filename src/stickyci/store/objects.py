@@ -10,10 +10,12 @@ without an index (a writer killed mid-commit) is garbage for ``gc``.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import zstandard
@@ -22,6 +24,7 @@ from .. import codec
 from ..digest import Digest
 from ..errors import IntegrityError, NotFound
 from .backend import Backend
+from .localindex import Loaded, LocalIndex
 
 PACK_TARGET = 16 << 20
 INDEX_MAGIC = b"SCX1"
@@ -30,6 +33,9 @@ MAX_OBJECT = 1 << 30
 """The largest object an upload is verified against (a chunk is at most 1 MiB; a manifest of
 a huge tree is the big one)."""
 _ENTRY = struct.Struct("<32sQI")
+FETCH_THREADS = 8
+"""Indexes read at once when a refresh finds many new ones (they are small; the wait is the
+round trip)."""
 
 
 class IndexEntry(NamedTuple):
@@ -129,9 +135,23 @@ def _check_declared_size(envelope: memoryview, digest: Digest) -> None:
 class ObjectStore:
     """Objects by digest over a backend. Thread-safe, so one store can serve many requests."""
 
-    def __init__(self, backend: Backend, *, load_index: bool = True) -> None:
-        """``load_index=False`` defers reading the pack indexes to the first ``get`` miss."""
+    def __init__(self, backend: Backend, *, load_index: bool = True,
+                 local_index: bool = True, listing: bool = True) -> None:
+        """``load_index=False`` defers reading the pack indexes to the first ``get`` miss.
+        ``local_index=False`` reads every index from the store, keeping none locally (for a
+        store that must see exactly what it wrote, as repacking does). ``listing=False``
+        takes the local index as the index without listing the store (unless it is empty):
+        for a commit, whose ``check_present`` finds any pack a gc swept since (and forgets
+        it, so storing those objects again works); what others stored since the runner last
+        listed is not deduplicated against."""
         self.backend = backend
+        self._local = LocalIndex.for_backend(backend) if local_index else None
+        self._local_loaded = False
+        # A reader's local index taken without a listing (may hold packs gc swept since):
+        # places to read and verify, never proof that an object is stored.
+        self._unlisted: Loaded | None = None
+        self._known: set[str] = set()  # index names the local index holds
+        self._pid = os.getpid()
         # Keyed by raw digest bytes: hashing bytes is much cheaper than hashing a Digest, and
         # loading the index is on the path of every commit. The values are a Location's
         # fields as a plain tuple for the same reason (``locate`` makes the Location).
@@ -150,29 +170,114 @@ class ObjectStore:
         self._span_locks: dict[str, threading.Lock] = {}
         self.bytes_written = 0
         self.objects_written = 0
-        if load_index:
+        held = self._local.load() if load_index and not listing and self._local else None
+        if held is not None and held.names:
+            self._local_loaded = True
+            self._take(held, None)
+        elif load_index:  # a runner new to the store lists it once, to deduplicate
             self.refresh()
 
     def refresh(self) -> None:
-        """Load the indexes of packs written since the last refresh (by anyone)."""
-        for name in self.backend.list("index"):
-            if name in self._loaded:
-                continue
-            pack = "packs/" + name.split("/", 1)[1]
-            try:
-                data = self.backend.get(name)
-            except NotFound:
-                continue
-            entries = _decode_index_raw(name, data)
+        """Load the indexes of packs written since the last refresh (by anyone), and forget
+        the packs gone since (gc swept them). With a local index (:mod:`.localindex`) only
+        those are read: one listing, then a read per new pack."""
+        listed = self.backend.list("index")
+        if self._local is not None:
+            self._sync_local(listed)
+        stored = []
+        for name, data in self._fetch([n for n in listed if n not in self._loaded]):
+            pack_id = name.split("/", 1)[1]
+            pack = "packs/" + pack_id
+            entries = list(_decode_index_raw(name, data))
             with self._lock:
                 index = self._index
                 for d, off, ln in entries:
                     if d not in index:
                         index[d] = (pack, off, ln)
                 # A partial view grows when refs this reader may read change: re-read it on
-                # the next miss instead of taking it for the whole index.
+                # the next miss instead of taking it for the whole index (nor keeping it).
                 if not index_is_partial(data):
                     self._loaded.add(name)
+                    stored.append((pack_id, entries))
+        if self._local is not None and stored:
+            self._local.add(stored)
+            with self._lock:
+                self._known.update(f"index/{p}" for p, _ in stored)
+
+    def _fetch(self, names: list[str]) -> list[tuple[str, bytes]]:
+        """The indexes ``names``, read in parallel when there are many (a new runner's
+        first look at a remote store); one gone since the listing is left out."""
+        def one(name: str) -> tuple[str, bytes | None]:
+            try:
+                return name, self.backend.get(name)
+            except NotFound:
+                return name, None
+
+        if len(names) > FETCH_THREADS:
+            with ThreadPoolExecutor(FETCH_THREADS) as pool:
+                got = list(pool.map(one, names))
+        else:
+            got = [one(n) for n in names]
+        return [(n, d) for n, d in got if d is not None]
+
+    def _sync_local(self, listed: list[str]) -> None:
+        """Take in the local index (once), and forget what it holds that the store no longer
+        lists, there and here: entries of a swept pack must not pass for stored objects."""
+        assert self._local is not None
+        present = set(listed)
+        if not self._local_loaded:
+            self._local_loaded = True
+            got, self._unlisted = self._unlisted or self._local.load(), None
+            gone = [n for n in got.names if n not in present]
+            if gone:
+                self._local.forget([n.split("/", 1)[1] for n in gone])
+                got = self._local.load(extra=True)
+            self._take(got, present if gone else None)
+            return
+        with self._lock:
+            gone = [n for n in self._known if n not in present]
+        if gone:
+            self._local.forget([n.split("/", 1)[1] for n in gone])
+            self._take(self._local.load(extra=True), present)
+
+    def _take(self, got: Loaded, present: set[str] | None) -> None:
+        """Use what the local index holds. With ``present`` (the listing), start again from
+        it alone, keeping only this process's own packs and what the store still lists."""
+        with self._lock:
+            if present is None and not self._index:
+                self._index, self._loaded = got.entries, self._loaded | got.names
+                self._known = set(got.names)
+                return
+            if present is None:
+                for d, loc in got.entries.items():
+                    self._index.setdefault(d, loc)
+                self._loaded |= got.names
+                self._known = set(got.names)
+                return
+            names = got.names & present
+            packs = {"packs/" + n.split("/", 1)[1] for n in names}
+            self._index = {d: loc for d, loc in got.entries.items() if loc[0] in packs}
+            for d, loc in got.extra:
+                if loc[0] in packs:
+                    self._index.setdefault(d, loc)
+            self._loaded, self._known = set(names), set(names)
+            for pack, index in self.written.items():
+                self._loaded.add("index/" + pack.split("/", 1)[1])
+                for d, off, ln in _decode_index_raw(pack, index):
+                    self._index.setdefault(d, (pack, off, ln))
+
+    def _distrust(self, packs: Sequence[str]) -> None:
+        """Places in ``packs`` did not hold their objects (or the packs are gone): read their
+        indexes from the store again on the next refresh, not from the local index."""
+        ids = [p.split("/", 1)[1] for p in packs]
+        if self._local is not None:
+            self._local.forget(ids)
+        dropped = set(packs)
+        with self._lock:
+            for pack_id in ids:
+                self._loaded.discard(f"index/{pack_id}")
+                self._known.discard(f"index/{pack_id}")
+            self._index = {d: loc for d, loc in self._index.items() if loc[0] not in dropped}
 
     def has(self, digest: Digest) -> bool:
         """True if the object is stored or on its way into a pack."""
@@ -182,6 +287,8 @@ class ObjectStore:
     def locate(self, digest: Digest) -> Location | None:
         """The pack location of a stored object."""
         loc = self._index.get(digest.raw)
+        if loc is None and (unlisted := self._unlisted) is not None:
+            loc = unlisted.entries.get(digest.raw)
         return Location(*loc) if loc else None
 
     def check_present(self, digests: Iterable[bytes]) -> None:
@@ -197,6 +304,7 @@ class ObjectStore:
             packs.add(loc[0])
         gone = self.backend.missing(sorted(packs - self.written.keys()))
         if gone:
+            self._distrust(gone)  # so a refresh and a retry store those objects again
             raise NotFound(f"{gone[0]} was removed by a concurrent gc; retry the commit")
 
     def put(self, plain: bytes | memoryview, digest: Digest | None = None) -> Digest:
@@ -267,19 +375,43 @@ class ObjectStore:
         """
         pack, name = f"packs/{pack_id}", f"index/{pack_id}"
         entries = _decode_index_raw(name, index)
+        rows = list(entries)
         with self._lock:
-            for d, off, ln in entries:
+            for d, off, ln in rows:
                 self._index.setdefault(d, (pack, off, ln))
             self._loaded.add(name)
             self.written[pack] = index
+        # Forked workers' packs are recorded once, by the process that adopts them.
+        if self._local is not None and os.getpid() == self._pid:
+            self._local.add([(pack_id, rows)])
+            with self._lock:
+                self._known.add(name)
 
     def get(self, digest: Digest, *, whole_pack: bool = False) -> bytes:
         """Read and verify an object. ``whole_pack`` caches its pack for sequential readers."""
-        envelope = self._envelope(digest, whole_pack)
-        return codec.decode(envelope, digest)
+        try:
+            return codec.decode(self._envelope(digest, whole_pack), digest)
+        except (IntegrityError, NotFound):
+            loc = self.locate(digest)
+            if loc is None or self._local is None or loc.pack in self.written:
+                raise
+        # The place came from the local index, and may be wrong or swept by gc since: read
+        # the pack's own index again, or find where the object lies now, once.
+        self._unlisted = None
+        self._distrust([loc.pack])
+        with self._lock:
+            self._spans.pop(loc.pack, None)
+        self.refresh()
+        return codec.decode(self._envelope(digest, whole_pack), digest)
 
     def _envelope(self, digest: Digest, whole_pack: bool) -> bytes | memoryview:
         loc = self.locate(digest)
+        if loc is None and self._local is not None and not self._local_loaded \
+                and self._unlisted is None:
+            # A reader's first miss: the local index, without a listing. Its places are
+            # checked by reading them (see ``get``); ``has`` never answers from it.
+            self._unlisted = self._local.load()
+            loc = self.locate(digest)
         if loc is None:
             # Another writer may have published it since the index was (or was not) loaded.
             self.refresh()

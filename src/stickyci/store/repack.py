@@ -26,7 +26,8 @@ def repack(backend: Backend, pack: str, index: str, keep: Sequence[IndexEntry]) 
     Every object is verified before it is carried over; one that does not verify is dropped
     with a warning.
     """
-    fresh = ObjectStore(backend, load_index=False)
+    # Its own objects only: a place the local index knows is the pack about to be deleted.
+    fresh = ObjectStore(backend, load_index=False, local_index=False)
     for d, off, ln in keep:
         envelope = backend.get(pack, off, ln)
         try:

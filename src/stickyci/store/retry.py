@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from ..errors import StoreUnavailable, UsageError
 from .backend import Backend, Stat
+from .localindex import scope_of
 
 T = TypeVar("T")
 FIRST_DELAY = 0.05
@@ -51,6 +52,7 @@ class RetryBackend:
         """Retry for ``window`` seconds (None: ``retry_window()``, read now); 0 tries once."""
         self.inner = inner
         self.url = inner.url
+        self.cache_scope = scope_of(inner)
         self.window = retry_window() if window is None else max(0.0, window)
 
     def __repr__(self) -> str:

@@ -103,6 +103,7 @@ class S3Backend:
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         self._config = config
         self._endpoint = os.environ.get("STICKYCI_S3_ENDPOINT") or None
+        self.cache_scope = f"{self.url}@{self._endpoint or 'aws'}"  # one bucket name, two services
         self._conditional = conditional_writes
         self._bucket_checked = False
         self._pid = -1
@@ -268,6 +269,18 @@ class S3Backend:
             # ending in "/"; it is no blob.
             return [o["Key"][start:] for page in pages for o in page.get("Contents", [])
                     if not o["Key"].endswith("/")]
+
+    def list_stats(self, namespace: str) -> dict[str, Stat]:
+        """Names under a namespace with their size and mtime, from the listing itself (gc's
+        listing: no HEAD per blob)."""
+        check_name(f"{namespace}/x")
+        start = len(self.prefix)
+        with self._boundary("list", namespace):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}{namespace}/", Delimiter="/")
+            return {o["Key"][start:]: Stat(o["Size"], o["LastModified"].timestamp())
+                    for page in pages for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")}
 
     def delete(self, name: str) -> None:
         """Remove a blob; S3 deletes of absent keys succeed."""

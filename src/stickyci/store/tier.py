@@ -23,6 +23,7 @@ from ..digest import Digest
 from ..errors import NotFound, StickyError
 from .backend import Backend, Stat
 from .local import LocalBackend
+from .localindex import scope_of
 from .objects import index_is_partial
 
 _IMMUTABLE = ("packs/", "index/")
@@ -38,6 +39,7 @@ class TieredBackend:
         self.local = local
         self.remote = remote
         self.url = remote.url
+        self.cache_scope = scope_of(remote)
         self.limit = limit
         self._added = 0
         self._touched: set[str] = set()

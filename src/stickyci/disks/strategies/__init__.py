@@ -18,7 +18,7 @@ from ...errors import StickyError, UsageError
 from ...fsutil import Tree, empty_dir, remove_tree
 from ...snapshot import Manifest, Scan
 from .clone import Clone
-from .lazy import LAZY_FILE, Lazy, lazy_base, lazy_status
+from .lazy import LAZY_FILE, Lazy, lazy_base, lazy_mounts, lazy_status
 from .overlay import Overlay
 
 log = logging.getLogger("stickyci")
@@ -62,8 +62,8 @@ STRATEGIES: dict[str, Strategy] = {
 }
 AUTO_ORDER = ("overlay", "reflink", "copy")
 CHOICES = ("auto", *AUTO_ORDER, "lazy")
-__all__ = ["AUTO_ORDER", "CHOICES", "STRATEGIES", "Strategy", "get", "lazy_base", "lazy_status",
-           "mount"]
+__all__ = ["AUTO_ORDER", "CHOICES", "STRATEGIES", "Strategy", "get", "lazy_base", "lazy_mounts",
+           "lazy_status", "mount"]
 
 
 def get(name: str) -> Strategy:

@@ -28,7 +28,7 @@ from ...errors import StickyError
 from ...fsutil import Tree, remove_tree
 from ...snapshot import Entry, Manifest, Scan, load_manifest, materialize
 from ...store import ObjectStore
-from .. import basecache, filler
+from .. import basecache, filler, mounts
 from .overlay import Overlay
 
 log = logging.getLogger("stickyci")
@@ -75,6 +75,13 @@ def lazy_status(sdir: Path) -> dict[str, Any]:
     return status.as_dict() if status else {}
 
 
+def lazy_mounts(key: str, store_url: str) -> list[dict[str, Any]]:
+    """The lazy mounts of disk ``key`` from ``store_url`` on this machine: each one's path and
+    what its filler fetched (on demand, prefetched, whether the base is complete)."""
+    return [{"path": m.path, **lazy_status(m.dir)} for m in mounts.all_mounts()
+            if m.key == key and m.store == store_url and is_lazy(m.dir)]
+
+
 def is_lazy(sdir: Path) -> bool:
     """True if the mount with private dir ``sdir`` was given a lazy base."""
     return (sdir / LAZY_FILE).is_file()
@@ -108,8 +115,9 @@ def lazy_base(choice: str, objects: ObjectStore, snapshot: Digest | None, trust_
     filler, and return it; None when the base is cached, the disk is new, or this machine
     cannot fill lazily (then a one-line notice says why).
 
-    ``auto`` does not choose it yet: it stays opt-in until its benchmark (bench/lazy.py) shows
-    the cold mounts it is for are faster.
+    ``auto`` does not choose it: its benchmark (bench/lazy.py, docs/benchmarks.md) has a job
+    reading every file slower than an eager cold mount, and one reading 10% of the bytes not
+    3x faster, so it stays opt-in.
     """
     if choice != "lazy" or snapshot is None:
         return None

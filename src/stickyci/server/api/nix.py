@@ -24,7 +24,6 @@ from ..nix import (
     KeyRing,
     NarInfo,
     NarRecord,
-    NarSpool,
     NarStore,
     check_cache,
     info_name,
@@ -158,7 +157,7 @@ class Nix(Api):
             raise UsageError(f"NAR compression {upload.group(1)!r} is not accepted; copy with "
                              "?compression=xz, zstd, bzip2 or none")
         limit = self.server.cfg.max_body
-        spool = await self.call(NarSpool, compression, limit)
+        incoming = await self.call(self.nars.upload, compression, limit)
         try:
             received, buf = 0, bytearray()
             async for piece in request.stream():
@@ -168,15 +167,15 @@ class Nix(Api):
                                    "bytes; raise stickyci serve --max-body")
                 buf += piece
                 if len(buf) >= _FEED:
-                    await self.call(spool.feed, bytes(buf))
+                    await self.call(incoming.feed, bytes(buf))
                     buf.clear()
-            await self.call(spool.feed, bytes(buf))
-            record = await self.call(self.nars.ingest, cache, spool)
+            await self.call(incoming.feed, bytes(buf))
+            record = await self.call(self.nars.ingest, cache, incoming)
         except ClientDisconnect as exc:
             raise UsageError("the client went away before the NAR was complete; nothing "
-                             "was stored") from exc
+                             "was pinned") from exc
         finally:
-            spool.close()
+            incoming.close()
         self.server.lru.touch(pin_name(cache, record.nar_hash), record.size)
         await self._evict()
         return Response(status_code=200)

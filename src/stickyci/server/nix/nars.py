@@ -1,11 +1,13 @@
 """NARs and narinfos of the Nix caches, kept in the content-addressed store.
 
-An uploaded NAR is decompressed as it arrives (:class:`NarSpool`), hashed by the server, cut by
-content-defined chunking into the object store (as a disk's files are, so a new version of a
-store path adds only its changed chunks and a file shared by many paths is stored once), and
-described by a one-file manifest. A **pin**, ``roots/nix.<cache>.<nar hash>``, names that
-manifest (``{"snapshot": hex}``, the root record gc reads): it is what makes the NAR part of
-a cache, and what garbage collection keeps live. A
+An uploaded NAR is decompressed as it arrives (:class:`NarUpload`), hashed by the server, its
+store paths blanked out (:mod:`.refs`, so a rebuild whose only change is its references adds
+nothing), cut by content-defined chunking into the object store (:mod:`.chunks`, so a new
+version of a store path adds only its changed chunks), and described by a manifest: the
+normalised NAR as its one file ``nar``. A **pin**, ``roots/nix.<cache>.<nar hash>``, names
+that manifest (``{"snapshot": hex, "refs": patch list}``; gc reads ``snapshot``): it is what
+makes the NAR part of a cache, and what garbage collection keeps live. The patch list lives
+in the pin so that a rebuild whose only change is its references writes nothing but its pin. A
 narinfo is kept as ``nix/<cache>.<hash part>`` in its stored form, and is accepted only if its
 NAR is pinned in the same cache with the hash and size the server computed.
 """
@@ -16,8 +18,6 @@ import bz2
 import hashlib
 import json
 import lzma
-import mmap
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,15 +25,18 @@ from typing import IO, Protocol, cast
 
 import zstandard
 
-from ...chunking import cut
 from ...digest import Digest
 from ...disks import root_snapshot
-from ...errors import IntegrityError, NotFound, TooLarge, UsageError
+from ...errors import IntegrityError, NotFound, StoreUnavailable, TooLarge, UsageError
 from ...snapshot import FILE, Entry, Manifest, save_manifest
 from ...store import Backend, ObjectStore
+from .chunks import ChunkStream
 from .narinfo import NarInfo, nix32, parse_narinfo
+from .refs import Patch, encode_patches, parse_patches, restore
 
 PIN_PREFIX = "roots/nix."
+NAR_ENTRY = "nar"
+REFS_KEY = "refs"
 INFO_PREFIX = "nix/"
 NAR_MAGIC = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1"
 _STEP = 1 << 20
@@ -56,18 +59,19 @@ class _Decompressor(Protocol):
     def end(self) -> None: ...
 
 
-class NarSpool:
-    """An uploaded NAR on its way in: decompressed into a temporary file, hashed, counted.
+class NarUpload:
+    """An uploaded NAR on its way in: decompressed, hashed and counted as it arrives, and
+    normalised, cut and compressed into the object store meanwhile (:class:`ChunkStream`).
 
     ``limit`` bounds the uncompressed size, so a small compressed bomb cannot fill the disk;
     output is produced a MiB at a time, so it cannot fill memory either.
     """
 
-    def __init__(self, compression: str, limit: int) -> None:
+    def __init__(self, compression: str, limit: int, objects: ObjectStore) -> None:
         self.limit = limit
         self.size = 0
-        # Closed by close(), which the route calls whatever happens to the upload.
-        self.file: IO[bytes] = tempfile.TemporaryFile(prefix="stickyci-nar-")  # noqa: SIM115
+        self.objects = objects
+        self.stream = ChunkStream(objects)
         self._sha = hashlib.sha256()
         self._head = b""
         self._dec = _decompressor(compression, self)
@@ -80,8 +84,10 @@ class NarSpool:
                            "uncompressed; raise stickyci serve --max-body")
         if len(self._head) < len(NAR_MAGIC):
             self._head += data[: len(NAR_MAGIC)]
+            if not NAR_MAGIC.startswith(self._head[: len(NAR_MAGIC)]):
+                raise _not_a_nar()
         self._sha.update(data)
-        self.file.write(data)
+        self.stream.feed(data)
         return len(data)
 
     def feed(self, data: bytes) -> None:
@@ -92,17 +98,20 @@ class NarSpool:
         """The SHA-256 and size of the whole NAR; ``UsageError`` if it is not one."""
         self._dec.end()
         if not self._head.startswith(NAR_MAGIC):
-            raise UsageError("the upload is not a NAR (no nix-archive-1 header) once "
-                             "decompressed; check the compression its name says")
-        self.file.flush()
+            raise _not_a_nar()
         return self._sha.digest(), self.size
 
     def close(self) -> None:
-        """Drop the temporary file."""
-        self.file.close()
+        """Drop what an upload that did not finish left behind."""
+        self.stream.close()
 
 
-def _decompressor(compression: str, sink: NarSpool) -> _Decompressor:
+def _not_a_nar() -> UsageError:
+    return UsageError("the upload is not a NAR (no nix-archive-1 header) once decompressed; "
+                      "check the compression its name says")
+
+
+def _decompressor(compression: str, sink: NarUpload) -> _Decompressor:
     if compression == "none":
         return _Plain(sink)
     if compression == "zstd":
@@ -115,7 +124,7 @@ def _decompressor(compression: str, sink: NarSpool) -> _Decompressor:
 
 
 class _Plain:
-    def __init__(self, sink: NarSpool) -> None:
+    def __init__(self, sink: NarUpload) -> None:
         self.sink = sink
 
     def feed(self, data: bytes) -> None:
@@ -127,7 +136,7 @@ class _Plain:
 
 class _Stdlib:
     def __init__(self, dec: lzma.LZMADecompressor | bz2.BZ2Decompressor, name: str,
-                 sink: NarSpool) -> None:
+                 sink: NarUpload) -> None:
         self.dec, self.name, self.sink = dec, name, sink
 
     def feed(self, data: bytes) -> None:
@@ -148,8 +157,8 @@ class _Stdlib:
 
 
 class _Zstd:
-    def __init__(self, sink: NarSpool) -> None:
-        # The writer hands its output to the spool a MiB at a time: a bomb cannot fill memory.
+    def __init__(self, sink: NarUpload) -> None:
+        # The writer hands its output on a MiB at a time: a bomb cannot fill memory.
         self.writer = zstandard.ZstdDecompressor().stream_writer(
             cast(IO[bytes], sink), write_size=_STEP, closefd=False)
 
@@ -171,6 +180,9 @@ class NarRecord:
     size: int
     manifest: Digest
     chunks: tuple[tuple[Digest, int], ...]
+    """The chunks of the normalised NAR (:mod:`.refs`)."""
+    patches: tuple[Patch, ...] = ()
+    """What puts its store paths back."""
 
 
 class NarStore:
@@ -188,35 +200,35 @@ class NarStore:
                 self._objects = ObjectStore(self.backend)
             return self._objects
 
-    def ingest(self, cache: str, spool: NarSpool) -> NarRecord:
-        """Chunk a finished upload into the store and pin it in ``cache``."""
-        nar_hash, size = spool.finish()
-        try:
-            return self._ingest(self.objects(), cache, spool, nar_hash, size)
-        except NotFound:
-            # A gc swept a pack this upload deduplicated against: start from the store as it is.
-            return self._ingest(self.objects(fresh=True), cache, spool, nar_hash, size)
-
-    def _ingest(self, objects: ObjectStore, cache: str, spool: NarSpool, nar_hash: bytes,
-                size: int) -> NarRecord:
+    def upload(self, compression: str, limit: int) -> NarUpload:
+        """A NAR upload into the store as it is (packs written since are indexed first, so
+        the upload deduplicates against them)."""
+        objects = self.objects()
         objects.refresh()
-        chunks: list[tuple[Digest, int]] = []
-        with (mmap.mmap(spool.file.fileno(), 0, access=mmap.ACCESS_READ) as mm,
-              memoryview(mm) as view):
-            pieces = list(cut(view))
-            try:
-                for piece in pieces:
-                    chunks.append((objects.put(piece), len(piece)))
-            finally:
-                for piece in pieces:  # the mapping can close only once no view of it is left
-                    piece.release()
-        entry = Entry("nar", FILE, 0o444, 0, size=size,
-                      chunks=[[d.hex, n] for d, n in chunks])
-        manifest = save_manifest(objects, Manifest({"nar": entry}))
-        objects.check_present([manifest.raw, *(d.raw for d, _ in chunks)])
-        pin = json.dumps({"snapshot": manifest.hex}).encode()
-        self.backend.put(pin_name(cache, nar_hash), pin)
-        return NarRecord(nar_hash, size, manifest, tuple(chunks))
+        return NarUpload(compression, limit, objects)
+
+    def ingest(self, cache: str, upload: NarUpload) -> NarRecord:
+        """Finish an upload: store its manifest and pin it in ``cache``."""
+        nar_hash, size = upload.finish()
+        chunks, patches = upload.stream.finish()
+        objects = upload.objects
+        entry = Entry(NAR_ENTRY, FILE, 0o444, 0, size=size, chunks=[[d.hex, n] for d, n in chunks])
+        # A rebuild that only changed references has the manifest of the build before it:
+        # nothing new to write but its pin.
+        manifest = save_manifest(objects, Manifest({NAR_ENTRY: entry}))
+        try:
+            objects.check_present([manifest.raw, *(d.raw for d, _ in chunks)])
+        except NotFound as exc:
+            # A gc swept a pack this upload deduplicated against, and the bytes are gone.
+            self.objects(fresh=True)
+            raise StoreUnavailable(f"{exc}; nothing was pinned, upload the NAR again",
+                                   summary="a concurrent gc removed data this upload "
+                                   "shares; upload it again") from exc
+        pin: dict[str, str] = {"snapshot": manifest.hex}
+        if patches:
+            pin[REFS_KEY] = encode_patches(patches).decode()
+        self.backend.put(pin_name(cache, nar_hash), json.dumps(pin).encode())
+        return NarRecord(nar_hash, size, manifest, tuple(chunks), patches)
 
     def nar(self, cache: str, nar_hash: bytes) -> NarRecord | None:
         """The cache's NAR with this hash, or None if it has none."""
@@ -226,30 +238,39 @@ class NarStore:
         except NotFound:
             return None
         manifest = root_snapshot(text, name)
-        try:
-            plain = self.objects().get(manifest)
-        except NotFound:
-            plain = self.objects(fresh=True).get(manifest)
-        entry = Manifest.decode(plain, f"the manifest of {name}").entries.get("nar")
+        entry = Manifest.decode(self._get(manifest), f"the manifest of {name}").entries.get(
+            NAR_ENTRY)
         try:
             assert entry is not None and entry.kind == FILE
             chunks = tuple((Digest.parse(h), int(n)) for h, n in entry.chunks)
             assert sum(n for _, n in chunks) == entry.size
         except (AssertionError, ValueError, TypeError) as exc:
             raise IntegrityError(f"the manifest of {name} does not describe a NAR") from exc
-        return NarRecord(nar_hash, entry.size, manifest, chunks)
+        listing = json.loads(text).get(REFS_KEY, "")  # root_snapshot parsed it as an object
+        if not isinstance(listing, str):
+            raise IntegrityError(f"the patch list in {name} is not text")
+        patches = (parse_patches(listing.encode(), entry.size, f"the patch list in {name}")
+                   if listing else ())
+        return NarRecord(nar_hash, entry.size, manifest, chunks, patches)
 
-    def read(self, record: NarRecord) -> Iterator[bytes]:
-        """The NAR's chunks in order, each verified against its digest."""
+    def _get(self, digest: Digest) -> bytes:
+        try:
+            return self.objects().get(digest)
+        except NotFound:
+            return self.objects(fresh=True).get(digest)
+
+    def _chunks(self, record: NarRecord) -> Iterator[bytes]:
         for digest, length in record.chunks:
-            try:
-                data = self.objects().get(digest)
-            except NotFound:
-                data = self.objects(fresh=True).get(digest)
+            data = self._get(digest)
             if len(data) != length:
                 raise IntegrityError(f"chunk {digest} of NAR sha256:{nix32(record.nar_hash)} "
                                      f"has {len(data)} bytes, not {length}")
             yield data
+
+    def read(self, record: NarRecord) -> Iterator[bytes]:
+        """The NAR's chunks in order, each verified against its digest, its store paths
+        written back."""
+        return restore(self._chunks(record), record.patches)
 
     def check(self, record: NarRecord, keep: int) -> list[bytes] | None:
         """Read the whole NAR and check it hashes to its name, before a byte of it is sent;

@@ -1,0 +1,309 @@
+"""The local merged index (``stickyci.store.localindex``): a refresh reads only what changed,
+stays right when other machines commit and after a gc, and never trusts its file blindly.
+
+"Machines" here are cache directories (``STICKYCI_CACHE_DIR``), which is where a runner keeps
+its local index; every store is a real ``file://`` store, every gc the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import Env
+from test_http_inprocess import InProcess, disk_ref, served  # noqa: F401 (a fixture)
+
+from stickyci import disks
+from stickyci.digest import Digest
+from stickyci.disks import gc, refs
+from stickyci.snapshot import Entry, Manifest, save_manifest
+from stickyci.snapshot.model import FILE
+from stickyci.store import LocalBackend, ObjectStore, Stat
+from stickyci.store.localindex import LocalIndex, encode_add
+
+
+class Counted(LocalBackend):
+    """A ``file://`` store that counts the calls made to it, by method and namespace."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.calls: Counter[str] = Counter()
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Count, then read."""
+        self.calls[f"get {name.split('/')[0]}"] += 1
+        return super().get(name, offset, length)
+
+    def stat(self, name: str) -> Stat | None:
+        """Count, then stat."""
+        self.calls[f"stat {name.split('/')[0]}"] += 1
+        return super().stat(name)
+
+    def list(self, namespace: str) -> list[str]:
+        """Count, then list."""
+        self.calls[f"list {namespace}"] += 1
+        return super().list(namespace)
+
+
+def on_machine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> Path:
+    """Switch to the runner ``name``: its own cache directory, so its own local index."""
+    cache = tmp_path / f"machine-{name}"
+    monkeypatch.setenv("STICKYCI_CACHE_DIR", str(cache))
+    return cache
+
+
+def commit(store: ObjectStore, backend: LocalBackend, key: str, *contents: bytes) -> Digest:
+    """A snapshot of files with ``contents`` stored as disk ``key`` (one pack)."""
+    entries = {f"f{i}": Entry(f"f{i}", FILE, 0o644, 0, size=len(c),
+                              chunks=[[store.put(c).hex, len(c)]])
+               for i, c in enumerate(contents)}
+    snap = save_manifest(store, Manifest(entries))
+    current = backend.read_versioned(f"refs/{key}")
+    assert backend.put_if(f"refs/{key}", disk_ref(key, snap), current[1] if current else None)
+    return snap
+
+
+def index_file(cache: Path) -> Path:
+    """The one local index file under a machine's cache directory."""
+    [found] = (cache / "index").glob("*.log")
+    return found
+
+
+def test_a_refresh_reads_only_the_indexes_it_has_not_seen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = Counted(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(20):
+        commit(writer, backend, f"disk-{i}", f"content {i}".encode())
+    assert len(backend.list("index")) == 20
+
+    backend.calls.clear()
+    again = ObjectStore(backend)  # a later job on the machine that wrote them
+    assert backend.calls == {"list index": 1}
+    assert again.has(Digest.of(b"content 7"))
+
+    backend.calls.clear()
+    reader = ObjectStore(backend, load_index=False)  # a mount: reads what it needs, no listing
+    assert reader.get(Digest.of(b"content 3")) == b"content 3"
+    assert backend.calls == {"get packs": 1}
+
+    on_machine(monkeypatch, tmp_path, "b")  # another runner commits one more pack
+    commit(ObjectStore(backend), backend, "disk-b", b"from b")
+    on_machine(monkeypatch, tmp_path, "a")
+    backend.calls.clear()
+    third = ObjectStore(backend)
+    assert backend.calls == {"list index": 1, "get index": 1}
+    assert third.get(Digest.of(b"from b")) == b"from b"
+
+
+def test_two_machines_committing_at_once_see_each_others_objects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path / "store")
+    caches = {m: tmp_path / f"machine-{m}" for m in "ab"}
+    stores: dict[str, ObjectStore] = {}
+    for m, cache in caches.items():
+        monkeypatch.setenv("STICKYCI_CACHE_DIR", str(cache))
+        stores[m] = ObjectStore(backend)  # each opens its own local index
+    errors: list[BaseException] = []
+
+    def run(m: str) -> None:
+        try:
+            for i in range(15):
+                commit(stores[m], backend, f"{m}-{i}", f"{m} {i}".encode(), b"shared")
+                stores[m].refresh()
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for cache in caches.values():
+        monkeypatch.setenv("STICKYCI_CACHE_DIR", str(cache))
+        fresh = ObjectStore(backend)  # from this machine's local index plus the listing
+        for other in "ab":
+            for i in range(15):
+                assert fresh.get(Digest.of(f"{other} {i}".encode())) == f"{other} {i}".encode()
+        assert fresh.get(Digest.of(b"shared")) == b"shared"
+
+
+def test_after_a_gc_swept_objects_are_gone_and_repacked_ones_found(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    commit(writer, backend, "dropped", b"only in the dropped disk" * 50)
+    big_dead, kept = os.urandom(200_000), b"kept by a live disk"
+    commit(writer, backend, "mixed", big_dead, kept)
+    commit(writer, backend, "mixed", kept)  # the big file's generation goes with the old ref
+    before = ObjectStore(backend)  # a job whose store was loaded before the gc
+    assert before.has(Digest.of(b"only in the dropped disk" * 50))
+    on_machine(monkeypatch, tmp_path, "c")
+    ObjectStore(backend)  # a runner that last looked before the gc
+    on_machine(monkeypatch, tmp_path, "a")
+
+    refs.delete_ref(backend, "dropped")
+    report = gc(backend, grace=0)
+    assert report.packs_deleted >= 1 and report.packs_repacked == 1
+
+    after = ObjectStore(backend)  # from the local index, diffed against the listing
+    assert not after.has(Digest.of(b"only in the dropped disk" * 50))
+    assert not after.has(Digest.of(big_dead))
+    assert after.get(Digest.of(kept)) == kept
+    # The job loaded before the gc finds the repacked object where it lies now.
+    assert before.get(Digest.of(kept)) == kept
+    # A reader on a runner whose local index predates the gc (a mount: no listing first)
+    # finds the repacked object, and never takes the swept one for stored.
+    on_machine(monkeypatch, tmp_path, "c")
+    reader = ObjectStore(backend, load_index=False)
+    assert reader.get(Digest.of(kept)) == kept
+    assert not reader.has(Digest.of(b"only in the dropped disk" * 50))
+    on_machine(monkeypatch, tmp_path, "a")
+    # And the local index itself no longer lists the swept packs.
+    live = {f"index/{n.split('/')[1]}" for n in backend.list("packs")}
+    held = LocalIndex(index_file(tmp_path / "machine-a")).load()
+    assert held.names <= live
+
+
+def test_a_damaged_local_index_is_rebuilt_from_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    backend = Counted(tmp_path / "store")
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(5):
+        commit(writer, backend, f"d{i}", f"object {i}".encode())
+    path = index_file(cache)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    backend.calls.clear()
+    fresh = ObjectStore(backend)
+    assert "damaged" in caplog.text
+    assert backend.calls["get index"] == 5  # every index read again, none taken on trust
+    assert all(fresh.get(Digest.of(f"object {i}".encode())) == f"object {i}".encode()
+               for i in range(5))
+    assert LocalIndex(path).load().names == set(backend.list("index"))
+
+
+def test_a_truncated_local_index_keeps_its_whole_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = Counted(tmp_path / "store")
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(4):
+        commit(writer, backend, f"d{i}", f"object {i}".encode())
+    path = index_file(cache)
+    path.write_bytes(path.read_bytes()[:-10])  # a writer killed in its last append
+
+    backend.calls.clear()
+    fresh = ObjectStore(backend)
+    assert backend.calls["get index"] == 1  # the torn record's pack, read again
+    assert fresh.get(Digest.of(b"object 3")) == b"object 3"
+    assert LocalIndex(path).load().names == set(backend.list("index"))
+
+
+def test_a_wrong_place_in_a_sealed_local_index_is_not_trusted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path / "store")
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    commit(writer, backend, "d", b"first object", b"second object")
+    [name] = backend.list("index")
+    pack_id = name.split("/")[1]
+    first, second = Digest.of(b"first object"), Digest.of(b"second object")
+    # A well-formed record that swaps where the two objects lie.
+    plain = ObjectStore(backend, local_index=False)
+    at_first, at_second = plain.locate(first), plain.locate(second)
+    assert at_first and at_second
+    rows = [(first.raw, at_second.offset, at_second.length),
+            (second.raw, at_first.offset, at_first.length)]
+    index_file(cache).write_bytes(encode_add([(pack_id, rows)]))
+
+    fresh = ObjectStore(backend)
+    assert fresh.get(first) == b"first object"
+    assert fresh.get(second) == b"second object"
+
+
+def test_a_partial_view_is_never_kept_and_each_token_has_its_own_index(
+        served: InProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    cache = on_machine(monkeypatch, tmp_path, "runner")
+    admin = served.backend()
+    own = ObjectStore(admin, load_index=False)
+    secret = own.put(b"team a's secret")
+    snap = save_manifest(own, Manifest({"f": Entry("f", FILE, 0o644, 0, size=15,
+                                                   chunks=[[secret.hex, 15]])}))
+    assert admin.put_if("refs/team-a-x", disk_ref("team-a-x", snap), None)
+    held_by_admin = {p for p in (cache / "index").glob("*.log")}
+    assert len(held_by_admin) == 1  # the admin's own local index holds the pack
+
+    team_b = served.backend(served.token(read=["team-b-*"], write=["team-b-*"]))
+    assert team_b.cache_scope != admin.cache_scope
+    seen_by_b = ObjectStore(team_b)
+    assert not seen_by_b.has(secret)  # neither the admin's local index nor the pack's view
+    for path in set((cache / "index").glob("*.log")) - held_by_admin:
+        assert LocalIndex(path).load().entries == {}  # the partial view was not kept
+
+
+def test_a_local_index_log_is_compacted(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path / "store")
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(70):  # one append per pack
+        commit(writer, backend, f"d{i}", f"object {i}".encode())
+    path = index_file(cache)
+    appended = path.stat().st_size
+    got = LocalIndex(path).load()
+    assert len(got.names) == 70 and path.stat().st_size < appended
+    assert LocalIndex(path).load().records == 1
+
+
+
+
+def test_gc_takes_sizes_and_ages_from_the_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = Counted(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(10):
+        commit(writer, backend, f"d{i}", f"object {i}".encode())
+    refs.delete_ref(backend, "d3")
+    backend.calls.clear()
+    report = gc(backend, grace=0)
+    assert report.packs_deleted == 1 and report.live_objects == 18
+    # One read per index (gc reads every one from the store: it is where damage shows),
+    # and no stat per pack: the listing gave their sizes and ages.
+    assert backend.calls["get index"] == 10 and backend.calls["stat packs"] == 0
+
+
+def test_a_commit_deduplicating_against_a_swept_pack_stores_it_again(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit takes the runner's local index without listing the store; if gc swept a
+    pack it deduplicated against since, ``check_present`` finds out and the commit stores
+    that content again instead of publishing a hole."""
+    content = os.urandom(50_000)
+    url = f"file://{env.store}"
+    for key in ("old", "new"):
+        ws = env.root / key
+        disks.mount(key, ws, store=url)
+        if key == "old":
+            (ws / "data.bin").write_bytes(content)
+            disks.commit(ws)
+            refs.delete_ref(LocalBackend(env.store), "old")
+            assert gc(url, grace=0).packs_deleted == 1  # this runner's local index lags
+            continue
+        (ws / "copy.bin").write_bytes(content)
+        result = disks.commit(ws)
+        assert result.committed and result.new_bytes == len(content)  # stored again
+    monkeypatch.setenv("STICKYCI_CACHE_DIR", str(env.root / "another-runner"))
+    target = env.root / "elsewhere"
+    disks.mount("new", target, store=url)
+    assert (target / "copy.bin").read_bytes() == content
+    disks.unmount(target)
