@@ -19,6 +19,7 @@ import click
 
 from ..errors import UsageError
 from ..paths import cache_home
+from ..pipeline import diskclient
 from ..pipeline import plan as plan_
 from ..pipeline import spec as spec_
 from ..pipeline.executors.base import Executor, Fanout, Options, Progress
@@ -113,6 +114,8 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
     """
     spec = spec_.load(file)
     address = _scheduler(spec, executor, scheduler)
+    if address is None and any(job.disks for job in spec.jobs.values()):
+        diskclient.prestart()  # its start overlaps the planning: ready by the first mount
     plan = plan_.build(spec, file, sha=sha or git_sha(file.resolve().parent), overrides=sets,
                        only=only)
     for warning in plan.warnings:

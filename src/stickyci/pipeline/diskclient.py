@@ -23,13 +23,11 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +37,6 @@ from .masking import Masker
 from .stop import Guard
 
 # The most a child's stderr adds to its answer: the end is what explains a failure.
-_STDERR_TAIL = 4096
-_REQUEST_MAX = 1 << 20  # a request carries the environment
 _ANSWER_MAX = 1 << 24
 
 
@@ -133,8 +129,8 @@ class _Helper:
         control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from stickyci.pipeline.diskclient import "
-                 "serve; serve(int(sys.argv[1]))", str(theirs.fileno())],
+                [sys.executable, "-c", "import sys; from stickyci.disks.helper import serve; "
+                 "serve(int(sys.argv[1]))", str(theirs.fileno())],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True)
         self.control = control
@@ -188,86 +184,3 @@ def _connect() -> socket.socket:
     finally:
         theirs.close()
     return mine
-
-
-def serve(control_fd: int) -> None:
-    """The helper's loop: a child per request, until the process that started it is gone."""
-    from .. import disks  # noqa: F401  (imported here once, so that no child pays for it)
-
-    control = socket.socket(fileno=control_fd)
-    stdin = sys.stdin.fileno()
-    while True:
-        ready, _, _ = select.select([control, stdin], [], [])
-        if stdin in ready and not os.read(stdin, 4096):
-            return
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        if control not in ready:
-            continue
-        msg, fds, _, _ = socket.recv_fds(control, 1, 1)
-        if not msg:
-            return
-        if fds and os.fork() == 0:
-            code = 1
-            try:
-                control.close()
-                code = _child(fds[0])
-            finally:
-                os._exit(code)  # a child never returns into this loop
-        for fd in fds:
-            os.close(fd)
-
-
-def _child(fd: int) -> int:
-    """Run one operation on the connection ``fd``: read the request, say hello (the pid), wait
-    for the go, then answer; stderr is kept to explain a crash."""
-    from ..errors import StickyError
-
-    code, out = 1, None
-    conn = socket.socket(fileno=fd)
-    err = os.memfd_create("stderr")
-    try:
-        os.setsid()
-        os.dup2(err, 2)
-        with conn.makefile("rb") as lines:
-            line = lines.readline(_REQUEST_MAX)
-            if not line.endswith(b"\n"):
-                return 1  # the client went away (or sent more than a request can be)
-            request = json.loads(line)
-            os.environ.clear()
-            os.environ.update(request["env"])
-            conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-            if not lines.readline(16):
-                return 1  # the client went away before its guard knew this process
-        try:
-            out = _execute(request["op"], request["args"])
-            code = 0
-        except StickyError as exc:
-            out = {"error": str(exc), "kind": type(exc).__name__, "exit_code": exc.exit_code}
-            code = exc.exit_code
-        except OSError as exc:
-            name = f" {exc.filename}" if exc.filename else ""
-            print(f"stickyci: error:{name}: {exc.strerror or exc}", file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        sys.stderr.flush()
-        tail = os.pread(err, _STDERR_TAIL, max(os.fstat(err).st_size - _STDERR_TAIL, 0))
-        conn.sendall(json.dumps({"code": code, "out": out,
-                                 "err": tail.decode(errors="replace")}).encode() + b"\n")
-    finally:
-        conn.close()
-    return code
-
-
-def _execute(op: str, args: dict[str, Any]) -> dict[str, Any]:
-    from .. import disks
-
-    if op == "mount":
-        return disks.mount(args["key"], Path(args["path"]), strategy=args["strategy"],
-                           trust_owners=args["trust_owners"]).as_dict()
-    if op == "commit":
-        return disks.commit(Path(args["path"]), mode=args["mode"]).as_dict()
-    if op == "unmount":
-        return disks.unmount(Path(args["path"]), kill_holders=True).as_dict()
-    raise ValueError(f"unknown disk operation {op!r}")

@@ -5,20 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ...runs import RUNNING, AttemptRecord, JobRecord, RunRecord
-from .. import diskclient
+from ...runs import RUNNING, AttemptRecord, JobRecord
 from ..job import JobRunner, JobSetup, file_logs, safe, tee_logs
-from ..plan import Instance, Plan
-from .base import Executor, Options
+from ..plan import Instance
+from .base import Executor
 
 
 class LocalExecutor(Executor):
     """Runs a plan on this machine; a job's workspace and logs are in the run directory."""
-
-    def __init__(self, plan: Plan, run: RunRecord, opts: Options) -> None:
-        super().__init__(plan, run, opts)
-        if any(inst.spec.disks for inst in plan.instances.values()):
-            diskclient.prestart()  # ready by the first mount, started beside the run's own
 
     async def _start(self, inst: Instance, rec: JobRecord, ctx: dict[str, Any],
                      env: dict[str, str]) -> None:
