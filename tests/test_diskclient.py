@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from helpers import Env
@@ -22,10 +21,10 @@ def test_a_failure_keeps_its_kind_and_exit_code(env: Env) -> None:
 
 def test_a_command_that_wrote_no_error_body_is_told_by_its_last_line() -> None:
     client = DiskClient(None, None, Masker({}))
-    got = client._failure(9, b"", b"Traceback (most recent call last):\nKeyError: 'x'\n")
+    got = client._failure(9, None, "Traceback (most recent call last):\nKeyError: 'x'\n")
     assert got == DiskFailure("KeyError: 'x'", "", 9)
-    body = json.dumps({"error": "disk  ci\nis busy", "kind": "BusyError", "exit_code": 6})
-    assert client._failure(6, body.encode(), b"") == DiskFailure("disk ci is busy", "BusyError", 6)
+    body = {"error": "disk  ci\nis busy", "kind": "BusyError", "exit_code": 6}
+    assert client._failure(6, body, "") == DiskFailure("disk ci is busy", "BusyError", 6)
 
 
 def test_a_mount_returns_its_document(env: Env, tmp_path: Path) -> None:

@@ -106,17 +106,14 @@ class DiskClient:
         if doc["code"] == 0:
             out: dict[str, Any] = doc["out"]
             return out
-        return self._failure(doc["code"], json.dumps(doc["out"]).encode(),
-                             doc["err"].encode())
+        return self._failure(doc["code"], doc["out"], doc["err"])
 
-    def _failure(self, code: int, out: bytes, err: bytes) -> DiskFailure:
-        try:
-            body = json.loads(out)
+    def _failure(self, code: int, body: Any, err: str) -> DiskFailure:
+        """The error body an operation answered with, else the last line of its stderr."""
+        if isinstance(body, dict) and "error" in body:
             return DiskFailure(self.mask(" ".join(str(body["error"]).split())),
                                str(body.get("kind", "")), code)
-        except (ValueError, TypeError, KeyError):
-            pass
-        lines = err.decode(errors="replace").strip().splitlines()
+        lines = err.strip().splitlines()
         last = lines[-1] if lines else "it printed nothing"
         return DiskFailure(self.mask(last.removeprefix("stickyci: error: ")[:300]), "", code)
 
