@@ -125,3 +125,26 @@ def test_a_prestarted_helper_is_the_one_the_first_operation_uses(env: Env) -> No
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
+
+
+def test_stickyci_run_starts_its_helper_before_it_loads_the_runner(env: Env) -> None:
+    # The runner's imports take longer than the helper's start: begun first, the helper is
+    # ready by the first mount. Whether it was already started is recorded at the moment the
+    # runner's module begins to load; a disk command starts none.
+    code = ("import sys\n"
+            "from stickyci.cli.main import cli\n"
+            "from stickyci.pipeline import diskclient\n"
+            "seen = {}\n"
+            "class Spy:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'stickyci.cli.run':\n"
+            "            seen['started'] = diskclient._helper is not None\n"
+            "sys.meta_path.insert(0, Spy())\n"
+            "cli.get_command(None, 'disk')\n"
+            "print(diskclient._helper is None)\n"
+            "cli.get_command(None, 'run')\n"
+            "print(seen['started'], diskclient._helper.usable())\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env.environ, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "True"]

@@ -35,6 +35,12 @@ class _LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attr = COMMANDS[name]
+        if name == "run":
+            # The run's disk helper (an interpreter importing the disks layer) starts before
+            # the runner's own imports, which take longer: it is ready by the first mount.
+            from ..pipeline import diskclient
+
+            diskclient.prestart()
         command: click.Command = getattr(importlib.import_module(module), attr)
         return command
 

@@ -115,7 +115,7 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
     spec = spec_.load(file)
     address = _scheduler(spec, executor, scheduler)
     if address is None and any(job.disks for job in spec.jobs.values()):
-        diskclient.prestart()  # its start overlaps the planning: ready by the first mount
+        diskclient.prestart()  # the CLI has (see cli/main.py); another caller may not have
     plan = plan_.build(spec, file, sha=sha or git_sha(file.resolve().parent), overrides=sets,
                        only=only)
     for warning in plan.warnings:

@@ -31,10 +31,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .masking import Masker
 from .stop import Guard
+
+if TYPE_CHECKING:  # the masker's module loads the planner: too heavy for an early prestart
+    from .masking import Masker
 
 # The most a child's stderr adds to its answer: the end is what explains a failure.
 _ANSWER_MAX = 1 << 24
