@@ -8,7 +8,10 @@ and bigger trees go in with ``nix-store --add``.
 
 from __future__ import annotations
 
+import base64
 import grp
+import hashlib
+import os
 import random
 import shutil
 import subprocess
@@ -20,6 +23,9 @@ import httpx
 import pytest
 from helpers import wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from server import Server
+
+from stickyci.server.nix import nix32
 
 NIX = shutil.which("nix")
 needs_nix = pytest.mark.skipif(NIX is None, reason="needs Nix (apt-get install nix-bin)")
@@ -136,6 +142,13 @@ def metric(url: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def settled(state: Path) -> None:
+    """Wait until the server whose state directory is ``state`` has taken every NAR it spooled
+    into its store (it answers an upload once the NAR is spooled)."""
+    spool = state / "nix-spool"
+    wait_for(lambda: not any(spool.glob("*.nar")), "the server to store the NARs it spooled")
+
+
 def tree_bytes(root: Path) -> int:
     """Bytes of every file under ``root``."""
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
@@ -224,3 +237,32 @@ def _has_group(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def client(srv: Server, cache: str, token: str | None) -> httpx.Client:
+    """A client of one cache, sending ``token`` as Nix does (HTTP Basic from a netrc)."""
+    headers = {}
+    if token:
+        headers["authorization"] = "Basic " + base64.b64encode(f"nix:{token}".encode()).decode()
+    return httpx.Client(base_url=f"{srv.url}/nix/{cache}", headers=headers, timeout=60)
+
+
+def narinfo(path: str, nar: bytes, **override: str) -> str:
+    """The narinfo ``nix copy`` would upload for ``path`` whose NAR is ``nar``."""
+    fields = {"StorePath": path, "URL": f"nar/{nix32(hashlib.sha256(nar).digest())}.nar",
+              "Compression": "none", "NarHash": f"sha256:{nix32(hashlib.sha256(nar).digest())}",
+              "NarSize": str(len(nar)), "References": "", **override}
+    return "".join(f"{k}: {v}\n" for k, v in fields.items())
+
+
+def upload(c: httpx.Client, path: str, nar: bytes, **override: str) -> httpx.Response:
+    """PUT a NAR then its narinfo, as ``nix copy`` does; the narinfo's response."""
+    r = c.put(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar", content=nar)
+    assert r.status_code == 200, r.text
+    return c.put(f"/{Path(path).name[:32]}.narinfo", content=narinfo(path, nar, **override))
+
+
+def fresh_path(nix: Nix, name: str, size: int = 1000) -> tuple[str, bytes]:
+    """A new store path of random content, and its NAR."""
+    path = nix.add_tree(name, {"data": os.urandom(size)})
+    return path, nix.dump(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from nix_helpers import Nix, needs_nix, public_key
+from nix_helpers import Nix, client, fresh_path, narinfo, needs_nix, public_key, settled, upload
 from server import Server, error, start_server, store_dir
 
 from stickyci.server.nix import nix32, parse_narinfo, pin_name, verify
@@ -39,35 +39,6 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def nix(tmp_path_factory: pytest.TempPathFactory) -> Nix:
     return Nix(tmp_path_factory.mktemp("nixclient"))
-
-
-def client(srv: Server, cache: str, token: str | None) -> httpx.Client:
-    """A client of one cache, sending ``token`` as Nix does (HTTP Basic from a netrc)."""
-    headers = {}
-    if token:
-        headers["authorization"] = "Basic " + base64.b64encode(f"nix:{token}".encode()).decode()
-    return httpx.Client(base_url=f"{srv.url}/nix/{cache}", headers=headers, timeout=60)
-
-
-def narinfo(path: str, nar: bytes, **override: str) -> str:
-    """The narinfo ``nix copy`` would upload for ``path`` whose NAR is ``nar``."""
-    fields = {"StorePath": path, "URL": f"nar/{nix32(hashlib.sha256(nar).digest())}.nar",
-              "Compression": "none", "NarHash": f"sha256:{nix32(hashlib.sha256(nar).digest())}",
-              "NarSize": str(len(nar)), "References": "", **override}
-    return "".join(f"{k}: {v}\n" for k, v in fields.items())
-
-
-def upload(c: httpx.Client, path: str, nar: bytes, **override: str) -> httpx.Response:
-    """PUT a NAR then its narinfo, as ``nix copy`` does; the narinfo's response."""
-    r = c.put(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar", content=nar)
-    assert r.status_code == 200, r.text
-    return c.put(f"/{Path(path).name[:32]}.narinfo", content=narinfo(path, nar, **override))
-
-
-def fresh_path(nix: Nix, name: str, size: int = 1000) -> tuple[str, bytes]:
-    """A new store path of random content, and its NAR."""
-    path = nix.add_tree(name, {"data": os.urandom(size)})
-    return path, nix.dump(path)
 
 
 def test_a_token_for_one_cache_can_neither_read_nor_write_another(srv: Server, nix: Nix,
@@ -234,6 +205,7 @@ def test_a_damaged_or_missing_chunk_fails_before_a_byte_is_sent(srv: Server, nix
         before = _packs(srv)
         path, nar = fresh_path(nix, name, size=300_000)
         assert upload(c, path, nar).status_code == 200
+        settled(srv.state)
         paths.append((path, nar, _only_pack(srv, before)))
     (path, nar, pack), (_, gone_nar, gone_pack) = paths
     data = bytearray(pack.read_bytes())
@@ -283,6 +255,7 @@ def test_a_stored_patch_list_that_is_out_of_bounds_or_wrong_is_never_served(
     c = client(srv, f"patched-{why}", srv.admin)
     path, nar, dep = _with_reference(nix, f"patched-{why}")
     assert upload(c, path, nar).status_code == 200
+    settled(srv.state)
     url = f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar.zst"
     assert c.get(url).status_code == 200  # served whole before the damage
     at = nar.index(dep)

@@ -19,7 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import MiB
-from nix_helpers import Nix, metric, needs_nix, public_key, random_files, tree_bytes
+from nix_helpers import (
+    Nix,
+    metric,
+    needs_nix,
+    public_key,
+    random_files,
+    settled,
+    tree_bytes,
+)
 from server import Server, start_server, store_dir
 
 from stickyci.server.nix import nix32
@@ -172,15 +180,18 @@ def test_a_new_version_of_a_50_mib_path_adds_only_its_changed_chunks(srv: Server
     store = store_dir(srv)
     before = tree_bytes(store)
     assert writer.copy_to(url, v1, netrc=netrc).returncode == 0
+    settled(srv.state)
     first = tree_bytes(store) - before
     assert first > 50 * MiB  # incompressible: the first copy is stored whole
     assert writer.copy_to(url, v2, netrc=netrc).returncode == 0
+    settled(srv.state)
     second = tree_bytes(store) - before - first
     assert second < 0.1 * first, f"the second version added {second} bytes of {first}"
     # the same NAR uploaded to another cache: its chunks are there already
     elsewhere = tree_bytes(store)
     assert writer.copy_to(f"{srv.url}/nix/dedup-2?compression=zstd", v1,
                           netrc=netrc).returncode == 0
+    settled(srv.state)
     assert tree_bytes(store) - elsewhere < 0.01 * first
     reader = Nix(tmp_path / "reader")
     got = reader.substitute(url.split("?")[0], public_key(srv.state, "dedup"), v2,
@@ -207,6 +218,7 @@ def test_gc_keeps_what_narinfos_reach_and_frees_evicted_nars(tmp_path: Path) -> 
         netrc = writer.netrc("127.0.0.1", token)
         old = writer.add_tree("old", random_files(2, 1, 600 << 10))
         assert writer.copy_to(url, old, netrc=netrc).returncode == 0
+        settled(s.state)
         collected = stickyci("disk", "gc", "--grace", "0s", "--json", "--store", s.store_url)
         assert collected.returncode == 0, collected.stderr
         key = public_key(s.state, "lru")
@@ -216,6 +228,7 @@ def test_gc_keeps_what_narinfos_reach_and_frees_evicted_nars(tmp_path: Path) -> 
 
         new = writer.add_tree("new", random_files(3, 1, 600 << 10))
         assert writer.copy_to(url, new, netrc=netrc).returncode == 0
+        settled(s.state)
         client = httpx.Client(base_url=f"{s.url}/nix/lru", headers=basic(token))
         assert client.get(f"/{Path(old).name[:32]}.narinfo").status_code == 404
         assert metric(s.url, "stickyci_evictions_total") >= 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MiB
-from nix_helpers import Nix, needs_nix, public_key, tree_bytes
+from nix_helpers import Nix, needs_nix, public_key, settled, tree_bytes
 from server import Server, start_server, store_dir
 
 from stickyci.errors import IntegrityError
@@ -124,9 +124,11 @@ def test_a_rebuild_that_only_changed_a_reference_adds_almost_nothing_and_substit
     store = store_dir(srv)
     before = tree_bytes(store)
     assert writer.copy_to(url, b1, netrc=netrc).returncode == 0
+    settled(srv.state)
     first = tree_bytes(store) - before
     assert first > 4 * MiB
     assert writer.copy_to(url, b2, netrc=netrc).returncode == 0
+    settled(srv.state)
     second = tree_bytes(store) - before - first
     # a's new version, b's patch list, manifest, pin and narinfo: no chunk of b's data
     assert second < 0.02 * first, f"the rebuild added {second} bytes of {first}"

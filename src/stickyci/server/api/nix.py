@@ -8,9 +8,11 @@ sent; NARs are verified whole before the first byte of one is sent, and served a
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
 
 import zstandard
 from starlette.requests import ClientDisconnect, Request
@@ -23,9 +25,11 @@ from ..nix import (
     UPLOAD_COMPRESSIONS,
     KeyRing,
     NarInfo,
-    NarRecord,
     NarStore,
+    NarUpload,
+    Spool,
     check_cache,
+    checked,
     info_name,
     parse_narinfo,
     pin_name,
@@ -61,6 +65,11 @@ class Nix(Api):
         super().__init__(server)
         self.keys = KeyRing(server.cfg.state_dir)
         self.nars = NarStore(server.backend)
+        self.spool = Spool(server.cfg.state_dir, self._ingest)
+
+    def _ingest(self, cache: str, nar_hash: bytes, spooled: IO[bytes]) -> None:
+        """Take a spooled NAR into the store (the spool's ingester thread)."""
+        self.nars.ingest(cache, _pieces(spooled), nar_hash)
 
     async def top(self, request: Request) -> Response:
         """``nix-cache-info`` and ``<hash>.narinfo``."""
@@ -84,14 +93,14 @@ class Nix(Api):
                 raise UsageError(f"narinfo {hash_part} describes {sent.path}; PUT it as "
                                  f"{sent.hash_part}.narinfo")
             await self.call(self.keys.ensure, cache)
-            await self.call(self.nars.put_info, cache, sent)
+            await self.call(self.nars.put_info, cache, sent,
+                            await self.call(self.spool.size, cache, sent.nar_hash))
             self.server.lru.touch(info_name(cache, hash_part), len(sent.render()))
             await self._evict()
             return Response(status_code=200)
         who.require(Permission.READ, cache, f"Nix cache {cache}")
         info: NarInfo | None = await self.stored(self.nars.info, cache, hash_part)
-        if info is None or await self.call(self.backend.stat,
-                                           pin_name(cache, info.nar_hash)) is None:
+        if info is None or not await self.call(self._has_nar, cache, info.nar_hash):
             self.server.metrics.hit("narinfo", False)
             raise NotFound(f"Nix cache {cache} has no narinfo {hash_part}")
         key = await self.call(self.keys.require, cache)
@@ -112,40 +121,61 @@ class Nix(Api):
         who.require(Permission.READ, cache, f"Nix cache {cache}")
         served = _SERVED.fullmatch(file)
         nar_hash = _nar_hash(served.group(1)) if served else None
-        record = None
-        if nar_hash is not None:
-            record = await self.stored(self.nars.nar, cache, nar_hash)
-        if served is None or record is None:
+        nar = await self._locate(cache, nar_hash) if nar_hash is not None else None
+        if served is None or nar_hash is None or nar is None:
             # Also the answer to nix copy asking for an upload's .xz name before sending it,
             # which is no lookup of a NAR this server serves: not counted as a miss.
             if served is not None:
                 self.server.metrics.hit("nar", False)
             raise NotFound(f"Nix cache {cache} has no NAR {file[:120]!r}")
-        self.server.metrics.hit("nar", True)
-        self.server.lru.touch(pin_name(cache, record.nar_hash), record.size)
-        zstd = served.group(2) is not None
         media = "application/x-nix-nar"
-        if request.method == "HEAD":
-            return Response(media_type=media)
-        kept = await self.stored(self.nars.check, record, INLINE_NAR)
-        return StreamingResponse(self._send(record, kept, zstd), media_type=media)
+        try:
+            self.server.metrics.hit("nar", True)
+            self.server.lru.touch(pin_name(cache, nar_hash), nar.size)
+            if request.method == "HEAD":
+                nar.close()
+                return Response(media_type=media)
+            kept = await self.stored(checked, nar.read(), nar_hash, nar.size, INLINE_NAR)
+        except BaseException:
+            nar.close()
+            raise
+        return StreamingResponse(self._send(nar, kept, served.group(2) is not None),
+                                 media_type=media)
 
-    async def _send(self, record: NarRecord, kept: list[bytes] | None,
+    async def _locate(self, cache: str, nar_hash: bytes) -> _Nar | None:
+        """The cache's NAR with this hash: from the store, or from the spool while it waits
+        there; None if it has none."""
+        record = await self.stored(self.nars.nar, cache, nar_hash)
+        if record is not None:
+            return _Nar(record.size, lambda: self.nars.read(record))
+        spooled = await self.call(self.spool.open, cache, nar_hash)
+        if spooled is None:
+            return None
+        return _Nar(os.fstat(spooled.fileno()).st_size, lambda: _pieces(spooled, rewind=True),
+                    spooled.close)
+
+    def _has_nar(self, cache: str, nar_hash: bytes) -> bool:
+        return self.nars.pinned(cache, nar_hash) or self.spool.size(cache, nar_hash) is not None
+
+    async def _send(self, nar: _Nar, kept: list[bytes] | None,
                     zstd: bool) -> AsyncIterator[bytes]:
-        source: Iterator[bytes] = iter(kept) if kept is not None else self.nars.read(record)
+        pieces: Iterator[bytes] = iter(kept) if kept is not None else nar.read()
         packer = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj() if zstd else None
 
         def step() -> tuple[bytes, bool]:
-            data = next(source, None)
+            data = next(pieces, None)
             if data is None:
                 return (packer.flush() if packer else b""), True
             return (packer.compress(data) if packer else data), False
 
-        done = False
-        while not done:
-            out, done = await self.call(step)
-            if out:  # compress() may keep what it got for later
-                yield out
+        try:
+            done = False
+            while not done:
+                out, done = await self.call(step)
+                if out:  # compress() may keep what it got for later
+                    yield out
+        finally:
+            nar.close()
 
     async def _put_nar(self, request: Request, cache: str, file: str) -> Response:
         upload = _UPLOAD.fullmatch(file)
@@ -157,7 +187,9 @@ class Nix(Api):
             raise UsageError(f"NAR compression {upload.group(1)!r} is not accepted; copy with "
                              "?compression=xz, zstd, bzip2 or none")
         limit = self.server.cfg.max_body
-        incoming = await self.call(self.nars.upload, compression, limit)
+        part = await self.call(self.spool.begin)
+        incoming = NarUpload(compression, limit, part.write)
+        kept = False
         try:
             received, buf = 0, bytearray()
             async for piece in request.stream():
@@ -170,13 +202,17 @@ class Nix(Api):
                     await self.call(incoming.feed, bytes(buf))
                     buf.clear()
             await self.call(incoming.feed, bytes(buf))
-            record = await self.call(self.nars.ingest, cache, incoming)
+            nar_hash, size = await self.call(incoming.finish)
+            if not await self.call(self._has_nar, cache, nar_hash):
+                await self.call(self.spool.keep, part, cache, nar_hash)
+                kept = True
         except ClientDisconnect as exc:
             raise UsageError("the client went away before the NAR was complete; nothing "
-                             "was pinned") from exc
+                             "was kept") from exc
         finally:
-            incoming.close()
-        self.server.lru.touch(pin_name(cache, record.nar_hash), record.size)
+            if not kept:
+                await self.call(part.drop)
+        self.server.lru.touch(pin_name(cache, nar_hash), size)
         await self._evict()
         return Response(status_code=200)
 
@@ -208,6 +244,23 @@ class Nix(Api):
             await self.call(self.backend.delete, name)
             self.server.lru.forget(name)
             self.server.metrics.evictions.labels(name.partition("/")[0]).inc()
+
+
+@dataclass(frozen=True, slots=True)
+class _Nar:
+    """A NAR to send: its size, a fresh read of its bytes, and what to close once sent."""
+
+    size: int
+    read: Callable[[], Iterator[bytes]]
+    close: Callable[[], None] = lambda: None
+
+
+def _pieces(f: IO[bytes], rewind: bool = False) -> Iterator[bytes]:
+    """A file's bytes a MiB at a time (from its start if ``rewind``)."""
+    if rewind:
+        f.seek(0)
+    while piece := f.read(_FEED):
+        yield piece
 
 
 def _nar_hash(text: str) -> bytes | None:

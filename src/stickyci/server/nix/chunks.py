@@ -10,7 +10,9 @@ files that really changed. Measured in ``bench/nix_cache.py`` (``docs/benchmarks
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +38,20 @@ IN_FLIGHT = 16
 STEP = 8 << 20
 """Bytes gathered between two cuts."""
 
-_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="stickyci-nar")
+BACKGROUND_NICE = 10
+"""The nice value of the threads that store NARs."""
+
+
+def background() -> None:
+    """Make the calling thread yield the CPU to the server's requests (and to whatever else
+    the machine runs): storing a NAR happens after its upload was answered (:mod:`.spool`),
+    so nobody waits for it."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
+_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="stickyci-nar",
+                           initializer=background)
 
 
 class ChunkStream:

@@ -1,6 +1,7 @@
 """NARs and narinfos of the Nix caches, kept in the content-addressed store.
 
-An uploaded NAR is decompressed as it arrives (:class:`NarUpload`), hashed by the server, its
+An uploaded NAR is decompressed as it arrives (:class:`NarUpload`), hashed by the server and
+spooled (:mod:`.spool`); then, off the uploader's path, :meth:`NarStore.ingest` has its
 store paths blanked out (:mod:`.refs`, so a rebuild whose only change is its references adds
 nothing), cut by content-defined chunking into the object store (:mod:`.chunks`, so a new
 version of a store path adds only its changed chunks), and described by a manifest: the
@@ -9,7 +10,7 @@ that manifest (``{"snapshot": hex, "refs": patch list}``; gc reads ``snapshot``)
 makes the NAR part of a cache, and what garbage collection keeps live. The patch list lives
 in the pin so that a rebuild whose only change is its references writes nothing but its pin. A
 narinfo is kept as ``nix/<cache>.<hash part>`` in its stored form, and is accepted only if its
-NAR is pinned in the same cache with the hash and size the server computed.
+NAR is pinned (or spooled) in the same cache with the hash and size the server computed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 import json
 import lzma
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol, cast
 
@@ -61,17 +62,16 @@ class _Decompressor(Protocol):
 
 class NarUpload:
     """An uploaded NAR on its way in: decompressed, hashed and counted as it arrives, and
-    normalised, cut and compressed into the object store meanwhile (:class:`ChunkStream`).
+    handed on to ``sink`` (a spool file, or the chunker on the way into the store).
 
     ``limit`` bounds the uncompressed size, so a small compressed bomb cannot fill the disk;
     output is produced a MiB at a time, so it cannot fill memory either.
     """
 
-    def __init__(self, compression: str, limit: int, objects: ObjectStore) -> None:
+    def __init__(self, compression: str, limit: int, sink: Callable[[bytes], object]) -> None:
         self.limit = limit
         self.size = 0
-        self.objects = objects
-        self.stream = ChunkStream(objects)
+        self.sink = sink
         self._sha = hashlib.sha256()
         self._head = b""
         self._dec = _decompressor(compression, self)
@@ -87,7 +87,7 @@ class NarUpload:
             if not NAR_MAGIC.startswith(self._head[: len(NAR_MAGIC)]):
                 raise _not_a_nar()
         self._sha.update(data)
-        self.stream.feed(data)
+        self.sink(data)
         return len(data)
 
     def feed(self, data: bytes) -> None:
@@ -101,9 +101,22 @@ class NarUpload:
             raise _not_a_nar()
         return self._sha.digest(), self.size
 
-    def close(self) -> None:
-        """Drop what an upload that did not finish left behind."""
-        self.stream.close()
+
+def checked(pieces: Iterable[bytes], nar_hash: bytes, size: int,
+            keep: int) -> list[bytes] | None:
+    """Read a whole NAR and check it hashes to ``nar_hash``, before a byte of it is sent;
+    return its pieces if it is at most ``keep`` bytes (else they are read again to send).
+    ``IntegrityError`` if it does not (``NotFound`` from ``pieces`` if a chunk is missing)."""
+    sha = hashlib.sha256()
+    kept: list[bytes] | None = [] if size <= keep else None
+    for data in pieces:
+        sha.update(data)
+        if kept is not None:
+            kept.append(data)
+    if sha.digest() != nar_hash:
+        raise IntegrityError(f"NAR sha256:{nix32(nar_hash)} does not hash to its name in the "
+                             "server's store; upload it again")
+    return kept
 
 
 def _not_a_nar() -> UsageError:
@@ -200,18 +213,24 @@ class NarStore:
                 self._objects = ObjectStore(self.backend)
             return self._objects
 
-    def upload(self, compression: str, limit: int) -> NarUpload:
-        """A NAR upload into the store as it is (packs written since are indexed first, so
-        the upload deduplicates against them)."""
+    def ingest(self, cache: str, pieces: Iterable[bytes], nar_hash: bytes) -> NarRecord:
+        """Take a NAR into the store and pin it in ``cache``: its bytes are normalised, cut
+        and the chunks the store lacks compressed as they come (packs written since the last
+        look are indexed first, so it deduplicates against them). ``IntegrityError`` if the
+        bytes do not hash to ``nar_hash``: nothing is pinned then."""
         objects = self.objects()
         objects.refresh()
-        return NarUpload(compression, limit, objects)
-
-    def ingest(self, cache: str, upload: NarUpload) -> NarRecord:
-        """Finish an upload: store its manifest and pin it in ``cache``."""
-        nar_hash, size = upload.finish()
-        chunks, patches = upload.stream.finish()
-        objects = upload.objects
+        stream = ChunkStream(objects)
+        incoming = NarUpload("none", 1 << 62, stream.feed)
+        try:
+            for piece in pieces:
+                incoming.feed(piece)
+            got, size = incoming.finish()
+            if got != nar_hash:
+                raise IntegrityError(f"the NAR does not hash to sha256:{nix32(nar_hash)}")
+            chunks, patches = stream.finish()
+        finally:
+            stream.close()
         entry = Entry(NAR_ENTRY, FILE, 0o444, 0, size=size, chunks=[[d.hex, n] for d, n in chunks])
         # A rebuild that only changed references has the manifest of the build before it:
         # nothing new to write but its pin.
@@ -229,6 +248,10 @@ class NarStore:
             pin[REFS_KEY] = encode_patches(patches).decode()
         self.backend.put(pin_name(cache, nar_hash), json.dumps(pin).encode())
         return NarRecord(nar_hash, size, manifest, tuple(chunks), patches)
+
+    def pinned(self, cache: str, nar_hash: bytes) -> bool:
+        """Whether ``cache`` has a pin for this NAR (its bytes are not read)."""
+        return self.backend.stat(pin_name(cache, nar_hash)) is not None
 
     def nar(self, cache: str, nar_hash: bytes) -> NarRecord | None:
         """The cache's NAR with this hash, or None if it has none."""
@@ -272,31 +295,17 @@ class NarStore:
         written back."""
         return restore(self._chunks(record), record.patches)
 
-    def check(self, record: NarRecord, keep: int) -> list[bytes] | None:
-        """Read the whole NAR and check it hashes to its name, before a byte of it is sent;
-        return its chunks if it is at most ``keep`` bytes (else they are read again to send).
-
-        ``NotFound`` if a chunk is missing, ``IntegrityError`` if one is damaged."""
-        sha = hashlib.sha256()
-        kept: list[bytes] | None = [] if record.size <= keep else None
-        for data in self.read(record):
-            sha.update(data)
-            if kept is not None:
-                kept.append(data)
-        if sha.digest() != record.nar_hash:
-            raise IntegrityError(f"NAR sha256:{nix32(record.nar_hash)} does not hash to its "
-                                 "name in the store; upload it again")
-        return kept
-
-    def put_info(self, cache: str, info: NarInfo) -> None:
-        """Keep a narinfo whose NAR is pinned in ``cache`` with the hash and size it states."""
+    def put_info(self, cache: str, info: NarInfo, spooled: int | None = None) -> None:
+        """Keep a narinfo whose NAR is pinned in ``cache`` (or waits in its spool, ``spooled``
+        bytes long) with the hash and size it states."""
         record = self.nar(cache, info.nar_hash)
-        if record is None:
+        size = record.size if record is not None else spooled
+        if size is None:
             raise UsageError(f"narinfo of {info.path}: cache {cache} has no NAR with NarHash "
                              f"sha256:{info.nar_name}; upload the NAR first (nix copy does)")
-        if record.size != info.nar_size:
+        if size != info.nar_size:
             raise UsageError(f"narinfo of {info.path}: NarSize {info.nar_size} is not the "
-                             f"{record.size} bytes of its NAR")
+                             f"{size} bytes of its NAR")
         self.backend.put(info_name(cache, info.hash_part), info.render().encode())
 
     def info(self, cache: str, hash_part: str) -> NarInfo | None:
