@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import cli
 from harness.datasets import Content, FileSpec
@@ -58,6 +59,9 @@ from harness.profile import spying, top_inclusive, top_self
 from harness.report import MB, Target, target_table, write_section
 
 from stickyci.server.nix.spool import SPOOL_DIR
+
+if TYPE_CHECKING:  # tests/ is importable once tests_helpers() ran
+    from nix_helpers import Nix
 
 KEY = "nix-cache"
 CACHE = "bench"
@@ -251,31 +255,14 @@ def expression(work: Path, versions: Versions, v: int, content: Content) -> Path
 # Nix clients
 
 
-@dataclass(frozen=True)
-class Client:
-    """A Nix client: a chroot store ``ROOT/store`` and its own home and narinfo cache."""
 
-    root: Path
+def nix_client(root: Path) -> Nix:
+    """A Nix client with its own chroot store under ``root`` (the tests' helper), building as
+    root in a sandbox that sees the host's tools."""
+    tests_helpers()
+    from nix_helpers import Nix
 
-    @property
-    def store(self) -> str:
-        """The ``--store`` argument."""
-        return str(self.root / "store")
-
-    def env(self) -> dict[str, str]:
-        """Its environment (builds as root, no build users; no substituter by default)."""
-        return {"PATH": "/usr/bin:/bin", "HOME": str(self.root / "home"),
-                "XDG_CACHE_HOME": str(self.root / "xdg"),
-                "NIX_CONFIG": "experimental-features = nix-command\nsubstituters =\n"
-                              f"build-users-group =\nsandbox-paths = {SANDBOX_PATHS}\n"}
-
-    def argv(self, *args: str) -> list[str]:
-        """A Nix command on this client's store."""
-        return [args[0], "--store", self.store, *args[1:]]
-
-    def run(self, *args: str) -> str:
-        """Run a Nix command; its standard output."""
-        return run(self.argv(*args), env=self.env()).stdout.decode()
+    return Nix(root, config=f"sandbox-paths = {SANDBOX_PATHS}\n")
 
 
 @dataclass
@@ -288,7 +275,7 @@ class Built:
     new: list[str]         # paths no earlier version had
 
 
-def build_versions(work: Path, writer: Client, versions: Versions) -> list[Built]:
+def build_versions(work: Path, writer: Nix, versions: Versions) -> list[Built]:
     """Build the five versions into the writer's store."""
     (work / "build.py").write_text(BUILDER)
     content = Content(7)
@@ -297,8 +284,8 @@ def build_versions(work: Path, writer: Client, versions: Versions) -> list[Built
     for v in range(1, 6):
         log(f"building version {v}")
         expr = expression(work, versions, v, content)
-        top = writer.run("nix-build", str(expr), "--no-out-link").split()[-1]
-        info = json.loads(writer.run("nix", "path-info", "--json", "--recursive", top))
+        top = writer.run("nix-build", str(expr), "--no-out-link").stdout.split()[-1]
+        info = json.loads(writer.run("nix", "path-info", "--json", "--recursive", top).stdout)
         paths = {i["path"]: int(i["narSize"]) for i in info}
         out.append(Built(v, top, paths, sorted(set(paths) - seen)))
         seen |= set(paths)
@@ -401,7 +388,7 @@ class NixCacheBench:
     def __init__(self, args: argparse.Namespace, work: Path) -> None:
         self.args = args
         self.work = work
-        self.writer = Client(work / "writer")
+        self.writer = nix_client(work / "writer")
         self.results = Results()
         self.built: list[Built] = []
         # operation -> (stickyci functions by inclusive share, functions by self share)
@@ -422,7 +409,7 @@ class NixCacheBench:
         return argv + (["--option", "netrc-file", rnd.netrc[cache]] if cache in rnd.netrc
                        else [])
 
-    def realise_argv(self, rnd: Round, cache: str, b: Built, reader: Client) -> list[str]:
+    def realise_argv(self, rnd: Round, cache: str, b: Built, reader: Nix) -> list[str]:
         """Realise one version into ``reader``'s store from the cache alone, trusting its key."""
         argv = reader.argv("nix-store", "--realise", b.top, "--option", "substituters",
                            rnd.read_url[cache], "--option", "trusted-public-keys",
@@ -443,11 +430,11 @@ class NixCacheBench:
 
     def substitute(self, rnd: Round, cache: str, b: Built) -> None:
         """Substitute one version into an empty store; check it arrived whole."""
-        reader = Client(self.work / "reader")
+        reader = nix_client(self.work / "reader")
         remove(reader.root)
         self.measure(SUBST, cache, b.version, self.realise_argv(rnd, cache, b, reader),
                      reader.env())
-        got = reader.run("nix-store", "--query", "--requisites", b.top).split()
+        got = reader.run("nix-store", "--query", "--requisites", b.top).stdout.split()
         if sorted(got) != sorted(b.paths):
             raise RuntimeError(f"{cache}: version {b.version} substituted {len(got)} paths, "
                                f"not {len(b.paths)}")
@@ -516,7 +503,7 @@ class NixCacheBench:
                     run(self.copy_argv(rnd, ST, b), env=self.writer.env())
             self.profiles[UPLOAD] = (top_inclusive(raw, 10, "stickyci/"), top_self(raw, 10))
             rnd.key[ST] = stickyci_key(rnd.state)
-            reader = Client(self.work / "reader")
+            reader = nix_client(self.work / "reader")
             remove(reader.root)
             raw = self.work / "profile-substitute.txt"
             with spying(server_pid, raw):

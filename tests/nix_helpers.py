@@ -43,6 +43,8 @@ class Nix:
     """A Nix client with its own store (``ROOT/store``, a chroot store) and caches."""
 
     root: Path
+    config: str = ""
+    """More ``nix.conf`` lines (``name = value``, each ending with a newline)."""
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -58,12 +60,16 @@ class Nix:
                 "XDG_CACHE_HOME": str(self.root / "xdg"),
                 # builds run as root: no nixbld group needed (nix-bin alone, no systemd setup)
                 "NIX_CONFIG": "experimental-features = nix-command\nsubstituters =\n"
-                              "build-users-group =\n"}
+                              "build-users-group =\n" + self.config}
+
+    def argv(self, *args: str) -> list[str]:
+        """A Nix command (``args``) on this client's store."""
+        return [args[0], "--store", self.store, *args[1:]]
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a Nix command against this client's store."""
-        proc = subprocess.run([args[0], "--store", self.store, *args[1:]], env=self.env(),
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(self.argv(*args), env=self.env(), capture_output=True, text=True,
+                              timeout=300)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed:\n{proc.stderr}")
         return proc

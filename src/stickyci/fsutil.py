@@ -234,6 +234,15 @@ def _open_up(path: str) -> None:
                     os.chmod(p, stat.S_IRWXU)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable (after a rename into it, say)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove_tree(path: Path | str) -> None:
     """Remove ``path`` and everything under it, if it exists."""
     if not os.path.lexists(path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..digest import Digest
 from ..errors import BackendError, NotFound, StorageFull, StoreMisconfigured, StoreUnavailable
+from ..fsutil import fsync_dir
 from .backend import Stat, check_name
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -76,7 +77,7 @@ class LocalBackend:
             finally:
                 os.close(fd)
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -172,11 +173,3 @@ class LocalBackend:
             yield
         finally:
             os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

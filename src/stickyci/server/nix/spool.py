@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from ...errors import IntegrityError, StickyError
+from ...fsutil import fsync_dir
 from .chunks import background
 from .keys import check_cache
 from .narinfo import nix32, parse_nix32
@@ -103,7 +104,7 @@ class Spool:
         os.fsync(part.file.fileno())
         part.file.close()
         os.rename(part.path, self._path(cache, nar_hash))
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._wake.set()
 
     def size(self, cache: str, nar_hash: bytes) -> int | None:
@@ -200,13 +201,5 @@ def _stale(path: Path) -> bool:
         return True
     except BlockingIOError:
         return False
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
