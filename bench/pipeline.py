@@ -113,9 +113,10 @@ def side_by_side_markdown(revs: list[Revision], got: dict[str, dict[str, float]]
              "runner's own work).", "",
              f"| | this checkout | {revs[1].label} | this / {revs[1].label} |",
              "|---|---:|---:|---:|",
+             # Issue 14's wall target (<= 0.50x) is against main before the disk helper; a
+             # verdict against any other baseline would mislead, so the ratio stands alone.
              f"| warm run, wall s | {this['wall']:.2f} | {base['wall']:.2f} | "
-             f"{this['wall'] / base['wall']:.2f}x (target <= 0.50x: "
-             f"{'PASS' if this['wall'] <= 0.5 * base['wall'] else 'MISS'}) |"]
+             f"{this['wall'] / base['wall']:.2f}x |"]
     for kind in (k for k in this if k != "wall"):
         lines.append(f"| {kind}: overhead per job, ms | {this[kind] * 1000:.0f} | "
                      f"{base[kind] * 1000:.0f} | {this[kind] / base[kind]:.2f}x |")
