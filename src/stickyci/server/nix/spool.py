@@ -19,6 +19,7 @@ when it died are taken by the next ingester that looks (every ``RESCAN`` seconds
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -42,7 +43,12 @@ RESCAN = 5.0
 """Seconds between two looks for files no ingester was told about (another process's)."""
 RETRY = 2.0
 """Seconds before a NAR the store refused (it was down, say) is tried again."""
-_PIECE = 1 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK = 4 << 20
+"""Bytes of a spool file written between two requests to the kernel to start writing them."""
 _SUFFIX = ".nar"
 
 
@@ -62,10 +68,19 @@ class SpoolFile:
         self.path = root / f".{uuid.uuid4().hex}.part"
         self.file: IO[bytes] = open(self.path, "xb")  # noqa: SIM115 (closed by keep or drop)
         fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)  # not stale while this upload runs
+        self.size = self.flushed = 0
 
     def write(self, data: bytes) -> None:
         """Append decompressed bytes of the NAR."""
         self.file.write(data)
+        self.size += len(data)
+        if self.size - self.flushed >= WRITEBACK:
+            # Have the kernel start writing what arrived so far, so that the fsync before the
+            # answer waits for the last few MiB only, not the whole NAR.
+            self.file.flush()
+            _sync_file_range(self.file.fileno(), self.flushed, self.size - self.flushed,
+                             _SYNC_FILE_RANGE_WRITE)
+            self.flushed = self.size
 
     def drop(self) -> None:
         """Remove what an upload that did not finish wrote."""
