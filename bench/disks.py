@@ -58,6 +58,7 @@ from harness.treebench import TreeBench
 
 from stickyci import disks
 from stickyci.errors import NotAMount
+from stickyci.store import LocalBackend, ObjectStore
 
 KEY = "bench"
 
@@ -473,6 +474,7 @@ class Bench(TreeBench[Row]):
                 self.attempt(INCR, RESTIC_INC, lambda: self.incremental_restic(plan))
                 self.attempt(INCR, TAR_INC, lambda: self.incremental_tar(plan))
         remove(self.run_dir / "inc-store")
+        remove(self.run_dir / "inc-index")
         remove(self.run_dir / "restic-inc")
 
     @property
@@ -485,6 +487,18 @@ class Bench(TreeBench[Row]):
         store = self.run_dir / "inc-store"
         remove(store)
         run(["cp", "-a", str(self.saved_store), str(store)])
+        # The runner's local index describes this copy of the saved store, as it would on a
+        # runner that used the store before: not empty (the commit would list and read every
+        # index), nor holding the packs the previous run's commit added to the copy it
+        # replaced (the commit would deduplicate against packs that are gone, then store
+        # everything again).
+        index, saved_index = self.warm_cache / "index", self.run_dir / "inc-index"
+        if not saved_index.exists():
+            os.environ["STICKYCI_CACHE_DIR"] = str(self.warm_cache)
+            ObjectStore(LocalBackend(store))  # lists the copy once, filling the local index
+            run(["cp", "-a", str(index), str(saved_index)])
+        remove(index)
+        run(["cp", "-a", str(saved_index), str(index)])
         before = du_bytes(store)
         mnt = self.fresh_mnt()
         with self.mounted(mnt, strategy, store, self.warm_cache) as (res, _):
@@ -666,6 +680,10 @@ def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: st
         f"Peak disk use of the run dir {bench.disk_peak / 2**30:.1f} GiB (the data set's "
         f"cached copy not included).",
         f"- **Command:** `{command}`",
+        "- **Method:** each incremental run starts from a copy of the full save's store, with "
+        "the runner's local index of that copy (until 2026-11-30 the index kept the packs the "
+        "previous run had added, so runs 2 and 3 deduplicated against packs that were gone and "
+        "stored their content twice).",
     ]
     if bench.facts.get("src_changed"):
         notes.append("- **Warning:** stickyci's source changed while the benchmark ran; the CLI "

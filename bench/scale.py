@@ -23,10 +23,13 @@ on three backends: the ``file://`` store itself; ``s3://`` on a SeaweedFS starte
 stores copied into one bucket, about a minute); and ``stickyci serve`` over the
 ``file://`` store with an admin token. Requests are counted at the backend: calls of the
 backend methods for ``file://`` and the server, HTTP requests (botocore's ``before-send``) for
-S3, so a listing of 10,000 keys counts its ten pages. Ratios are against the 10-disk figures::
+S3, so a listing of 10,000 keys counts its ten pages. Ratios are against the 10-disk figures.
+A second table gives the benchmark process's own CPU seconds per operation in process, which
+the machine's other load disturbs less than the wall time of operations of a few ms::
 
     python3 bench/scale.py --sizes 10,100 --backends file --runs 1      # smoke run
     python3 bench/scale.py --write docs/benchmarks.md                   # 10, 100, 1000 disks
+    python3 bench/scale.py --targets-only --no-peers --runs 7           # commit and mounts only
 
 It needs root (overlay mounts). The Markdown report goes to stdout, progress to stderr.
 """
@@ -123,13 +126,18 @@ class Figures:
 
     seconds: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
     requests: dict[tuple[str, int, str], list[int]] = field(default_factory=dict)
-    other: list[float] = field(default_factory=list)
+    other: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
+    cpu: dict[tuple[str, int, str], list[float]] = field(default_factory=dict)
 
-    def add(self, where: tuple[str, int, str], secs: float, reqs: int) -> None:
-        """Record one measurement."""
+    def add(self, where: tuple[str, int, str], secs: float, reqs: int,
+            cpu: float | None = None) -> None:
+        """Record one measurement (``cpu``: this process's CPU seconds, for an operation in
+        process)."""
         self.seconds.setdefault(where, []).append(secs)
+        if cpu is not None:
+            self.cpu.setdefault(where, []).append(cpu)
         self.requests.setdefault(where, []).append(reqs)
-        self.other.append(WATCH.other_share)
+        self.other.setdefault(where, []).append(WATCH.other_share)
         log(f"  {where[0]:6} {where[1]:5} {where[2]:12} {secs:8.3f} s {reqs:7} requests  "
             f"(other CPU {WATCH.other_share:.0%})")
 
@@ -281,14 +289,16 @@ class ScaleBench:
         wait_quiet(self.args.quiet_wait)
         before = client.requests()
         start = WATCH.begin()
+        cpu = time.process_time()
         try:
             op()
         except StickyError as exc:  # one failure must not lose the other figures
             log(f"  FAILED: {where}: {exc}")
             self.failures.append(f"{where[0]}, {where[1]} disks, {where[2]}: {exc}")
             return
+        cpu = time.process_time() - cpu
         secs = WATCH.end() - start
-        self.figures.add(where, secs, client.requests() - before)
+        self.figures.add(where, secs, client.requests() - before, cpu)
 
     def measure(self, kind: str, n: int, make: Callable[[], Client], run: int) -> None:
         """One run of every operation on the ``n``-disk store through ``kind``, then the
@@ -301,6 +311,8 @@ class ScaleBench:
                      peer: bool) -> None:
         """One run of the operations on the ``n``-disk store through ``kind``."""
         suffix = NO_INDEX if peer else ""
+        if peer and self.args.no_peers:
+            return
         cache = self.run_dir / f"cache-{kind}-{n}"
         os.environ["STICKYCI_CACHE_DIR"] = str(cache)
         rng = random.Random(run)
@@ -325,7 +337,7 @@ class ScaleBench:
         client = make()
         with opened_by_commit(client):
             self.timed((kind, n, "commit" + suffix), client, lambda: disks.commit(mnt))
-        if peer:
+        if peer or self.args.targets_only:
             return
         client = make()
         self.timed((kind, n, "warm mount"), client, mount(key))
@@ -420,7 +432,7 @@ class ScaleBench:
     def report(self, command: str) -> str:
         """The Markdown section."""
         m = machine()
-        other = max(self.figures.other, default=0.0)
+        other = max((x for xs in self.figures.other.values() for x in xs), default=0.0)
         out = [
             "## Flat as the store grows: 10, 100 and 1,000 disks", "",
             f"`{command}` at {stickyci_revision()}, {cli.started_at()} UTC, on {m['cpu']} "
@@ -433,14 +445,15 @@ class ScaleBench:
             f"run. Other processes used up to {other:.0%} of the CPUs during a measurement "
             "(other helpers and tests share the machine).", "",
             "| backend | operation | " + " | ".join(f"{n} disks" for n in self.args.sizes)
-            + " | requests (" + ", ".join(str(n) for n in self.args.sizes) + ") |",
-            "|---|---|" + "---:|" * (len(self.args.sizes) + 1)]
+            + " | requests (" + ", ".join(str(n) for n in self.args.sizes) + ") | other CPU, "
+            "most in a run (" + ", ".join(str(n) for n in self.args.sizes) + ") |",
+            "|---|---|" + "---:|" * (len(self.args.sizes) + 2)]
         for kind in self.args.backends:
             for op in [*OPS, *(o + NO_INDEX for o in PEER_OPS)]:
                 base = self.figures.median((kind, self.args.sizes[0], op))
                 if base is None:
                     continue
-                cells, reqs = [], []
+                cells, reqs, others = [], [], []
                 for n in self.args.sizes:
                     got = self.figures.median((kind, n, op))
                     if got is None:
@@ -450,7 +463,23 @@ class ScaleBench:
                     ratio = f" ({secs / base[0]:.2f}x)" if n != self.args.sizes[0] else ""
                     cells.append(f"{secs:.3f} s{ratio}")
                     reqs.append("-" if "CLI" in op else f"{req:,.0f}")
-                out.append(f"| {kind} | {op} | " + " | ".join(cells) + f" | {', '.join(reqs)} |")
+                    others.append(f"{max(self.figures.other[(kind, n, op)]):.0%}")
+                out.append(f"| {kind} | {op} | " + " | ".join(cells)
+                           + f" | {', '.join(reqs)} | {', '.join(others)} |")
+        out += ["", "In-process CPU seconds of this process (median; wall time of operations "
+                "this short is mostly fsync and the machine's other load):", "",
+                "| backend | operation | " + " | ".join(f"{n} disks" for n in self.args.sizes)
+                + " |", "|---|---|" + "---:|" * len(self.args.sizes)]
+        for kind in self.args.backends:
+            for op in [*OPS, *(o + NO_INDEX for o in PEER_OPS)]:
+                got = [self.figures.cpu.get((kind, n, op)) for n in self.args.sizes]
+                if not got[0]:
+                    continue
+                base = statistics.median(got[0])
+                out.append(f"| {kind} | {op} | " + " | ".join(
+                    "" if not xs else f"{statistics.median(xs):.4f} s"
+                    + ("" if i == 0 else f" ({statistics.median(xs) / base:.2f}x)")
+                    for i, xs in enumerate(got)) + " |")
         out += ["", *(f"- FAILED: {f}" for f in self.failures)] if self.failures else []
         return "\n".join(out) + "\n"
 
@@ -466,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
     p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
     p.add_argument("--write", type=Path, metavar="MD", help="write/replace the section")
+    p.add_argument("--no-peers", action="store_true",
+                   help="skip the rows without a local index")
+    p.add_argument("--targets-only", action="store_true",
+                   help="measure only the first and cold mounts and the commit")
     p.add_argument("--quiet-wait", type=float, default=5.0, metavar="S",
                    help="wait up to S s for a quiet machine before each measurement")
     args = p.parse_args(argv)

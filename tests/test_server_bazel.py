@@ -8,6 +8,7 @@ of ``--anonymous-read`` and ``--max-size`` start servers of their own.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -154,6 +155,38 @@ def test_ac_is_per_instance_and_cas_is_shared(admin: httpx.Client) -> None:
     admin.put(f"/team-a/cas/{digest}", content=data).raise_for_status()
     assert admin.get(f"/team-b/cas/{digest}").content == data
     assert admin.get(f"/cas/{digest}").content == data
+
+
+def test_reads_small_and_large_answer_and_count_alike(server: Server,
+                                                     admin: httpx.Client) -> None:
+    # A small entry is answered in front of the router, one over 256 KiB by the route: the
+    # same bytes, one hit each, and an access-log line naming the token, not showing it.
+    mark = server.log.stat().st_size
+    for size in (2 * KiB, 300 * KiB):
+        data, digest = blob(size)
+        admin.put(f"/ci-linux/cas/{digest}", content=data).raise_for_status()
+        hits = metric(admin, "stickyci_cache_lookups_total", kind="cas", result="hit")
+        got = admin.get(f"/ci-linux/cas/{digest}")
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["content-length"] == str(size) and got.headers["x-request-id"]
+        assert metric(admin, "stickyci_cache_lookups_total", kind="cas", result="hit") \
+            == hits + 1
+    lines = [json.loads(line) for line in server.log.read_bytes()[mark:].decode().splitlines()
+             if line.startswith("{") and "/ci-linux/cas/" in line and '"GET"' in line]
+    assert len(lines) == 2 and {line["status"] for line in lines} == {200}
+    token_id = server.admin.split("_")[1]
+    assert all(line["token"] == token_id for line in lines)
+    assert server.admin.split("_")[2] not in server.log.read_text()
+
+
+def test_an_instance_named_like_a_route_is_that_routes(admin: httpx.Client) -> None:
+    # "/nix/ac/<64 hex>" is the Nix cache "ac"'s file, as the router has it, not Bazel's.
+    _, digest = blob()
+    misses = metric(admin, "stickyci_cache_lookups_total", kind="ac", result="miss")
+    got = admin.get(f"/nix/ac/{digest}")
+    assert got.status_code in (400, 404) and "nix" in got.text.lower()
+    assert metric(admin, "stickyci_cache_lookups_total", kind="ac", result="miss") == misses
 
 
 # -- auth: the instance is the key token patterns match -------------------------------------

@@ -8,6 +8,9 @@ its local index; every store is a real ``file://`` store, every gc the real one.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -19,9 +22,10 @@ from test_http_inprocess import InProcess, disk_ref, served  # noqa: F401 (a fix
 from stickyci import disks
 from stickyci.digest import Digest
 from stickyci.disks import gc, refs
+from stickyci.errors import NotFound
 from stickyci.snapshot import Entry, Manifest, save_manifest
 from stickyci.snapshot.model import FILE
-from stickyci.store import LocalBackend, ObjectStore, Stat
+from stickyci.store import LocalBackend, ObjectStore, Stat, localindex
 from stickyci.store.localindex import LocalIndex, encode_add
 
 
@@ -167,8 +171,7 @@ def test_after_a_gc_swept_objects_are_gone_and_repacked_ones_found(
     on_machine(monkeypatch, tmp_path, "a")
     # And the local index itself no longer lists the swept packs.
     live = {f"index/{n.split('/')[1]}" for n in backend.list("packs")}
-    held = LocalIndex(index_file(tmp_path / "machine-a")).load()
-    assert held.names <= live
+    assert LocalIndex(index_file(tmp_path / "machine-a")).open().names() <= live
 
 
 def test_a_damaged_local_index_is_rebuilt_from_the_store(
@@ -189,7 +192,7 @@ def test_a_damaged_local_index_is_rebuilt_from_the_store(
     assert backend.calls["get index"] == 5  # every index read again, none taken on trust
     assert all(fresh.get(Digest.of(f"object {i}".encode())) == f"object {i}".encode()
                for i in range(5))
-    assert LocalIndex(path).load().names == set(backend.list("index"))
+    assert LocalIndex(path).open().names() == set(backend.list("index"))
 
 
 def test_a_truncated_local_index_keeps_its_whole_records(
@@ -206,7 +209,7 @@ def test_a_truncated_local_index_keeps_its_whole_records(
     fresh = ObjectStore(backend)
     assert backend.calls["get index"] == 1  # the torn record's pack, read again
     assert fresh.get(Digest.of(b"object 3")) == b"object 3"
-    assert LocalIndex(path).load().names == set(backend.list("index"))
+    assert LocalIndex(path).open().names() == set(backend.list("index"))
 
 
 def test_a_wrong_place_in_a_sealed_local_index_is_not_trusted(
@@ -248,7 +251,7 @@ def test_a_partial_view_is_never_kept_and_each_token_has_its_own_index(
     seen_by_b = ObjectStore(team_b)
     assert not seen_by_b.has(secret)  # neither the admin's local index nor the pack's view
     for path in set((cache / "index").glob("*.log")) - held_by_admin:
-        assert LocalIndex(path).load().entries == {}  # the partial view was not kept
+        assert LocalIndex(path).open().empty  # the partial view was not kept
 
 
 def test_a_local_index_log_is_compacted(tmp_path: Path,
@@ -259,10 +262,10 @@ def test_a_local_index_log_is_compacted(tmp_path: Path,
     for i in range(70):  # one append per pack
         commit(writer, backend, f"d{i}", f"object {i}".encode())
     path = index_file(cache)
-    appended = path.stat().st_size
-    got = LocalIndex(path).load()
-    assert len(got.names) == 70 and path.stat().st_size < appended
-    assert LocalIndex(path).load().records == 1
+    assert LocalIndex(path).open().records == 70
+    assert len(LocalIndex(path).open().names()) == 70  # the first open compacted it
+    table = LocalIndex(path).open()
+    assert table.records == 0 and table.rows == 140  # a content object and a manifest each
 
 
 
@@ -307,3 +310,176 @@ def test_a_commit_deduplicating_against_a_swept_pack_stores_it_again(
     disks.mount("new", target, store=url)
     assert (target / "copy.bin").read_bytes() == content
     disks.unmount(target)
+
+
+# --- the table: lookups in place, damage, gc, several processes --------------------------------
+
+
+def compacted(cache: Path) -> Path:
+    """Merge a machine's local index into its table now; the file's path."""
+    path = index_file(cache)
+    LocalIndex(path).compact()
+    view = LocalIndex(path).open()
+    assert view.records == 0 and view.rows > 0
+    return path
+
+
+def flip(path: Path, at: int) -> None:
+    """Change one byte of ``path`` in place (negative ``at``: from the end)."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def damage(path: Path, where: str, victim: Digest) -> None:
+    """Damage the table of a local index at ``where``."""
+    if where == "header":
+        flip(path, 9)  # the row count
+    elif where == "bucket":
+        flip(path, path.read_bytes().index(victim.raw) + 64)  # the victim's offset
+    elif where == "pack list":
+        flip(path, -1)
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("where", ["header", "bucket", "pack list", "truncated"])
+def test_a_damaged_table_is_detected_and_rebuilt(
+        where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    backend = Counted(tmp_path / "store")
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(12):
+        commit(writer, backend, f"d{i}", f"object {i}".encode())
+    path = compacted(cache)
+    victim = Digest.of(b"object 5")
+    damage(path, where, victim)
+
+    backend.calls.clear()
+    fresh = ObjectStore(backend)
+    assert all(fresh.get(Digest.of(f"object {i}".encode())) == f"object {i}".encode()
+               for i in range(12))
+    assert "damaged" in caplog.text
+    assert backend.calls["get index"] == 12  # every index read again, none taken on trust
+    assert LocalIndex(path).open().names() == set(backend.list("index"))  # rebuilt
+
+
+def test_a_lookup_reads_only_its_bucket_of_the_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Damage shows where it is read, and only there: a lookup reads one bucket."""
+    backend = Counted(tmp_path / "store")
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    contents = [f"object {i}".encode() for i in range(40)]
+    for i, c in enumerate(contents):
+        commit(writer, backend, f"d{i}", c)
+    path = compacted(cache)
+    assert LocalIndex(path).open().rows == 80  # 40 objects and their 40 manifests
+    victim = Digest.of(contents[0])
+    # 80 rows make 16 buckets, by the digest's first four bits.
+    elsewhere = [c for c in contents if Digest.of(c).raw[0] >> 4 != victim.raw[0] >> 4]
+    damage(path, "bucket", victim)
+
+    backend.calls.clear()
+    reader = ObjectStore(backend, load_index=False)  # a mount
+    assert [reader.get(Digest.of(c)) for c in elsewhere] == elsewhere
+    assert "damaged" not in caplog.text
+    assert backend.calls == {"get packs": len(elsewhere)}  # no listing, no index read
+    assert reader.get(victim) == contents[0]
+    assert "damaged" in caplog.text and backend.calls["get index"] == 40
+
+
+def test_a_table_from_before_a_gc_never_passes_swept_objects_off_as_stored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = LocalBackend(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    dropped, big_dead, kept = b"only in the dropped disk" * 50, os.urandom(200_000), b"kept"
+    commit(writer, backend, "dropped", dropped)
+    commit(writer, backend, "mixed", big_dead, kept)
+    commit(writer, backend, "mixed", kept)
+    stale = on_machine(monkeypatch, tmp_path, "c")
+    ObjectStore(backend)  # this runner last looked before the gc...
+    path = compacted(stale)  # ... and its table says so
+    before = LocalIndex(path).open().names()
+
+    on_machine(monkeypatch, tmp_path, "a")
+    refs.delete_ref(backend, "dropped")
+    assert gc(backend, grace=0).packs_repacked == 1
+
+    on_machine(monkeypatch, tmp_path, "c")
+    committer = ObjectStore(backend, listing=False)  # takes the stale table as the index
+    assert committer.has(Digest.of(dropped))
+    with pytest.raises(NotFound, match="concurrent gc"):
+        committer.check_present([Digest.of(dropped).raw])
+    assert not committer.has(Digest.of(dropped))  # forgotten, so it is stored again
+    reader = ObjectStore(backend, load_index=False)  # a mount: no listing first
+    assert reader.get(Digest.of(kept)) == kept  # found where the repack put it
+    assert not reader.has(Digest.of(dropped)) and not reader.has(Digest.of(big_dead))
+    table = LocalIndex(path).open()
+    live = set(backend.list("index"))
+    assert not table.needs_compaction  # the forgets were merged into the table at once
+    assert table.names() == live and before - live  # the swept packs are out of it
+    assert table.find(Digest.of(dropped).raw) is None
+
+
+WORKER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from stickyci.store import LocalBackend, ObjectStore
+    from stickyci.store.localindex import LocalIndex
+
+    backend = LocalBackend(Path(sys.argv[1]))
+    me, local = sys.argv[2], LocalIndex.for_backend(backend)
+    assert local is not None
+    for i in range(60):
+        store = ObjectStore(backend, load_index=False)
+        store.put(f"{me} {i}".encode())
+        store.flush()  # one pack, one record appended
+        if i % 7 == 0:
+            local.compact()
+        view = local.open()  # and compacts when the tail is due
+        assert view.find(next(iter(store.written.values()))[4:36]) is not None
+    """)
+
+
+def test_processes_appending_and_compacting_at_once_lose_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    cache = on_machine(monkeypatch, tmp_path, "a")
+    LocalBackend(store)
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(store), f"w{n}"],
+                                stderr=subprocess.PIPE, text=True) for n in range(3)]
+    for w in workers:
+        _, err = w.communicate(timeout=120)
+        assert w.returncode == 0, err
+    backend = Counted(store)
+    view = LocalIndex(index_file(cache)).open()
+    assert view.names() == set(backend.list("index")) and len(view.names()) == 180
+    backend.calls.clear()
+    committer = ObjectStore(backend, listing=False)
+    reader = ObjectStore(backend, load_index=False)
+    for n in range(3):
+        for i in range(60):
+            content = f"w{n} {i}".encode()
+            assert committer.has(Digest.of(content))
+            assert reader.get(Digest.of(content)) == content
+    assert backend.calls == {"get packs": 180}  # every place from the local index
+
+
+def test_a_first_look_at_a_store_leaves_a_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner that reads every index merges them into the table itself, so the next
+    job opens a table, not a tail it would read whole."""
+    monkeypatch.setattr(localindex, "COMPACT_ROWS", 10)
+    backend = LocalBackend(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    writer = ObjectStore(backend, load_index=False)
+    for i in range(8):
+        commit(writer, backend, f"d{i}", f"object {i}".encode())
+    cache = on_machine(monkeypatch, tmp_path, "b")
+    ObjectStore(backend)  # reads the 8 indexes: one record of 16 entries
+    view = LocalIndex(index_file(cache)).open()
+    assert view.records == 0 and view.rows == 16

@@ -9,9 +9,9 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -21,6 +21,9 @@ from ..paths import cache_home
 from ..store import default_store_url
 from ..units import parse_duration, parse_size
 from .output import emit, json_option
+
+if TYPE_CHECKING:
+    from ..server.config import ServerConfig
 
 
 def default_state_dir() -> Path:
@@ -74,13 +77,16 @@ def _listen(text: str) -> tuple[str, int]:
               help="gc spares packs younger than this (commits in flight).")
 @click.option("--access-log/--no-access-log", default=True, show_default=True,
               help="One JSON line per request on stderr.")
+@click.option("--workers", default=1, show_default=True, metavar="N", type=int,
+              help="Processes answering on the one port. One uses about one core: pick the "
+                   "cores the server may have (e.g. 2 on a 2-core box that runs nothing "
+                   "else), fewer if runners or builds share the machine.")
 def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: str | None,
           max_body: str, anonymous_read: bool, evict_after: str | None, evict_every: str,
-          gc_grace: str, access_log: bool) -> None:
+          gc_grace: str, access_log: bool, workers: int) -> None:
     """Serve a store over HTTP to many runners, and as a Bazel/ccache remote cache."""
-    import uvicorn
-
-    from ..server.app import ServerConfig, create_app
+    from ..server.config import ServerConfig
+    from ..server.workers import check_workers
 
     host, port = _listen(listen)
     url = store_url or default_store_url()
@@ -94,19 +100,34 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
         evict_after=None if evict_after is None else _duration("evict-after", evict_after),
         evict_every=_duration("evict-every", evict_every, MIN_EVICT_EVERY),
         gc_grace=parse_duration(gc_grace))
-    access = logging.getLogger("stickyci.access")
-    access.propagate = False
-    if access_log:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.handlers[:] = [handler]
-        access.setLevel(logging.INFO)
-    else:
-        access.setLevel(logging.WARNING)  # else it inherits INFO below and builds every line
-    logging.getLogger("stickyci").setLevel(logging.INFO)
+    check_workers(workers)
+    if workers > 1:
+        from ..server import workers as supervisor
+
+        logging.getLogger("stickyci").setLevel(logging.INFO)
+        sock = _bind(host, port)
+        click.echo(f"stickyci: serving {url} on http://{_address(host, port)} with "
+                   f"{workers} workers", err=True)
+        try:
+            supervisor.serve(cfg, sock, workers, access_log)
+        finally:
+            sock.close()
+        return
+    _serve_one(cfg, host, port, access_log)
+
+
+def _serve_one(cfg: ServerConfig, host: str, port: int, access_log: bool) -> None:
+    """One process: the app in this one."""
+    import uvicorn
+
+    from ..server.app import create_app
+    from ..server.metrics import configure_logs
+
+    configure_logs(access_log)
     app = create_app(cfg)
     sock = _bind(host, port)
-    click.echo(f"stickyci: serving {url} on http://{_address(host, port)}", err=True)
+    click.echo(f"stickyci: serving {cfg.store_url} on http://{_address(host, port)}",
+               err=True)
     server = uvicorn.Server(uvicorn.Config(
         app, access_log=False, log_level="warning", http="httptools", loop="uvloop",
         timeout_graceful_shutdown=5))

@@ -2,13 +2,18 @@
 
 It builds the shared state, mounts each API's routes (one module per API under ``api/``),
 installs the error handler, seeds the Bazel cache accounting and starts the eviction schedule
-at start-up, and wraps everything in the metrics and access-log middleware.
+at start-up, puts the Bazel cache's reads on a path of their own in front of the router, and
+wraps everything in the metrics and access-log middleware. One of several workers
+(``shared``) leaves the cache accounting to the supervisor, and only the first runs the
+schedules that must run once per server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -16,17 +21,24 @@ from starlette.applications import Starlette
 from ..errors import StickyError
 from ..store import Backend
 from .api import bazel, blobs, dashboard, disks, gha, nix, ops, runs
-from .history import sample_loop
-from .metrics import Observe
+from .config import ServerConfig
+from .history import SAMPLE_EVERY, History, Sampler, sample_loop
+from .lru import CacheLRU
+from .metrics import Metrics, Observe
 from .schedule import evict_loop
-from .state import ServerConfig, ServerState, error_response
+from .shared import Shared
+from .state import ServerState, error_response
 
 __all__ = ["ServerConfig", "create_app"]
+log = logging.getLogger("stickyci.server")
 
 
-def create_app(cfg: ServerConfig, backend: Backend | None = None) -> Observe:
-    """The server as an ASGI app, wrapped in metrics and access logging."""
-    server = ServerState(cfg, backend)
+def create_app(cfg: ServerConfig, backend: Backend | None = None,
+               shared: Shared | None = None) -> Observe:
+    """The server as an ASGI app, wrapped in metrics and access logging; ``shared`` makes it
+    one of the workers of ``serve --workers N``."""
+    server = ServerState(cfg, backend, shared)
+    primary = shared is None or shared.primary
     # Order matters where paths overlap: the Bazel routes, which take any instance name as
     # their first segment, come last.
     routes = [*ops.routes(server), *blobs.routes(server), *disks.routes(server),
@@ -38,12 +50,15 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> Observe:
         """Seed the cache accounting, run disk eviction on its schedule, and sample the
         history."""
         tasks = []
-        if cfg.max_size is not None:
+        if cfg.max_size is not None and isinstance(server.lru, CacheLRU):
             await server.call(server.lru.seed, server.backend)
-        if cfg.evict_after:
+        if cfg.evict_after and primary:
             tasks.append(asyncio.create_task(evict_loop(server, cfg.evict_after)))
+        # Every worker samples what it counted (the history adds them up); the store's size
+        # is measured by one.
         sampler = asyncio.create_task(
-            sample_loop(server.history, server.metrics, server.backend))
+            sample_loop(server.history, server.metrics, server.backend) if primary
+            else _use_loop(server.history, server.metrics))
         tasks.append(sampler)
         try:
             yield
@@ -57,4 +72,21 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> Observe:
     app = Starlette(routes=routes, exception_handlers={StickyError: error_response},
                     lifespan=lifespan)
     app.state.server = server
-    return Observe(app, server.metrics)
+    return Observe(bazel.FastReads(app, server, routes), server.metrics)
+
+
+
+async def _use_loop(history: History, metrics: Metrics) -> None:
+    """A worker's cache use into the history every minute and at shutdown, as
+    ``sample_loop`` does, without measuring the store (the first worker does that)."""
+    sampler = Sampler(history, metrics)
+    try:
+        while True:
+            await asyncio.sleep(SAMPLE_EVERY - time.time() % SAMPLE_EVERY + 0.5)
+            try:
+                await asyncio.to_thread(sampler.sample, time.time() - 1)
+            except StickyError as exc:
+                log.warning("sampling the server's history failed: %s", exc)
+    finally:
+        with contextlib.suppress(StickyError):
+            sampler.sample(time.time())

@@ -5,18 +5,26 @@ labelled by their family (``blobs``, ``ac``, ``cas``…), never by the requested
 scrape stays small however many objects the store holds. It also gives every request an id,
 sent back as ``X-Request-Id`` and written in the access log line, so a client's error and the
 server's log of it can be matched.
+
+With ``serve --workers N`` the counters live in prometheus_client's multiprocess mode (one
+memory-mapped file per process under ``PROMETHEUS_MULTIPROC_DIR``, which the supervisor sets
+before any process imports prometheus_client), and ``render`` sums every process's files, so a
+scrape through any worker shows the whole server.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
+import sys
 import time
 from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..store import protocol as p
@@ -30,10 +38,16 @@ _FAMILIES = {"blobs", "versioned", "list", "missing", "disks", "evict", "healthz
              "nix", "twirp", "gha"}
 
 
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+"""Set (by ``serve --workers``) before prometheus_client is imported: the counters are then
+shared by the worker processes."""
+
+
 class Metrics:
     """The server's counters and histograms, in a registry of their own."""
 
     def __init__(self) -> None:
+        self.shared_dir = os.environ.get(MULTIPROCESS_DIR)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("stickyci_requests", "HTTP requests served",
@@ -53,17 +67,47 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                      5, 10, 30))
         self.caches = CacheUse()
+        # Labelled children by their labels: a labels() look-up per update costs more than
+        # the update (the hot paths update five per request).
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once."""
+        key = (id(metric), *labels)
+        got = self._children.get(key)
+        if got is None:
+            got = self._children[key] = metric.labels(*labels)
+        return got
 
     def hit(self, kind: str, found: bool) -> None:
         """Count one read of ``kind`` (ac, cas, blob) as a hit or a miss."""
-        self.lookups.labels(kind, "hit" if found else "miss").inc()
+        self.child(self.lookups, kind, "hit" if found else "miss").inc()
         lookup = _LOOKUP.get()
         if lookup is not None:
             lookup.update(kind=kind, found=found)
 
     def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+        """The text exposition format: of this process, or summed over the workers'."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        every = CollectorRegistry()
+        MultiProcessCollector(every, self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(every)
+
+
+def configure_logs(access_log: bool) -> None:
+    """The server's logging: INFO from ``stickyci``, and the access log (one JSON line per
+    request on stderr) on or off."""
+    access = logging.getLogger("stickyci.access")
+    access.propagate = False
+    if access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.handlers[:] = [handler]
+        access.setLevel(logging.INFO)
+    else:
+        access.setLevel(logging.WARNING)  # else it inherits INFO below and builds every line
+    logging.getLogger("stickyci").setLevel(logging.INFO)
 
 
 def request_id(scope: Scope) -> str:
@@ -134,10 +178,13 @@ class Observe:
     def _record(self, scope: Scope, seen: dict[str, int], elapsed: float) -> None:
         route = route_family(scope["path"])
         m = self.metrics
-        m.requests.labels(route, scope["method"], str(seen["status"])).inc()
-        m.bytes_in.labels(route).inc(seen["in"])
-        m.bytes_out.labels(route).inc(seen["out"])
-        m.latency.labels(route).observe(elapsed)
+        m.child(m.requests, route, scope["method"], str(seen["status"])).inc()
+        # The series exist from the first request on; adding 0 would cost a write.
+        for counter, n in ((m.bytes_in, seen["in"]), (m.bytes_out, seen["out"])):
+            child = m.child(counter, route)
+            if n:
+                child.inc(n)
+        m.child(m.latency, route).observe(elapsed)
         if ACCESS_LOG.isEnabledFor(logging.INFO):
             state: dict[str, Any] = scope.get("state") or {}
             client = scope.get("client")

@@ -23,6 +23,8 @@ def evict_disks(server: ServerState, ttl: float, dry_run: bool = False) -> disks
     server.visibility.refs.invalidate()
     if not dry_run:
         server.metrics.evictions.labels("disk").inc(len(result.evicted))
+        if result.evicted:
+            server.refs_changed()  # the other workers of serve --workers cached them too
     return result
 
 
@@ -40,6 +42,8 @@ async def evict_loop(server: ServerState, ttl: float) -> None:
                 log.info("evicted disks unused for %ss: %s", ttl, result.evicted)
             stale = await server.call(server.gha.evict, ttl)
             server.metrics.evictions.labels("gha").inc(len(stale))
+            if stale:
+                server.gha_changed()
             report = await server.call(
                 functools.partial(disks.gc, server.backend, grace=cfg.gc_grace))
             log.info("gc freed %d bytes", report.bytes_freed)

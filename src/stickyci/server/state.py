@@ -8,9 +8,8 @@ that turns a ``StickyError`` into an ``ErrorBody`` with the status ``protocol.st
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,15 +17,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from ..disks import DEFAULT_GRACE
 from ..errors import NotFound, StickyError, TooLarge, UsageError
-from ..store import Backend, LocalBackend, open_backend
+from ..store import Backend, LocalBackend, check_name, open_backend
 from ..store import protocol as p
 from .auth import ANONYMOUS_READ, Principal, TokenStore
+from .config import ServerConfig
 from .gha import GhaCache, UrlSigner
 from .history import HISTORY_DB, History
 from .lru import CacheLRU
 from .metrics import Metrics, request_id
+from .shared import Change, Changes, RemoteLRU, Shared
 from .verify import Verifier
 from .visibility import Visibility
 
@@ -38,35 +38,29 @@ STREAM_CHUNK = 8 << 20
 INLINE_READ = 256 << 10
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """How ``stickyci serve`` was started."""
-
-    store_url: str
-    state_dir: Path
-    max_size: int | None = None
-    max_body: int = 2 << 30
-    anonymous_read: bool = False
-    evict_after: float | None = None
-    evict_every: float = 3600.0
-    gc_grace: float = DEFAULT_GRACE
-
-
 class ServerState:
-    """State shared by the routes: the backend, tokens, cache accounting and metrics."""
+    """State shared by the routes: the backend, tokens, cache accounting and metrics; with
+    ``shared`` (one of ``serve --workers N``), what it shares with the other workers."""
 
-    def __init__(self, cfg: ServerConfig, backend: Backend | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, backend: Backend | None = None,
+                 shared: Shared | None = None) -> None:
         self.cfg = cfg
+        self.shared = shared
         self.backend = backend or open_backend(cfg.store_url)
         # A file:// store answers a stat and a small read from the page cache faster than a
         # hand-off to a worker thread and back (measured: 2x the small GETs per second).
         self.local_reads = isinstance(self.backend, LocalBackend)
+        self._local_root = (f"{self.backend.root}/" if isinstance(self.backend, LocalBackend)
+                            else "")
         self.tokens = TokenStore(cfg.state_dir, ANONYMOUS_READ if cfg.anonymous_read else None)
-        self.lru = CacheLRU(cfg.max_size)
+        self.changes = shared.changes if shared is not None else Changes()
+        self.lru: CacheLRU | RemoteLRU = (
+            RemoteLRU(shared.lru) if shared is not None and shared.lru is not None
+            else CacheLRU(cfg.max_size))
         self.metrics = Metrics()
         self.visibility = Visibility(self.backend)
         self.verifier = Verifier(self.backend, cfg.state_dir, self.visibility)
-        self.gha = GhaCache(self.backend, cfg.state_dir, cfg.max_body)
+        self.gha = GhaCache(self.backend, cfg.state_dir, cfg.max_body, clean=shared is None)
         self.gha_urls = UrlSigner(cfg.state_dir)
         self.history = History(cfg.state_dir / HISTORY_DB)
 
@@ -74,7 +68,24 @@ class ServerState:
         """Authenticate the request; its token id goes to the access log, never the token."""
         principal = self.tokens.authenticate(request.headers.get("authorization"))
         request.state.principal = principal.id
+        self.catch_up()
         return principal
+
+    def catch_up(self) -> None:
+        """Drop what this worker cached of state another worker changed since (before a
+        request uses it: every request authenticates first)."""
+        if self.changes.changed(Change.REFS):
+            self.visibility.refs.invalidate()
+        if self.changes.changed(Change.GHA):
+            self.gha.reload()
+
+    def refs_changed(self) -> None:
+        """Tell the other workers that this one wrote or removed a ref."""
+        self.changes.bump(Change.REFS)
+
+    def gha_changed(self) -> None:
+        """Tell the other workers that this one changed the GitHub Actions cache's entries."""
+        self.changes.bump(Change.GHA)
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 as soon as it passes ``max_body``."""
@@ -114,9 +125,9 @@ class ServerState:
         large the blob and however many clients download at once."""
         got: bytes | int = -1
         if self.local_reads:
-            got = self._small_or_end(name, offset, length, INLINE_READ)
+            got = self.read_inline(name, offset, length, INLINE_READ)
         if not isinstance(got, bytes):
-            got = await self.call(self._small_or_end, name, offset, length, STREAM_CHUNK)
+            got = await self.call(self.small_or_end, name, offset, length, STREAM_CHUNK)
         if isinstance(got, bytes):
             return Response(got, media_type="application/octet-stream"), len(got)
 
@@ -127,7 +138,30 @@ class ServerState:
         return StreamingResponse(chunks(), media_type="application/octet-stream",
                                  headers={"content-length": str(got - offset)}), got - offset
 
-    def _small_or_end(self, name: str, offset: int, length: int | None,
+    def read_inline(self, name: str, offset: int, length: int | None,
+                    most: int) -> bytes | int:
+        """``small_or_end`` for a ``file://`` store, made to run on the event loop: one
+        open, fstat and pread (the backend's stat, then open and read, take twice the system
+        calls, and pathlib's work on top, for each of a build's many small reads)."""
+        check_name(name)
+        try:
+            fd = os.open(self._local_root + name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"store object {name} is missing") from None
+        except OSError:
+            return self.small_or_end(name, offset, length, most)  # the backend names it
+        try:
+            size = os.fstat(fd).st_size
+            end = size if length is None else min(size, offset + length)
+            if end - offset > most:
+                return end
+            return os.pread(fd, max(0, end - offset), offset)
+        except OSError:  # a directory in the object's place, an I/O error: as the backend
+            return self.small_or_end(name, offset, length, most)
+        finally:
+            os.close(fd)
+
+    def small_or_end(self, name: str, offset: int, length: int | None,
                       most: int) -> bytes | int:
         """The bytes asked for if they are at most ``most``, else where they end."""
         if length is None or length > most:

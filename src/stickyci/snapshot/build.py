@@ -15,17 +15,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import chunking
+from .. import chunking, codec
 from ..digest import Digest
 from ..forked import PARALLEL_MIN_BYTES, aborted, forked_map
 from ..fsutil import Opener, Tree
 from ..store import ObjectStore
-from .model import FILE, ChunkRef, Entry, Manifest
+from .model import FILE, ChunkRef, Entry, Manifest, paused_gc
 from .scan import is_special, keep_base_meta, skip_special, to_entry
 
 # Reading small files whole is cheaper than mapping them; big ones are mapped to bound memory.
 _MMAP_MIN = 8 << 20
 _BATCH_BYTES = 32 << 20
+# A manifest is mostly hex digests: zstd -1 packs it as small as -3 does, 2.4x faster (the
+# 6.4 MB manifest of the 1 GB benchmark tree: 1.90 MB in 11 ms, against 1.96 MB in 27 ms).
+_MANIFEST_LEVEL = 1
 _ROOT = os.geteuid() == 0
 
 Reuse = Callable[[Entry, os.stat_result], Entry | None]
@@ -178,6 +181,12 @@ def scan_tree(root: Tree | str, reuse: Reuse | None = None,
     """
     tree = root if isinstance(root, Tree) else Tree.at(root)
     out = Scan()
+    with paused_gc():  # an entry per path: tens of thousands of objects, none of them cyclic
+        _scan_into(out, tree, reuse, base)
+    return out
+
+
+def _scan_into(out: Scan, tree: Tree, reuse: Reuse | None, base: Manifest | None) -> None:
     m, todo = out.manifest, out.todo
     groups: dict[tuple[int, int], int] = {}
     for found in tree.walk():
@@ -201,7 +210,6 @@ def scan_tree(root: Tree | str, reuse: Reuse | None = None,
             else:
                 todo.append(e)
         m.entries[path] = e
-    return out
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -210,7 +218,10 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 def save_manifest(store: ObjectStore, m: Manifest) -> Digest:
     """Store the manifest, flush every pending pack, and return the snapshot id."""
-    d = store.put(m.encode())
+    data = m.encode()
+    d = Digest.of(data)
+    if not store.has(d):
+        store.put_envelope(d, codec.encode(data, _MANIFEST_LEVEL))
     store.flush()
     return d
 

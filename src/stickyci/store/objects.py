@@ -24,7 +24,7 @@ from .. import codec
 from ..digest import Digest
 from ..errors import IntegrityError, NotFound
 from .backend import Backend
-from .localindex import Loaded, LocalIndex
+from .localindex import Damaged, LocalIndex, View
 
 PACK_TARGET = 16 << 20
 INDEX_MAGIC = b"SCX1"
@@ -146,17 +146,20 @@ class ObjectStore:
         listed is not deduplicated against."""
         self.backend = backend
         self._local = LocalIndex.for_backend(backend) if local_index else None
-        self._local_loaded = False
-        # A reader's local index taken without a listing (may hold packs gc swept since):
+        # The local index as opened, searched in place. Until it is checked against a
+        # listing (or taken as the index by a commit, ``_trusted``) its places are only
         # places to read and verify, never proof that an object is stored.
-        self._unlisted: Loaded | None = None
-        self._known: set[str] = set()  # index names the local index holds
+        self._view: View | None = None
+        self._opened = False
+        self._trusted = False
+        self._synced = False
+        self._viewed: set[str] = set()  # index names the view holds, once checked
         self._pid = os.getpid()
-        # Keyed by raw digest bytes: hashing bytes is much cheaper than hashing a Digest, and
-        # loading the index is on the path of every commit. The values are a Location's
+        # What this process read from the store or wrote itself, keyed by raw digest bytes
+        # (hashing bytes is much cheaper than hashing a Digest); the values are a Location's
         # fields as a plain tuple for the same reason (``locate`` makes the Location).
         self._index: dict[bytes, tuple[str, int, int]] = {}
-        self._loaded: set[str] = set()
+        self._read: set[str] = set()  # index names whose entries ``_index`` holds
         # Packs this process wrote (or adopted from its forked workers), newest last, with
         # their index as stored: young enough that no gc can have swept them, already indexed.
         self.written: dict[str, bytes] = {}
@@ -170,12 +173,39 @@ class ObjectStore:
         self._span_locks: dict[str, threading.Lock] = {}
         self.bytes_written = 0
         self.objects_written = 0
-        held = self._local.load() if load_index and not listing and self._local else None
-        if held is not None and held.names:
-            self._local_loaded = True
-            self._take(held, None)
-        elif load_index:  # a runner new to the store lists it once, to deduplicate
+        if load_index and not listing and self._local is not None:
+            self._open_view()
+            if self._view is not None and not self._view.empty:
+                self._trusted = True
+                return
+        if load_index:  # a runner new to the store lists it once, to deduplicate
             self.refresh()
+
+    def _open_view(self) -> None:
+        """Open the local index, once."""
+        if not self._opened and self._local is not None:
+            self._opened = True
+            self._view = self._local.open()
+
+    def _held(self, raw: bytes) -> tuple[str, int, int] | None:
+        """Where the local index places an object, if it does."""
+        view = self._view
+        if view is None:
+            return None
+        try:
+            return view.find(raw)
+        except Damaged as exc:
+            self._lose_view(view, exc)
+            return None
+
+    def _lose_view(self, view: View, damage: Damaged) -> None:
+        """The local index is damaged: remove it and read what it held from the store
+        again on the next refresh (which rebuilds it)."""
+        if self._local is not None:
+            self._local.discard(view.ino, damage)
+        with self._lock:
+            if self._view is view:
+                self._view, self._viewed = None, set()
 
     def refresh(self) -> None:
         """Load the indexes of packs written since the last refresh (by anyone), and forget
@@ -185,7 +215,9 @@ class ObjectStore:
         if self._local is not None:
             self._sync_local(listed)
         stored = []
-        for name, data in self._fetch([n for n in listed if n not in self._loaded]):
+        with self._lock:
+            have = self._read | self._viewed
+        for name, data in self._fetch([n for n in listed if n not in have]):
             pack_id = name.split("/", 1)[1]
             pack = "packs/" + pack_id
             entries = list(_decode_index_raw(name, data))
@@ -197,12 +229,10 @@ class ObjectStore:
                 # A partial view grows when refs this reader may read change: re-read it on
                 # the next miss instead of taking it for the whole index (nor keeping it).
                 if not index_is_partial(data):
-                    self._loaded.add(name)
+                    self._read.add(name)
                     stored.append((pack_id, entries))
         if self._local is not None and stored:
-            self._local.add(stored)
-            with self._lock:
-                self._known.update(f"index/{p}" for p, _ in stored)
+            self._local.add(stored, merge_large=True)
 
     def _fetch(self, names: list[str]) -> list[tuple[str, bytes]]:
         """The indexes ``names``, read in parallel when there are many (a new runner's
@@ -221,50 +251,28 @@ class ObjectStore:
         return [(n, d) for n, d in got if d is not None]
 
     def _sync_local(self, listed: list[str]) -> None:
-        """Take in the local index (once), and forget what it holds that the store no longer
-        lists, there and here: entries of a swept pack must not pass for stored objects."""
-        assert self._local is not None
+        """Check the local index against a listing (first time: open it, take what it holds
+        that the store still lists) and forget what the store no longer lists, there and
+        here: entries of a swept pack must not pass for stored objects."""
         present = set(listed)
-        if not self._local_loaded:
-            self._local_loaded = True
-            got, self._unlisted = self._unlisted or self._local.load(), None
-            gone = [n for n in got.names if n not in present]
-            if gone:
-                self._local.forget([n.split("/", 1)[1] for n in gone])
-                got = self._local.load(extra=True)
-            self._take(got, present if gone else None)
-            return
+        if not self._synced:
+            self._synced = True
+            self._open_view()
+            view = self._view
+            if view is not None:
+                try:
+                    names = view.names()
+                except Damaged as exc:
+                    self._lose_view(view, exc)
+                else:
+                    with self._lock:
+                        self._viewed = names
+                    self._trusted = True
+        own = {"index/" + p.split("/", 1)[1] for p in self.written}
         with self._lock:
-            gone = [n for n in self._known if n not in present]
+            gone = [n for n in self._read | self._viewed if n not in present and n not in own]
         if gone:
-            self._local.forget([n.split("/", 1)[1] for n in gone])
-            self._take(self._local.load(extra=True), present)
-
-    def _take(self, got: Loaded, present: set[str] | None) -> None:
-        """Use what the local index holds. With ``present`` (the listing), start again from
-        it alone, keeping only this process's own packs and what the store still lists."""
-        with self._lock:
-            if present is None and not self._index:
-                self._index, self._loaded = got.entries, self._loaded | got.names
-                self._known = set(got.names)
-                return
-            if present is None:
-                for d, loc in got.entries.items():
-                    self._index.setdefault(d, loc)
-                self._loaded |= got.names
-                self._known = set(got.names)
-                return
-            names = got.names & present
-            packs = {"packs/" + n.split("/", 1)[1] for n in names}
-            self._index = {d: loc for d, loc in got.entries.items() if loc[0] in packs}
-            for d, loc in got.extra:
-                if loc[0] in packs:
-                    self._index.setdefault(d, loc)
-            self._loaded, self._known = set(names), set(names)
-            for pack, index in self.written.items():
-                self._loaded.add("index/" + pack.split("/", 1)[1])
-                for d, off, ln in _decode_index_raw(pack, index):
-                    self._index.setdefault(d, (pack, off, ln))
+            self._distrust(["packs/" + n.split("/", 1)[1] for n in gone])
 
     def _distrust(self, packs: Sequence[str]) -> None:
         """Places in ``packs`` did not hold their objects (or the packs are gone): read their
@@ -272,23 +280,24 @@ class ObjectStore:
         ids = [p.split("/", 1)[1] for p in packs]
         if self._local is not None:
             self._local.forget(ids)
+        if self._view is not None:
+            self._view.exclude(packs)
         dropped = set(packs)
         with self._lock:
             for pack_id in ids:
-                self._loaded.discard(f"index/{pack_id}")
-                self._known.discard(f"index/{pack_id}")
+                self._read.discard(f"index/{pack_id}")
+                self._viewed.discard(f"index/{pack_id}")
             self._index = {d: loc for d, loc in self._index.items() if loc[0] not in dropped}
 
     def has(self, digest: Digest) -> bool:
         """True if the object is stored or on its way into a pack."""
-        return (digest.raw in self._index or digest in self._pending
-                or digest in self._publishing)
+        raw = digest.raw
+        return (raw in self._index or (self._trusted and self._held(raw) is not None)
+                or digest in self._pending or digest in self._publishing)
 
     def locate(self, digest: Digest) -> Location | None:
         """The pack location of a stored object."""
-        loc = self._index.get(digest.raw)
-        if loc is None and (unlisted := self._unlisted) is not None:
-            loc = unlisted.entries.get(digest.raw)
+        loc = self._index.get(digest.raw) or self._held(digest.raw)
         return Location(*loc) if loc else None
 
     def check_present(self, digests: Iterable[bytes]) -> None:
@@ -298,7 +307,7 @@ class ObjectStore:
         """
         packs = set()
         for d in digests:
-            loc = self._index.get(d)
+            loc = self._index.get(d) or (self._held(d) if self._trusted else None)
             if loc is None:
                 raise NotFound(f"object {Digest(d)} is missing from the store")
             packs.add(loc[0])
@@ -379,13 +388,11 @@ class ObjectStore:
         with self._lock:
             for d, off, ln in rows:
                 self._index.setdefault(d, (pack, off, ln))
-            self._loaded.add(name)
+            self._read.add(name)
             self.written[pack] = index
         # Forked workers' packs are recorded once, by the process that adopts them.
         if self._local is not None and os.getpid() == self._pid:
             self._local.add([(pack_id, rows)])
-            with self._lock:
-                self._known.add(name)
 
     def get(self, digest: Digest, *, whole_pack: bool = False) -> bytes:
         """Read and verify an object. ``whole_pack`` caches its pack for sequential readers."""
@@ -397,7 +404,6 @@ class ObjectStore:
                 raise
         # The place came from the local index, and may be wrong or swept by gc since: read
         # the pack's own index again, or find where the object lies now, once.
-        self._unlisted = None
         self._distrust([loc.pack])
         with self._lock:
             self._spans.pop(loc.pack, None)
@@ -406,11 +412,10 @@ class ObjectStore:
 
     def _envelope(self, digest: Digest, whole_pack: bool) -> bytes | memoryview:
         loc = self.locate(digest)
-        if loc is None and self._local is not None and not self._local_loaded \
-                and self._unlisted is None:
+        if loc is None and not self._opened:
             # A reader's first miss: the local index, without a listing. Its places are
             # checked by reading them (see ``get``); ``has`` never answers from it.
-            self._unlisted = self._local.load()
+            self._open_view()
             loc = self.locate(digest)
         if loc is None:
             # Another writer may have published it since the index was (or was not) loaded.

@@ -8,6 +8,7 @@ written, and the metadata set from the manifest as a restore sets it.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import os
@@ -113,7 +114,7 @@ class Overlay:
                 scan.todo.append(e)
             up[rel] = e
         merged = dict(base.entries)
-        hidden = [p for p in merged if _hidden(p, gone, opaque)] if gone or opaque else []
+        hidden = _hidden(base, gone, opaque)
         for p in hidden:
             del merged[p]
         merged.update(up)
@@ -129,17 +130,22 @@ def _is_opaque(found: Found) -> bool:
         return False
 
 
-def _hidden(path: str, gone: set[str], opaque: set[str]) -> bool:
-    """True if a lower path is deleted by a whiteout on it or an ancestor, or is under an
-    opaque directory or an upper non-directory."""
-    if path in gone:
-        return True
-    parent = path
-    while "/" in parent:
-        parent = parent.rpartition("/")[0]
-        if parent in gone or parent in opaque:
-            return True
-    return False
+def _hidden(base: Manifest, gone: set[str], opaque: set[str]) -> list[str]:
+    """The lower paths deleted by a whiteout on them or an ancestor, or under an opaque
+    directory or an upper non-directory."""
+    if not gone and not opaque:
+        return []
+    # Whatever lies under a path is one run of the sorted paths: a few searches, instead of
+    # walking every ancestor of every path in the tree.
+    paths = sorted(base.entries)
+    out = {p for p in gone if p in base.entries}
+    for root in gone | opaque:
+        prefix = root + "/"
+        i = bisect.bisect_left(paths, prefix)
+        while i < len(paths) and paths[i].startswith(prefix):
+            out.add(paths[i])
+            i += 1
+    return sorted(out)
 
 
 def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched: set[str],

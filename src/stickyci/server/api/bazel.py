@@ -2,6 +2,11 @@
 
 CAS entries are content-addressed and shared by every instance; AC entries belong to one.
 Above ``--max-size`` the least recently used entries are deleted.
+
+Reads are most of a build's requests, so on a ``file://`` store ``FastReads`` answers
+``GET|HEAD [/instance]/ac|cas/<sha256>`` of a small entry in front of the router (inside the
+metrics and access-log middleware): the same checks and answers as the route, without
+Starlette's routing, request object and exception layers, which cost more than the read.
 """
 
 from __future__ import annotations
@@ -9,18 +14,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ...errors import IntegrityError, NotFound, UsageError
+from ...errors import IntegrityError, NotFound, StickyError, UsageError
 from ..auth import Permission
-from ..state import Api, ServerState
+from ..state import INLINE_READ, Api, ServerState, error_response
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 _METHODS = ["GET", "HEAD", "PUT"]
+_READ = re.compile(r"^(?:/([A-Za-z0-9][A-Za-z0-9_-]{0,99}))?/(ac|cas)/([0-9a-f]{64})$")
+"""A read the fast path may answer: the routes' paths, with a valid instance and digest."""
+_ENTRY_PATHS = {"/ac/{digest}", "/cas/{digest}", "/{instance}/ac/{digest}",
+                "/{instance}/cas/{digest}"}
+_OCTETS = (b"content-type", b"application/octet-stream")
 
 
 def routes(server: ServerState) -> list[Route]:
@@ -86,3 +98,71 @@ class Bazel(Api):
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class FastReads:
+    """ASGI: small Bazel cache reads of a ``file://`` store answered directly, everything
+    else passed on to ``app``."""
+
+    def __init__(self, app: ASGIApp, server: ServerState, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.server = server
+        self.on = server.local_reads  # a remote store's reads belong in threads: the route's
+        # An instance named like another route's first segment ("/nix/ac/…") is that route's.
+        self.taken = {r.path.split("/")[1] for r in routes
+                      if isinstance(r, Route) and r.path not in _ENTRY_PATHS}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.on and scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            m = _READ.match(scope["path"])
+            if m is not None and m.group(1) not in self.taken:
+                try:
+                    if await self.read(scope, send, m.group(1), m.group(2), m.group(3)):
+                        return
+                except StickyError as exc:
+                    response = error_response(Request(scope), exc)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def read(self, scope: Scope, send: Send, instance: str | None, kind: str,
+                   digest: str) -> bool:
+        """Answer the read, as ``Bazel.entry`` does; False if the entry is too large to
+        answer here (the route streams it)."""
+        server = self.server
+        header = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                header = v.decode("latin-1")
+                break
+        who = server.tokens.authenticate(header)
+        scope.setdefault("state", {})["principal"] = who.id
+        if instance is None:
+            instance = "default"
+        else:
+            scope["path_params"] = {"instance": instance, "digest": digest}  # for usage.py
+        who.require(Permission.READ, instance, f"the {instance} cache")
+        name = f"cas/{digest}" if kind == "cas" else f"ac/{instance}.{digest}"
+        try:
+            if scope["method"] == "HEAD":
+                st = server.backend.stat(name)
+                if st is None:
+                    raise NotFound(f"{kind} entry {digest} is not in the cache")
+                size, body = st.size, b""
+            else:
+                got = server.read_inline(name, 0, None, INLINE_READ)
+                if not isinstance(got, bytes):
+                    return False
+                size, body = len(got), got
+        except NotFound:
+            server.metrics.hit(kind, False)
+            server.lru.forget(name)
+            raise
+        server.metrics.hit(kind, True)
+        server.lru.touch(name, size)
+        headers = [(b"content-length", str(size).encode())]
+        if body:
+            headers.append(_OCTETS)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return True

@@ -66,6 +66,7 @@ class Blobs(Api):
             await self.call(self.backend.delete, name)
             if key is not None:
                 self.server.visibility.refs.drop(key)
+                self.server.refs_changed()
             return Response(status_code=204)
         if (ns == "refs" and not who.scope.allows(Permission.WRITE, key)
                 and who.scope.allows(Permission.READ, key)):
@@ -106,6 +107,7 @@ class Blobs(Api):
             self.server.visibility.refs.put(key, ref)
         else:
             self.server.visibility.refs.drop(key)
+        self.server.refs_changed()
         return Response(status_code=204)
 
     async def read(self, request: Request, who: Principal, ns: str, key: str | None,

@@ -126,6 +126,7 @@ class Gha(Api):
         key, version = check_key(req.key), check_version(req.version)
         who.require(Permission.WRITE, key, f"cache key {key[:80]!r}")
         stored = await self.call(self.gha.finalize, who, key, version, req.size_bytes)
+        self.server.gha_changed()
         counted = self.server.metrics.gha_bytes
         counted.labels("uploaded").inc(stored.entry.size)
         counted.labels("content").inc(stored.content)
@@ -188,6 +189,7 @@ class Gha(Api):
 
     async def download(self, request: Request) -> Response:
         """A plain ``GET`` of an entry's archive on a signed download URL."""
+        self.server.catch_up()  # an entry another worker stored just now
         entry = await self.call(self.gha.find, self._signed(request, "download"))
         chunks = await self.call(self.gha.chunks, entry)
         return StreamingResponse(self._stream(entry, chunks),

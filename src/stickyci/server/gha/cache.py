@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -58,6 +60,8 @@ READ_SIZE = 8 << 20
 WINDOW = 16 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ARCHIVE = "archive"
+UPLOAD_RECORD = "upload.json"
+"""An upload's key, version, writer and start, in its staging directory."""
 
 
 @dataclass(slots=True)
@@ -160,16 +164,24 @@ def check_version(version: str) -> str:
 class GhaCache:
     """Entries (in memory, persisted as root records), uploads in progress, and archives."""
 
-    def __init__(self, backend: Backend, state_dir: Path, max_archive: int) -> None:
+    def __init__(self, backend: Backend, state_dir: Path, max_archive: int,
+                 clean: bool = True) -> None:
         self.backend = backend
         self.max_archive = max_archive
         self.staging = state_dir / "gha-uploads"
-        # Uploads do not survive a restart (their signed URLs name them): start clean.
-        shutil.rmtree(self.staging, ignore_errors=True)
+        # Uploads do not survive a restart (their signed URLs name them): start clean. The
+        # workers of one server share the staging directory (an upload's requests may reach
+        # any of them): their supervisor cleans it once.
+        if clean:
+            shutil.rmtree(self.staging, ignore_errors=True)
         self.objects = ObjectStore(backend, load_index=False)
         self._entries: dict[int, CacheEntry] | None = None
-        self._uploads: dict[int, Upload] = {}
         self._lock = threading.RLock()
+
+    def reload(self) -> None:
+        """Read the entries from the store again on next use (another worker changed them)."""
+        with self._lock:
+            self._entries = None
 
     # -- entries ---------------------------------------------------------------------------
 
@@ -227,21 +239,22 @@ class GhaCache:
         now = time.time()
         self.drop_stale(now)  # abandoned uploads go even on a server that never evicts
         entries = self.entries()
-        with self._lock:
+        with self._lock, self._staging_lock():
             if any(e.key == key and e.version == version for e in entries.values()):
                 return f"an entry with key {key!r} and this version already exists"
             if any(u.key == key and u.version == version and now - u.created < UPLOAD_TTL
-                   for u in self._uploads.values()):
+                   for u in self._uploads()):
                 return f"another job is uploading key {key!r} with this version"
             entry_id = secrets.randbits(52)  # a JavaScript number holds it exactly
             upload = Upload(entry_id, key, version, who.id, now, self.staging / str(entry_id))
             (upload.dir / "blocks").mkdir(parents=True)
-            self._uploads[entry_id] = upload
+            (upload.dir / UPLOAD_RECORD).write_text(json.dumps(
+                {"key": key, "version": version, "writer": who.id, "created": now}))
         return upload
 
     def upload(self, entry_id: int) -> Upload:
         """An upload in progress, by the id its signed URL names."""
-        upload = self._uploads.get(entry_id)
+        upload = self._staged(self.staging / str(entry_id))
         if upload is None:
             raise NotFound(f"no upload in progress for cache entry {entry_id}; create the "
                            "entry again")
@@ -272,7 +285,7 @@ class GhaCache:
     def finalize(self, who: Principal, key: str, version: str, size: int) -> Stored:
         """Check the staged archive's size, store it, and publish the entry."""
         with self._lock:
-            found = [u for u in self._uploads.values() if u.key == key and u.version == version
+            found = [u for u in self._uploads() if u.key == key and u.version == version
                      and u.writer == who.id]
             if not found:
                 raise NotFound(f"no upload of key {key!r} with this version by token {who.id} "
@@ -286,7 +299,10 @@ class GhaCache:
             if actual != size:
                 raise UsageError(f"finalize of key {key!r} says {size} bytes but "
                                  f"{actual} were uploaded; nothing was stored")
-            del self._uploads[upload.id]  # one finalize per upload, even if two race
+            try:  # one finalize per upload, even if two race (in two workers, too)
+                (upload.dir / UPLOAD_RECORD).rename(upload.dir / f"{UPLOAD_RECORD}.taken")
+            except FileNotFoundError:
+                raise NotFound(f"the upload of key {key!r} is being finalized already") from None
         try:
             stored = self._store(upload)
         finally:
@@ -368,18 +384,42 @@ class GhaCache:
 
     def drop_stale(self, now: float) -> None:
         """Forget uploads older than ``UPLOAD_TTL`` (their URLs have expired) and their files."""
-        with self._lock:
-            stale = [u for u in self._uploads.values() if now - u.created >= UPLOAD_TTL]
+        with self._lock, self._staging_lock():
+            stale = [u for u in self._uploads() if now - u.created >= UPLOAD_TTL]
             for u in stale:
-                del self._uploads[u.id]
+                (u.dir / UPLOAD_RECORD).unlink(missing_ok=True)
         for u in stale:
             shutil.rmtree(u.dir, ignore_errors=True)
+
+    def _uploads(self) -> list[Upload]:
+        """The uploads in progress, as staged (by any worker of this server)."""
+        if not self.staging.is_dir():
+            return []
+        return [u for d in self.staging.iterdir() if (u := self._staged(d)) is not None]
+
+    def _staged(self, d: Path) -> Upload | None:
+        """The upload staged in ``d``, unless it is gone or being finalized."""
+        try:
+            doc = json.loads((d / UPLOAD_RECORD).read_bytes())
+            return Upload(int(d.name), str(doc["key"]), str(doc["version"]),
+                          str(doc["writer"]), float(doc["created"]), d)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # gone, taken, or not an upload: the server's own directory
+
+    @contextlib.contextmanager
+    def _staging_lock(self) -> Iterator[None]:
+        # Workers check and start uploads one at a time, so two never take one key.
+        self.staging.mkdir(parents=True, exist_ok=True)
+        with open(self.staging / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def evict(self, ttl: float, now: float | None = None) -> list[CacheEntry]:
         """Remove entries unused for ``ttl`` seconds (gc then frees their chunks) and drop
         uploads older than ``UPLOAD_TTL``."""
         now = now or time.time()
         self.drop_stale(now)
+        self.reload()  # the last uses other workers recorded, as the store has them
         victims = [e for e in list(self.entries().values()) if now - e.last_used >= ttl]
         for e in victims:
             self.backend.delete(f"{ROOTS}/{PREFIX}{e.id}")
