@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import Env, commit_tree, read_tree, wait_for
+from nix_helpers import Nix, needs_nix, public_key, random_files, settled
 from prometheus_client.parser import text_string_to_metric_families
 from server import Server, free_port, remote, start_server, store_dir, unique
 
@@ -247,3 +248,25 @@ def test_github_actions_cache_saves_and_restores_across_workers(server: Server,
         got, log = restore(server, token, ws, key)
         assert got == key, log
         assert tree_hash(ws / "data") == want
+
+
+@needs_nix
+def test_nix_copy_through_the_workers_is_spooled_stored_and_substituted(
+        server: Server, tmp_path: Path) -> None:
+    # Each NAR and its narinfo may reach different workers; every worker has an ingester, and
+    # each spooled NAR is stored by one of them.
+    writer = Nix(tmp_path / "writer")
+    paths = [writer.add_tree(f"wk-{i}", random_files(10 + i, 3, 200 * KiB)) for i in range(3)]
+    copied = writer.copy_to(f"{server.url}/nix/wk?compression=none", *paths,
+                            netrc=writer.netrc("127.0.0.1", server.admin))
+    assert copied.returncode == 0, copied.stderr
+    settled(server.state)
+    pins = [p for p in (store_dir(server) / "roots").iterdir() if p.name.startswith("nix.wk.")]
+    assert len(pins) == len(paths)
+    reader = Nix(tmp_path / "reader")
+    netrc = reader.netrc("127.0.0.1", server.admin)
+    for path in paths:
+        got = reader.substitute(f"{server.url}/nix/wk", public_key(server.state, "wk"), path,
+                                netrc=netrc)
+        assert got.returncode == 0, got.stderr
+        assert reader.dump(path) == writer.dump(path)
