@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from nix_helpers import Nix, client, fresh_path, narinfo, needs_nix, public_key,
 from server import error, start_server
 
 from stickyci.server.nix import nix32, pin_name
-from stickyci.server.nix.spool import SPOOL_DIR
+from stickyci.server.nix.spool import SPOOL_DIR, Spool
 from stickyci.store import LocalBackend
 
 pytestmark = [needs_nix, pytest.mark.root]
@@ -150,3 +151,16 @@ def test_an_upload_a_dead_server_left_unfinished_is_removed_at_start(tmp_path: P
     os.utime(part)
     with start_server(tmp_path / "srv", port=port):
         assert not part.exists()
+
+
+def test_a_spool_whose_directory_went_has_nothing_pending(tmp_path: Path) -> None:
+    # An in-process server's state directory can go before its ingester thread does. (The
+    # store here is always down, so the ingester never takes the file, whenever it looks.)
+    def down(cache: str, nar_hash: bytes, f: object) -> None:
+        raise OSError("the store is down")
+
+    spool = Spool(tmp_path / "state", down)
+    (spool.root / f"c.{nix32(bytes(32))}.nar").write_bytes(b"x")
+    assert [s.cache for s in spool.pending()] == ["c"]
+    shutil.rmtree(tmp_path / "state")
+    assert spool.pending() == []

@@ -140,7 +140,11 @@ class Spool:
     def pending(self) -> list[Spooled]:
         """Every spooled NAR, oldest first; files whose names do not parse are left out."""
         found = []
-        for path in self.root.iterdir():
+        try:
+            paths = list(self.root.iterdir())
+        except FileNotFoundError:  # the state directory went (a test's, say): nothing to do
+            return []
+        for path in paths:
             item = _parse(path)
             if item is not None:
                 with contextlib.suppress(FileNotFoundError):
