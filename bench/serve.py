@@ -6,7 +6,8 @@
 
 1. Fill: start ``stickyci serve`` over a fresh ``file://`` store and upload ``--small``
    random objects of 1-4 KiB and ``--large`` objects of ``--large-mib`` MiB through the Bazel
-   ``PUT /cas/<sha256>`` endpoint; check that every one landed as ``STORE/cas/<sha256>``
+   ``PUT /cas/<sha256>`` endpoint; check that every one landed as
+   ``STORE/cas/default.<sha256>`` (the CAS of the instance ``default``)
    with the uploaded bytes (that is the file nginx serves).
 2. Load, for every server configuration, with ``wrk`` and Lua scripts (random paths from the
    object lists, the same ``Authorization: Bearer`` header everywhere): small GETs, large
@@ -127,18 +128,20 @@ def put_large(port: int, prefix: str, ds: Blobs, headers: dict[str, str]) -> flo
 
 
 def verify_store(store: Path, ds: Blobs) -> None:
-    """Every uploaded object is a file ``STORE/cas/<sha256>`` holding exactly its bytes."""
+    """Every uploaded object is a file ``STORE/cas/default.<sha256>`` (the instance
+    ``default``'s CAS) holding exactly its bytes."""
     for sha, body in small_bodies(ds):
-        path = store / "cas" / sha
+        path = store / "cas" / f"default.{sha}"
         if path.read_bytes() != body:
             raise RuntimeError(f"{path} does not hold the uploaded bytes")
     for sha in ds.large:
         h = hashlib.sha256()
-        with open(store / "cas" / sha, "rb") as f:
+        path = store / "cas" / f"default.{sha}"
+        with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         if h.hexdigest() != sha:
-            raise RuntimeError(f"{store / 'cas' / sha} does not hash to its name")
+            raise RuntimeError(f"{path} does not hash to its name")
 
 
 def same_bytes(port: int, path: str, token: str, want: bytes) -> None:
@@ -299,7 +302,7 @@ http {
     scgi_temp_path __DIR__/scgi;
     server {
         listen 127.0.0.1:__PORT__;
-        location /cas/ { root __STORE__; }
+        location /cas/ { alias __STORE__/cas/default.; }
         location /put/cas/ {
             root __DIR__/uploads;
             dav_methods PUT;
@@ -416,7 +419,7 @@ def backend_puts(env: Env, threads: int, duration: float, quiet: float) -> dict[
         while time.perf_counter() < deadline:
             sha, body = items[rng.randrange(len(items))]
             t = time.perf_counter()
-            backend.put(f"cas/{sha}", body)
+            backend.put(f"cas/default.{sha}", body)
             mine.append(time.perf_counter() - t)
         with lock:
             latencies.extend(mine)
@@ -619,8 +622,9 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
         f"- **Data:** {len(ds.small):,} random objects of 1-4 KiB ({ds.small_bytes / MB:.1f} MB) "
         f"and {len(ds.large)} of {args.large_mib} MiB, uploaded to a fresh `file://` store "
         "through the Bazel endpoint `PUT /cas/<sha256>`; every object was checked to be the "
-        "file `STORE/cas/<sha256>` with the uploaded bytes, which is what nginx serves "
-        f"(`root STORE` for `/cas/`). The fill ran at {filled['small_puts_per_s']:,.0f} small "
+        "file `STORE/cas/default.<sha256>` with the uploaded bytes, which is what nginx "
+        "serves (`alias STORE/cas/default.` for `/cas/`). The fill ran at "
+        f"{filled['small_puts_per_s']:,.0f} small "
         "PUTs/s (Python client, 16 connections) and "
         f"{filled['large_put_mbs']:,.0f} MB/s for the large ones (one connection).",
         f"- **Load:** `wrk` (loopback, {args.duration:g} s per measurement after a 2 s warm-up "

@@ -101,7 +101,7 @@ def test_cas_upload_that_does_not_hash_to_its_name_is_refused(server: Server,
     assert "does not hash" in got.json()["error"]
     assert admin.get(f"/cas/{other}").status_code == 404
     store = Path(server.store_url.removeprefix("file://"))
-    assert not (store / "cas" / other).exists()
+    assert not (store / "cas" / f"default.{other}").exists()
     # A body truncated on the way is refused the same way.
     assert admin.put(f"/cas/{digest}", content=data[:-1]).status_code == 400
     assert admin.get(f"/cas/{digest}").status_code == 404
@@ -140,7 +140,7 @@ def test_unknown_entry_is_404_and_counted_as_a_miss(admin: httpx.Client) -> None
     assert metric(admin, "stickyci_cache_lookups_total", kind="cas", result="hit") == hits + 1
 
 
-def test_ac_is_per_instance_and_cas_is_shared(admin: httpx.Client) -> None:
+def test_ac_and_cas_are_per_instance(admin: httpx.Client) -> None:
     _, key = blob()
     admin.put(f"/team-a/ac/{key}", content=b"result of a").raise_for_status()
     assert admin.get(f"/team-a/ac/{key}").content == b"result of a"
@@ -153,8 +153,28 @@ def test_ac_is_per_instance_and_cas_is_shared(admin: httpx.Client) -> None:
 
     data, digest = blob()
     admin.put(f"/team-a/cas/{digest}", content=data).raise_for_status()
-    assert admin.get(f"/team-b/cas/{digest}").content == data
-    assert admin.get(f"/cas/{digest}").content == data
+    assert admin.get(f"/team-a/cas/{digest}").content == data
+    assert admin.get(f"/team-b/cas/{digest}").status_code == 404
+    assert admin.head(f"/cas/{digest}").status_code == 404
+    admin.put(f"/cas/{digest}", content=data).raise_for_status()
+    assert admin.get(f"/default/cas/{digest}").content == data
+
+
+def test_a_token_cannot_read_or_probe_another_instances_cas(server: Server,
+                                                            admin: httpx.Client) -> None:
+    """Attack: a pull request's token asks for main's content by a digest it guessed (a
+    small file it can enumerate, say), in its own instance and in main's."""
+    data, digest = blob()
+    admin.put(f"/main/cas/{digest}", content=data).raise_for_status()
+    with server.client(server.scoped("--write", "pr-1-*")) as pr:
+        assert pr.get(f"/pr-1-a/cas/{digest}").status_code == 404
+        assert pr.head(f"/pr-1-a/cas/{digest}").status_code == 404
+        assert pr.get(f"/main/cas/{digest}").status_code == 403
+        assert pr.head(f"/main/cas/{digest}").status_code == 403
+        # Uploading the same content to its own instance gives it that copy only.
+        pr.put(f"/pr-1-a/cas/{digest}", content=data).raise_for_status()
+        assert pr.get(f"/pr-1-a/cas/{digest}").content == data
+    assert admin.get(f"/main/cas/{digest}").content == data
 
 
 def test_reads_small_and_large_answer_and_count_alike(server: Server,
@@ -248,7 +268,8 @@ def test_anonymous_read_server(tmp_path: Path) -> None:
         admin.put(f"/cas/{digest}", content=data).raise_for_status()
         admin.put(f"/ci/ac/{key}", content=b"result").raise_for_status()
         assert anon.get(f"/cas/{digest}").content == data
-        assert anon.head(f"/ci/cas/{digest}").status_code == 200
+        assert anon.head(f"/cas/{digest}").status_code == 200
+        assert anon.head(f"/ci/cas/{digest}").status_code == 404
         assert anon.get(f"/ci/ac/{key}").content == b"result"
         assert anon.get(f"/ac/{key}").status_code == 404
         # Writing still needs a token: 401 (send one), not 403 (yours can't).

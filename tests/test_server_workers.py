@@ -169,14 +169,14 @@ def test_max_size_evicts_by_the_whole_servers_use_order(tmp_path: Path) -> None:
         evicted = [entries[1][1], entries[2][1]]
 
         def gone() -> bool:
-            return not any((store / d).exists() for d in evicted)
+            return not any((store / f"default.{d}").exists() for d in evicted)
 
         wait_for(gone, "the two least recently used entries to be evicted")
         kept = [d for i, (_, d) in enumerate(entries) if i not in (1, 2)]
-        assert all((store / d).exists() for d in kept)
+        assert all((store / f"default.{d}").exists() for d in kept)
         assert metric(srv, "stickyci_evictions_total", kind="cas") == 2
         # Each entry was evicted once: nothing more goes while nothing more comes.
-        assert sorted(os.listdir(store)) == sorted(kept)
+        assert sorted(os.listdir(store)) == sorted(f"default.{d}" for d in kept)
 
 
 def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The Bazel HTTP remote cache (``[/INSTANCE]/ac|cas/SHA256``), which ccache speaks too.
 
-CAS entries are content-addressed and shared by every instance; AC entries belong to one.
-Above ``--max-size`` the least recently used entries are deleted.
+Every instance is a cache of its own, its CAS too: a token of one instance can neither read nor
+probe another's content by its digest. Above ``--max-size`` the least recently used entries
+are deleted.
 
 Reads are most of a build's requests, so on a ``file://`` store ``FastReads`` answers
 ``GET|HEAD [/instance]/ac|cas/<sha256>`` of a small entry in front of the router (inside the
@@ -56,8 +57,7 @@ class Bazel(Api):
         if not _INSTANCE.match(instance):
             raise UsageError(f"instance name {instance!r}: use letters, digits, '_' and '-'")
         who = self.who(request)
-        # CAS entries are content-addressed and shared by every instance; AC entries are not.
-        name = f"cas/{digest}" if kind == "cas" else f"ac/{instance}.{digest}"
+        name = entry_name(kind, instance, digest)
         lru, metrics = self.server.lru, self.server.metrics
         if request.method == "PUT":
             who.require(Permission.WRITE, instance, f"the {instance} cache")
@@ -94,6 +94,13 @@ class Bazel(Api):
             await self.call(self.backend.delete, name)
             lru.forget(name)
             self.server.metrics.evictions.labels(name.partition("/")[0]).inc()
+
+
+def entry_name(kind: str, instance: str, digest: str) -> str:
+    """The store name of an ``ac`` or ``cas`` entry of an instance. The CAS is per instance
+    as well: shared, a token of ``pr-1`` could fetch (or learn that another instance holds) any
+    content whose digest it can guess."""
+    return f"{kind}/{instance}.{digest}"
 
 
 def _sha256(data: bytes) -> str:
@@ -142,7 +149,7 @@ class FastReads:
         else:
             scope["path_params"] = {"instance": instance, "digest": digest}  # for usage.py
         who.require(Permission.READ, instance, f"the {instance} cache")
-        name = f"cas/{digest}" if kind == "cas" else f"ac/{instance}.{digest}"
+        name = entry_name(kind, instance, digest)
         try:
             if scope["method"] == "HEAD":
                 st = server.backend.stat(name)
