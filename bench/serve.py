@@ -188,6 +188,27 @@ function request()
 end
 """
 
+LUA_PACED = r"""
+-- Requests at a fixed rate: each thread hands out send times __INTERVAL__ ms apart, and a
+-- connection waits for its time (wrk delays in whole ms) before it sends.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } sci_timespec;
+int clock_gettime(int clk, sci_timespec *tp);
+]]
+local ts = ffi.new("sci_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local next_at = nil
+function delay()
+  local t = now_ms()
+  next_at = (next_at or t) + __INTERVAL__
+  return math.max(0, math.floor(next_at - t))
+end
+"""
+
 LUA_PUT = r"""
 local f = assert(io.open("__BIN__", "rb"))
 local blob = f:read("*a")
@@ -373,7 +394,10 @@ def wait_workers(pid: int, n: int, timeout: float = 60.0) -> None:
 SMALL_GET = Load("small-get", "small GET", "get-small", 2, 32, False)
 LARGE_GET = Load("large-get", "large GET", "get-large", 2, 4, True)
 SMALL_PUT = Load("small-put", "small PUT", "put", 2, 32, False)
-LOADS = (SMALL_GET, LARGE_GET, SMALL_PUT)
+PACED_GET = Load("paced-get", f"small GET at {TARGET_SMALL_GETS:,}/s", "get-paced", 2, 32, False)
+"""Small GETs offered at the target's rate, for the latency "at that load": at full speed
+every request also waits for the 31 others queued before it."""
+LOADS = (SMALL_GET, PACED_GET, LARGE_GET, SMALL_PUT)
 
 
 def measure(env: Env, cfg: Config, port: int, pids: list[int], load: Load,
@@ -605,7 +629,9 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
     small_gets = m(one, "small-get", "rps")
     large_mbs = m(one, "large-get", "mbs")
     large_share = large_mbs / m(ref, "large-get", "mbs")
-    p99 = m(one, "small-get", "p99_ms")
+    p99, paced = m(one, "paced-get", "p99_ms"), m(one, "paced-get", "rps")
+    # wrk sends on whole milliseconds, so the rate it reaches is a little under the one asked.
+    offered = paced >= 0.95 * TARGET_SMALL_GETS
     verdict = {True: "**PASS**", False: "**MISS**"}
     lines = [
         "## Cache server (`stickyci serve`) against nginx", "",
@@ -633,7 +659,11 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
         f"`-t{SMALL_GET.threads} -c{SMALL_GET.connections}`, large GETs with "
         f"`-t{LARGE_GET.threads} -c{LARGE_GET.connections}`, small PUTs (the pre-generated "
         f"bodies under their sha256 names) with `-t{SMALL_PUT.threads} "
-        f"-c{SMALL_PUT.connections}`; large PUTs one at a time from Python. wrk runs on the "
+        f"-c{SMALL_PUT.connections}`; large PUTs one at a time from Python. The "
+        f"*{PACED_GET.label}* rows offer small GETs at that rate instead of as fast as the "
+        "server answers (each wrk thread hands out send times a fixed interval apart, and a "
+        "connection waits for its time): the latency at that load, where the full-speed rows "
+        "also count the wait behind the 31 other requests queued. wrk runs on the "
         "same 2 CPUs as the server (about one core of it under the small loads): the figures "
         "are what one 2-CPU box does with client and server on it.",
         "- **Servers:** `stickyci serve --store file://STORE --no-access-log --workers 2` (two "
@@ -660,10 +690,11 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
         f"| small GETs >= {TARGET_SMALL_GETS:,}/s | {small_gets:,.0f}/s | "
         f"{verdict[small_gets >= TARGET_SMALL_GETS]} ({small_gets / TARGET_SMALL_GETS:.2f}x "
         f"the target) | {m(ref, 'small-get', 'rps'):,.0f}/s |",
-        f"| p99 of small GETs <= {TARGET_P99_MS:g} ms at that load (32 connections) | "
-        f"{fnum(p99)} ms (p50 {fnum(m(one, 'small-get', 'p50_ms'))} ms) | "
-        f"{verdict[p99 <= TARGET_P99_MS]} | {fnum(m(ref, 'small-get', 'p99_ms'))} ms (p50 "
-        f"{fnum(m(ref, 'small-get', 'p50_ms'))} ms) |",
+        f"| p99 of small GETs <= {TARGET_P99_MS:g} ms at that load (offered at "
+        f"{TARGET_SMALL_GETS:,}/s, 32 connections) | {fnum(p99)} ms at {paced:,.0f}/s (p50 "
+        f"{fnum(m(one, 'paced-get', 'p50_ms'))} ms) | {verdict[p99 <= TARGET_P99_MS and offered]} "
+        f"| {fnum(m(ref, 'paced-get', 'p99_ms'))} ms (p50 "
+        f"{fnum(m(ref, 'paced-get', 'p50_ms'))} ms) |",
         f"| large GETs >= {TARGET_LARGE_SHARE:.0%} of nginx | {large_mbs:,.0f} MB/s "
         f"({large_share:.0%}) | {verdict[large_share >= TARGET_LARGE_SHARE]} | "
         f"{m(ref, 'large-get', 'mbs'):,.0f} MB/s |",
@@ -945,6 +976,9 @@ def main() -> None:
         env.scripts = {
             "get-small": lua(work, "get-small", LUA_GET, token=token, list=str(ds.small_paths)),
             "get-large": lua(work, "get-large", LUA_GET, token=token, list=str(ds.large_paths)),
+            "get-paced": lua(work, "get-paced", LUA_GET + LUA_PACED, token=token,
+                             list=str(ds.small_paths),
+                             interval=repr(PACED_GET.threads / TARGET_SMALL_GETS * 1000)),
             "put-stickyci": lua(work, "put-stickyci", LUA_PUT, token=token,
                                 bin=str(ds.small_bin), idx=str(ds.small_idx), prefix="/cas/"),
             "put-nginx": lua(work, "put-nginx", LUA_PUT, token=token, bin=str(ds.small_bin),
