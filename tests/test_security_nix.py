@@ -23,6 +23,7 @@ from nix_helpers import Nix, client, fresh_path, narinfo, needs_nix, public_key,
 from server import Server, error, start_server, store_dir
 
 from stickyci.server.nix import nix32, parse_narinfo, pin_name, verify
+from stickyci.server.nix.spool import SPOOL_DIR
 from stickyci.store import LocalBackend
 
 pytestmark = needs_nix
@@ -159,6 +160,8 @@ def test_oversized_bodies_are_refused_compressed_or_not(srv: Server, nix: Nix) -
     assert len(bomb) < 1 << 20
     r = c.put("/nar/" + "1" * 52 + ".nar.xz", content=bomb)
     assert r.status_code == 413 and "uncompressed" in error(r).error
+    # What the refused uploads wrote is gone, also what was being written when they were cut.
+    assert not list((srv.state / SPOOL_DIR).glob(".*.part"))
 
 
 @pytest.mark.parametrize("name,body,message", [

@@ -8,6 +8,7 @@ sent; NARs are verified whole before the first byte of one is sent, and served a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -186,12 +187,30 @@ class Nix(Api):
         if compression is None:
             raise UsageError(f"NAR compression {upload.group(1)!r} is not accepted; copy with "
                              "?compression=xz, zstd, bzip2 or none")
-        limit = self.server.cfg.max_body
         part = await self.call(self.spool.begin)
-        incoming = NarUpload(compression, limit, part.write)
+        incoming = NarUpload(compression, self.server.cfg.max_body, part.write)
         kept = False
         try:
-            received, buf = 0, bytearray()
+            await self._receive(request, incoming)
+            nar_hash, size = await self.call(incoming.finish)
+            if not await self.call(self._has_nar, cache, nar_hash):
+                await self.call(self.spool.keep, part, cache, nar_hash)
+                kept = True
+        finally:
+            if not kept:
+                await self.call(part.drop)
+        self.server.lru.touch(pin_name(cache, nar_hash), size)
+        await self._evict()
+        return Response(status_code=200)
+
+    async def _receive(self, request: Request, incoming: NarUpload) -> None:
+        """Feed the upload to ``incoming`` a MiB at a time: the next MiB arrives while a thread
+        decompresses, hashes and writes the last one, so Nix waits for the slower of the two,
+        not for both."""
+        limit = self.server.cfg.max_body
+        received, buf = 0, bytearray()
+        feeding: asyncio.Task[None] | None = None
+        try:
             async for piece in request.stream():
                 received += len(piece)
                 if received > limit:
@@ -199,22 +218,22 @@ class Nix(Api):
                                    "bytes; raise stickyci serve --max-body")
                 buf += piece
                 if len(buf) >= _FEED:
-                    await self.call(incoming.feed, bytes(buf))
+                    if feeding is not None:
+                        await feeding
+                    feeding = asyncio.ensure_future(self.call(incoming.feed, bytes(buf)))
                     buf.clear()
+            if feeding is not None:
+                await feeding
             await self.call(incoming.feed, bytes(buf))
-            nar_hash, size = await self.call(incoming.finish)
-            if not await self.call(self._has_nar, cache, nar_hash):
-                await self.call(self.spool.keep, part, cache, nar_hash)
-                kept = True
         except ClientDisconnect as exc:
             raise UsageError("the client went away before the NAR was complete; nothing "
                              "was kept") from exc
         finally:
-            if not kept:
-                await self.call(part.drop)
-        self.server.lru.touch(pin_name(cache, nar_hash), size)
-        await self._evict()
-        return Response(status_code=200)
+            if feeding is not None:
+                # On a failure the thread must be done with the spool file before it goes.
+                await asyncio.wait([feeding])
+                if not feeding.cancelled():
+                    feeding.exception()  # retrieved: the error raised here is the one to tell
 
     async def stored(self, fn: Callable[..., T], *args: Any) -> T:
         """Read what the server stored: damage there is the server's trouble (a 500 whose
