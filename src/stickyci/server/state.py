@@ -89,25 +89,8 @@ class ServerState:
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 as soon as it passes ``max_body``."""
-        limit = self.cfg.max_body
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise TooLarge(f"request body of {declared} bytes is over the server's limit of "
-                           f"{limit}; raise stickyci serve --max-body")
-        # Pieces joined once at the end: a growing bytearray copies a 16 MiB pack ~3 times.
-        parts: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in request.stream():
-                parts.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"request body is over the server's limit of {limit} "
-                                   "bytes; raise stickyci serve --max-body")
-        except ClientDisconnect as exc:
-            raise UsageError("the client went away before the body was complete; "
-                             "nothing was stored") from exc
-        return b"".join(parts)
+        return await read_limited(request, self.cfg.max_body, "the request body",
+                                  "; raise stickyci serve --max-body")
 
     async def hash_check(self, fn: Callable[[], T], size: int) -> T:
         """Hash a body: inline when small, in a thread when big, so a 16 MiB pack does not
@@ -220,3 +203,25 @@ def error_response(request: Request, exc: Exception) -> Response:
     headers = {"www-authenticate": 'Bearer realm="stickyci"'} if status == 401 else None
     return Response(body.model_dump_json(), status_code=status, media_type="application/json",
                     headers=headers)
+
+
+async def read_limited(request: Request, limit: int, what: str, hint: str = "") -> bytes:
+    """A request body of at most ``limit`` bytes, refused with 413 as soon as it passes it (at
+    once if its declared length does): ``--max-body`` is for packs, far above what most
+    requests need. ``hint`` ends the message, saying what to do."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"{what} of {declared} bytes is over the limit of {limit}{hint}")
+    # Pieces joined once at the end: a growing bytearray copies a 16 MiB pack ~3 times.
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"{what} is over the limit of {limit} bytes{hint}")
+    except ClientDisconnect as exc:
+        raise UsageError(f"the client went away before {what} was complete; nothing was "
+                         "stored") from exc
+    return b"".join(parts)

@@ -40,7 +40,7 @@ from ...runs import (
 from ...units import format_size
 from ..auth import Principal
 from ..history import evictions_of
-from ..state import Api, ServerState
+from ..state import Api, ServerState, read_limited
 from ..visibility import sees_everything
 from .dashboard_store import (
     DISK_SORTS,
@@ -51,7 +51,7 @@ from .dashboard_store import (
     disk_page,
     store_page,
 )
-from .runs import RUNS_DB, RunStore, filter_of, read_limited
+from .runs import RUNS_DB, RunStore, filter_of
 
 COOKIE = "stickyci_token"
 COOKIE_DAYS = 30

@@ -31,7 +31,7 @@ from ...store import protocol as p
 from ..auth import Permission, Principal
 from ..gha import UPLOAD_TTL, CacheEntry, GhaCache, UrlSigner, check_key, check_version
 from ..metrics import request_id
-from ..state import Api, ServerState, parse_body
+from ..state import Api, ServerState, parse_body, read_limited
 
 log = logging.getLogger("stickyci.server")
 SERVICE = "/twirp/github.actions.results.api.v1.CacheService"
@@ -101,7 +101,7 @@ class Gha(Api):
             if handler is None:
                 raise NotFound(f"the cache service has no method {method[:80]!r}")
             who = self.who(request)
-            body = await _read_small(request, MAX_TWIRP_BODY, "a Twirp request")
+            body = await read_limited(request, MAX_TWIRP_BODY, "a Twirp request")
             return JSONResponse(await handler(request, who, body))
         except StickyError as exc:
             return _twirp_error(request, exc)
@@ -175,7 +175,7 @@ class Gha(Api):
             staged = await self.call(_dir_size, path.parent)
             await _receive(request, path, limit - staged)
         elif comp == "blocklist":
-            ids = _block_ids(await _read_small(request, MAX_BLOCK_LIST, "a block list"))
+            ids = _block_ids(await read_limited(request, MAX_BLOCK_LIST, "a block list"))
             await self.call(self.gha.commit_blocks, upload, ids)
         else:
             raise UsageError(f"comp={comp[:40]!r} is not an upload this server takes; it "
@@ -255,18 +255,6 @@ async def _receive(request: Request, path: Path, limit: int) -> None:
                          "was stored") from exc
     finally:
         part.unlink(missing_ok=True)
-
-
-async def _read_small(request: Request, limit: int, what: str) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"{what} of {declared} bytes; at most {limit}")
-    buf = bytearray()
-    async for data in request.stream():
-        buf += data
-        if len(buf) > limit:
-            raise TooLarge(f"{what} over {limit} bytes")
-    return bytes(buf)
 
 
 def _block_ids(body: bytes) -> list[str]:

@@ -36,7 +36,7 @@ from ..nix import (
     pin_name,
 )
 from ..nix.narinfo import HASH_PART, MAX_NARINFO, parse_nix32
-from ..state import Api, ServerState
+from ..state import Api, ServerState, read_limited
 
 CACHE_INFO = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 SERVED_COMPRESSION = "zstd"
@@ -89,7 +89,8 @@ class Nix(Api):
                            "nix-cache-info, <hash>.narinfo and nar/")
         if request.method == "PUT":
             who.require(Permission.WRITE, cache, f"Nix cache {cache}")
-            sent = parse_narinfo(await self._small_body(request), f"narinfo {hash_part}")
+            sent = parse_narinfo(await read_limited(request, MAX_NARINFO, "a narinfo"),
+                                 f"narinfo {hash_part}")
             if sent.hash_part != hash_part:
                 raise UsageError(f"narinfo {hash_part} describes {sent.path}; PUT it as "
                                  f"{sent.hash_part}.narinfo")
@@ -243,18 +244,6 @@ class Nix(Api):
         except IntegrityError as exc:
             raise BackendError(str(exc), summary="the server's store holds damaged data") \
                 from exc
-
-    async def _small_body(self, request: Request) -> bytes:
-        """A narinfo's body, refused as soon as it passes ``MAX_NARINFO``."""
-        buf = bytearray()
-        try:
-            async for piece in request.stream():
-                buf += piece
-                if len(buf) > MAX_NARINFO:
-                    raise TooLarge(f"a narinfo is at most {MAX_NARINFO} bytes")
-        except ClientDisconnect as exc:
-            raise UsageError("the client went away before the narinfo was complete") from exc
-        return bytes(buf)
 
     async def _evict(self) -> None:
         """Evict least-recently-used entries once the caches are over ``--max-size``: a

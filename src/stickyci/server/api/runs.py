@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...errors import NotFound, TooLarge, UsageError
+from ...errors import NotFound, UsageError
 from ...runs import (
     FAILURE,
     FINISHED,
@@ -40,7 +40,7 @@ from ...runs import (
 from ...store import protocol as p
 from ..auth import Permission, Principal
 from ..database import Database
-from ..state import Api, ServerState
+from ..state import Api, ServerState, read_limited
 
 RUNS_DB = "runs.db"
 MAX_REPORT = 8 << 20
@@ -192,24 +192,6 @@ def parse_report(data: bytes) -> RunReport:
         where = ".".join(str(x) for x in first["loc"]) or "body"
         raise UsageError(f"invalid run report: {where}: {first['msg']}") from exc
     return check_report(report)
-
-
-async def read_limited(request: Request, limit: int, what: str) -> bytes:
-    """A request body of at most ``limit`` bytes, refused with 413 as soon as it passes it
-    (the server's ``--max-body`` is for packs, far above what these requests need)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"{what} of {declared} bytes is over {limit}")
-    parts, size = [], 0
-    try:
-        async for chunk in request.stream():
-            parts.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise TooLarge(f"{what} is over {limit} bytes")
-    except ClientDisconnect as exc:
-        raise UsageError(f"the client went away before {what} was complete") from exc
-    return b"".join(parts)
 
 
 def routes(server: ServerState) -> list[Route]:
