@@ -19,7 +19,17 @@ from pathlib import Path
 
 import pytest
 from helpers import wait_for
-from nix_helpers import Nix, client, fresh_path, narinfo, needs_nix, public_key, settled, upload
+from nix_helpers import (
+    Nix,
+    client,
+    fresh_path,
+    metric,
+    narinfo,
+    needs_nix,
+    public_key,
+    settled,
+    upload,
+)
 from server import error, start_server
 
 from stickyci.server.nix import nix32, pin_name
@@ -72,9 +82,12 @@ def test_a_spooled_nar_is_served_while_the_store_refuses_it_then_stored(
         assert got.returncode == 0, got.stderr
         assert reader.dump(path) == nar
         assert _spooled(srv.state)  # still not stored: the store still refuses
+        assert metric(srv.url, "stickyci_nix_spool_nars") == 1
+        assert metric(srv.url, "stickyci_nix_spool_bytes") == len(nar)
         _thaw(packs)
         settled(srv.state)
         assert _pinned(store, "spool", nar)
+        assert metric(srv.url, "stickyci_nix_spool_nars") == 0
         assert "not in the store yet" in srv.log.read_text()  # the refusal was reported
 
 

@@ -266,6 +266,8 @@ def test_nix_copy_through_the_workers_is_spooled_stored_and_substituted(
                             netrc=writer.netrc("127.0.0.1", server.admin))
     assert copied.returncode == 0, copied.stderr
     settled(server.state)
+    # The backlog any worker reports is the shared spool's: drained.
+    assert "\nstickyci_nix_spool_nars 0.0\n" in httpx.get(f"{server.url}/metrics").text
     pins = [p for p in (store_dir(server) / "roots").iterdir() if p.name.startswith("nix.wk.")]
     assert len(pins) == len(paths)
     reader = Nix(tmp_path / "reader")

@@ -25,6 +25,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..store import protocol as p
@@ -67,6 +68,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                      5, 10, 30))
         self.caches = CacheUse()
+        self._live: list[Collector] = []
         # Labelled children by their labels: a labels() look-up per update costs more than
         # the update (the hot paths update five per request).
         self._children: dict[tuple[object, ...], Any] = {}
@@ -86,12 +88,20 @@ class Metrics:
         if lookup is not None:
             lookup.update(kind=kind, found=found)
 
+    def add_collector(self, collector: Collector) -> None:
+        """Add figures computed at each scrape from what every worker shares (files in the
+        state directory), so that any one process tells them for the whole server."""
+        self.registry.register(collector)
+        self._live.append(collector)
+
     def render(self) -> bytes:
         """The text exposition format: of this process, or summed over the workers'."""
         if self.shared_dir is None:
             return generate_latest(self.registry)
         every = CollectorRegistry()
         MultiProcessCollector(every, self.shared_dir)  # type: ignore[no-untyped-call]
+        for collector in self._live:
+            every.register(collector)
         return generate_latest(every)
 
 

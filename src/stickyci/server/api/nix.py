@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import zstandard
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -67,6 +69,7 @@ class Nix(Api):
         self.keys = KeyRing(server.cfg.state_dir)
         self.nars = NarStore(server.backend)
         self.spool = Spool(server.cfg.state_dir, self._ingest)
+        server.metrics.add_collector(_Backlog(self.spool))
 
     def _ingest(self, cache: str, nar_hash: bytes, spooled: IO[bytes]) -> None:
         """Take a spooled NAR into the store (the spool's ingester thread)."""
@@ -252,6 +255,20 @@ class Nix(Api):
             await self.call(self.backend.delete, name)
             self.server.lru.forget(name)
             self.server.metrics.evictions.labels(name.partition("/")[0]).inc()
+
+
+class _Backlog(Collector):
+    """The spool's backlog at each scrape: NARs answered but not yet in the store."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def collect(self) -> Iterator[Metric]:
+        count, size = self.spool.backlog()
+        yield GaugeMetricFamily("stickyci_nix_spool_nars", "Nix NARs answered and waiting in "
+                                "the spool to be stored", value=count)
+        yield GaugeMetricFamily("stickyci_nix_spool_bytes", "Bytes of the NARs waiting in "
+                                "the spool", value=size)
 
 
 @dataclass(frozen=True, slots=True)

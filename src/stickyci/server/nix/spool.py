@@ -151,6 +151,15 @@ class Spool:
                     found.append((path.stat().st_mtime_ns, item))
         return [item for _, item in sorted(found, key=lambda f: f[0])]
 
+    def backlog(self) -> tuple[int, int]:
+        """How many NARs, and how many bytes, were answered and wait to be stored."""
+        count = size = 0
+        for item in self.pending():
+            with contextlib.suppress(FileNotFoundError):  # stored meanwhile
+                size += item.path.stat().st_size
+                count += 1
+        return count, size
+
     def _path(self, cache: str, nar_hash: bytes) -> Path:
         return self.root / f"{cache}.{nix32(nar_hash)}{_SUFFIX}"
 
