@@ -370,6 +370,30 @@ def test_an_upload_proves_possession_across_a_restart(env: Env, tmp_path: Path) 
         assert read_tree(env.root / "bx") == {"f": b"hello"}
 
 
+def test_an_upload_through_one_process_proves_possession_to_another(env: Env,
+                                                                    tmp_path: Path) -> None:
+    # Two servers on one state directory and store, as the workers of `serve --workers`: the
+    # commit's uploads reach one, its ref the other.
+    root = tmp_path / "shared"
+    with start_server(root) as first, start_server(root) as second:
+        team_b = first.token("--write", "team-b-*")
+        team_c = first.token("--write", "team-c-*")
+        store = ObjectStore(HttpBackend(first.url, team_b), load_index=False)
+        m = Manifest({"g": Entry("g", FILE, 0o644, 0, size=6, chunks=[
+            [store.put(b"shared").hex, 6]])})
+        snap = save_manifest(store, m)
+        gen = Generation(1, snap, time.time(), 6, 1, 1, "x")
+        ref_c = DiskRef("team-c-y", time.time(), time.time(), [gen]).encode()
+        r = second.client(team_c).put(blob("refs/team-c-y"), content=ref_c,
+                                      headers={"if-none-match": "*"})
+        assert r.status_code == 403
+        ref_b = DiskRef("team-b-y", time.time(), time.time(), [gen]).encode()
+        assert HttpBackend(second.url, team_b).put_if("refs/team-b-y", ref_b, None)
+        runner = remote(env, second, team_b, cache="b2")
+        runner.run("disk", "mount", "team-b-y", str(env.root / "by"), "--strategy", "copy")
+        assert read_tree(env.root / "by") == {"g": b"shared"}
+
+
 # --- the server's own schedule ---------------------------------------------------------------
 
 

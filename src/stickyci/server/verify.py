@@ -6,9 +6,11 @@
   every object it adds to the disk must be one the token may read or uploaded itself, so that
   knowing a digest is never a way to read it.
 
-Proof of possession: a token that PUT a pack's bytes (this server process saw them hash to the
-name) and then its index is recorded as an uploader of that pack, in ``uploads.log`` under the
-state directory, so a commit whose ref lands after a server restart is still accepted.
+Proof of possession: a token that PUT a pack's bytes (the server saw them hash to the name) is
+recorded as an uploader of that pack, in ``uploads.log`` under the state directory, so a ref
+that lands after a server restart, or through another worker process of the same server, is
+still accepted. Every process appends to the log and reads what the others appended before it
+checks a ref.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from .visibility import Visibility, sees_everything, snapshots_of
 UPLOADS_FILE = "uploads.log"
 RECENT_PACK_BYTES = 256 << 20
 """Bodies of recently uploaded packs kept to verify their indexes without a read back."""
-MAX_PUTTERS = 100_000
 
 
 class RecentPacks:
@@ -60,18 +61,31 @@ class RecentPacks:
 
 
 class Uploads:
-    """Which token uploaded which pack: an append-only log, read once at start."""
+    """Which token uploaded which pack: an append-only log that several processes share."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / UPLOADS_FILE
         self._lock = threading.Lock()
         self._packs: dict[str, list[str]] = {}
         self._seen: set[tuple[str, str]] = set()
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                token, _, pack = line.partition(" ")
-                if pack:
-                    self._add(token, pack)
+        self._read = 0  # bytes of the log taken in so far
+        with self._lock:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Take in the lines appended since the last look (by any process)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._read)
+                tail = f.read()
+        except FileNotFoundError:
+            return
+        whole = tail[: tail.rfind(b"\n") + 1]  # a line still being appended waits
+        self._read += len(whole)
+        for line in whole.decode(errors="replace").splitlines():
+            token, _, pack = line.partition(" ")
+            if pack:
+                self._add(token, pack)
 
     def _add(self, token: str, pack: str) -> bool:
         if (token, pack) in self._seen:
@@ -88,6 +102,7 @@ class Uploads:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
+                # One write of a line: appends of several processes never interleave.
                 os.write(fd, f"{token} {pack_id}\n".encode())
                 os.fsync(fd)
             finally:
@@ -96,6 +111,7 @@ class Uploads:
     def packs_of(self, token: str) -> list[str]:
         """The packs ``token`` uploaded, newest last."""
         with self._lock:
+            self._catch_up()
             return list(self._packs.get(token, ()))
 
 
@@ -107,8 +123,6 @@ class Verifier:
         self.visibility = visibility
         self.recent = RecentPacks()
         self.uploads = Uploads(state_dir)
-        self._lock = threading.Lock()
-        self._putters: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # -- packs and indexes ---------------------------------------------------------------
 
@@ -118,13 +132,10 @@ class Verifier:
             raise IntegrityError(f"{name}: the body does not hash to its name; nothing stored")
 
     def pack_stored(self, who: Principal, pack_id: str, data: bytes) -> None:
-        """Remember a verified pack upload: its body for its index, and who sent it."""
+        """Remember a verified pack upload: its body for its index, and that ``who`` sent it
+        (possession, not knowledge of its digest or its index)."""
         self.recent.add(pack_id, data)
-        with self._lock:
-            self._putters[(who.id, pack_id)] = None
-            self._putters.move_to_end((who.id, pack_id))
-            while len(self._putters) > MAX_PUTTERS:
-                self._putters.popitem(last=False)
+        self.uploads.record(who.id, pack_id)
 
     def check_index(self, name: str, data: bytes, trusted: bool) -> list[IndexEntry]:
         """Parse an index and, unless ``trusted``, verify it against its stored pack."""
@@ -153,14 +164,6 @@ class Verifier:
             raise ConflictError(f"{name} exists with other content and is immutable; nothing "
                                 "stored (upload the pack's real index, or a new pack)")
         return True
-
-    def index_stored(self, who: Principal, pack_id: str) -> None:
-        """Record ``who`` as an uploader of a pack whose index it stored (or re-stored),
-        if it also sent the pack's bytes: possession, not knowledge of the index."""
-        with self._lock:
-            sent = (who.id, pack_id) in self._putters
-        if sent:
-            self.uploads.record(who.id, pack_id)
 
     # -- refs ----------------------------------------------------------------------------
 

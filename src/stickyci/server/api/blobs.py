@@ -142,7 +142,7 @@ class Blobs(Api):
                                   len(data))
             if await self.call(self.backend.stat, name) is None:
                 await self.call(self.backend.put, name, data)
-            verifier.pack_stored(who, ident, data)
+            await self.call(verifier.pack_stored, who, ident, data)  # appends to a log file
             return
         if not await self.call(verifier.check_same, name, data):
             trusted = who.scope.admin
@@ -153,7 +153,6 @@ class Blobs(Api):
             # exactly), so two uploads racing past check_same store the same bytes.
             await self.call(self.backend.put, name, data)
             self.server.visibility.remember_index(ident, entries)
-        await self.call(verifier.index_stored, who, ident)  # may append to a log file
 
     async def touch(self, request: Request, name: str, key: str | None,
                     who: Principal) -> Response:
