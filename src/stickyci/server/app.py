@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -22,15 +20,14 @@ from ..errors import StickyError
 from ..store import Backend
 from .api import bazel, blobs, dashboard, disks, gha, nix, ops, runs
 from .config import ServerConfig
-from .history import SAMPLE_EVERY, History, Sampler, sample_loop
+from .history import sample_loop
 from .lru import CacheLRU
-from .metrics import Metrics, Observe
+from .metrics import Observe
 from .schedule import evict_loop
 from .shared import Shared
 from .state import ServerState, error_response
 
 __all__ = ["ServerConfig", "create_app"]
-log = logging.getLogger("stickyci.server")
 
 
 def create_app(cfg: ServerConfig, backend: Backend | None = None,
@@ -56,9 +53,8 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None,
             tasks.append(asyncio.create_task(evict_loop(server, cfg.evict_after)))
         # Every worker samples what it counted (the history adds them up); the store's size
         # is measured by one.
-        sampler = asyncio.create_task(
-            sample_loop(server.history, server.metrics, server.backend) if primary
-            else _use_loop(server.history, server.metrics))
+        sampler = asyncio.create_task(sample_loop(server.history, server.metrics,
+                                                  server.backend if primary else None))
         tasks.append(sampler)
         try:
             yield
@@ -73,20 +69,3 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None,
                     lifespan=lifespan)
     app.state.server = server
     return Observe(bazel.FastReads(app, server, routes), server.metrics)
-
-
-
-async def _use_loop(history: History, metrics: Metrics) -> None:
-    """A worker's cache use into the history every minute and at shutdown, as
-    ``sample_loop`` does, without measuring the store (the first worker does that)."""
-    sampler = Sampler(history, metrics)
-    try:
-        while True:
-            await asyncio.sleep(SAMPLE_EVERY - time.time() % SAMPLE_EVERY + 0.5)
-            try:
-                await asyncio.to_thread(sampler.sample, time.time() - 1)
-            except StickyError as exc:
-                log.warning("sampling the server's history failed: %s", exc)
-    finally:
-        with contextlib.suppress(StickyError):
-            sampler.sample(time.time())

@@ -282,17 +282,18 @@ def record_gc(history: History, backend: Backend, run: GcRun) -> None:
     record_store(history, backend)
 
 
-async def sample_loop(history: History, metrics: Metrics, backend: Backend,
+async def sample_loop(history: History, metrics: Metrics, backend: Backend | None,
                       every: float = SAMPLE_EVERY) -> None:
     """Sample the counters every ``every`` seconds (just after each minute begins, for a
-    minute), and the store's size at start and every ``SIZE_EVERY``, until cancelled; what
-    was counted when it is cancelled is written too."""
+    minute), and the store's size at start and every ``SIZE_EVERY`` (unless ``backend`` is
+    None: one worker of several measures it), until cancelled; what was counted when it is
+    cancelled is written too."""
     sampler = Sampler(history, metrics)
     measured = -SIZE_EVERY
     try:
         while True:
             try:
-                if time.monotonic() - measured >= SIZE_EVERY:
+                if backend is not None and time.monotonic() - measured >= SIZE_EVERY:
                     measured = time.monotonic()
                     await asyncio.to_thread(record_store, history, backend)
                 # Just after a minute begins, so a sample holds the minute that ended.
