@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -107,6 +108,30 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with start_server(tmp_path_factory.mktemp("workers"), args=WORKERS) as srv:
         both_answered(srv)
         yield srv
+
+
+def _lookups_shown(page: str, instance: str) -> int | None:
+    """The lookups the caches page shows for a Bazel instance, None if it has no row."""
+    row = re.search(rf'data-name="{instance}">.*?class="num lookups">(\d+)<', page, re.S)
+    return int(row.group(1)) if row else None
+
+
+def test_the_caches_page_of_any_worker_counts_every_workers_lookups(server: Server) -> None:
+    # Lookups of one instance over 8 connections at a time reach both workers; the minute
+    # under way, as either worker's page shows it, holds them all within a sample (10 s).
+    instance = unique("tally")
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(
+            lambda _: get(server, f"/{instance}/cas/{os.urandom(32).hex()}").status_code,
+            range(64)))
+    assert statuses == [404] * 64
+
+    def shown() -> bool:
+        with ThreadPoolExecutor(4) as pool:
+            pages = list(pool.map(lambda _: get(server, "/ui/caches").text, range(4)))
+        return all(_lookups_shown(p, instance) == 64 for p in pages)
+
+    wait_for(shown, "both workers' pages to show every lookup", timeout=15)
 
 
 def test_metrics_are_the_sum_over_the_workers(server: Server) -> None:

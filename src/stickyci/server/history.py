@@ -32,8 +32,10 @@ from .usage import Tally, Use
 log = logging.getLogger("stickyci.server")
 
 HISTORY_DB = "history.db"
-SAMPLE_EVERY = 60.0
-"""Seconds between samples of the counters: one row per cache per minute."""
+SAMPLE_EVERY = 10.0
+"""Seconds between samples of the counters (into one row per cache per minute): how stale the
+minute under way may be on the dashboard for the counts of the other workers of a
+``serve --workers`` (a worker's page adds its own counts not sampled yet)."""
 USE_DAYS = 14
 """Days of per-minute cache use and evictions kept."""
 STORE_DAYS = 365
@@ -267,7 +269,9 @@ class Sampler:
         counts = evictions_of(self.metrics)
         delta = {k: n - self._evicted.get(k, 0) for k, n in counts.items()}
         self._evicted = counts
-        self.history.add_use(minute_of(now), self.metrics.caches.take(), delta)
+        tally = self.metrics.caches.take()
+        if tally or any(delta.values()):  # an idle server writes nothing every few seconds
+            self.history.add_use(minute_of(now), tally, delta)
         self.history.prune(now)
 
 
@@ -284,10 +288,10 @@ def record_gc(history: History, backend: Backend, run: GcRun) -> None:
 
 async def sample_loop(history: History, metrics: Metrics, backend: Backend | None,
                       every: float = SAMPLE_EVERY) -> None:
-    """Sample the counters every ``every`` seconds (just after each minute begins, for a
-    minute), and the store's size at start and every ``SIZE_EVERY`` (unless ``backend`` is
-    None: one worker of several measures it), until cancelled; what was counted when it is
-    cancelled is written too."""
+    """Sample the counters every ``every`` seconds (just after each interval begins, for the
+    interval that ended), and the store's size at start and every ``SIZE_EVERY`` (unless
+    ``backend`` is None: one worker of several measures it), until cancelled; what was
+    counted when it is cancelled is written too."""
     sampler = Sampler(history, metrics)
     measured = -SIZE_EVERY
     try:
@@ -296,7 +300,7 @@ async def sample_loop(history: History, metrics: Metrics, backend: Backend | Non
                 if backend is not None and time.monotonic() - measured >= SIZE_EVERY:
                     measured = time.monotonic()
                     await asyncio.to_thread(record_store, history, backend)
-                # Just after a minute begins, so a sample holds the minute that ended.
+                # Just after an interval begins, so a sample falls in the minute it counted.
                 await asyncio.sleep(every - time.time() % every + 0.5)
                 await asyncio.to_thread(sampler.sample, time.time() - 1)
             except StickyError as exc:
