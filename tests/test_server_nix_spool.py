@@ -91,6 +91,26 @@ def test_a_spooled_nar_is_served_while_the_store_refuses_it_then_stored(
         assert "not in the store yet" in srv.log.read_text()  # the refusal was reported
 
 
+def test_a_nar_evicted_while_spooled_is_still_bounded_by_max_size(
+        tmp_path: Path, frozen: tuple[Path, Path]) -> None:
+    # Two 200 kB NARs under a 300 kB limit, while the store refuses writes: the first one's
+    # pin is evicted before it exists. Once both are stored, the next upload must still find
+    # it in the accounting, else the store keeps more than --max-size for ever.
+    store, packs = frozen
+    nix = Nix(tmp_path / "writer")
+    with start_server(tmp_path / "srv", store_url=f"file://{store}",
+                      args=("--max-size", "300000")) as srv:
+        c = client(srv, "lru", srv.admin)
+        for i in range(2):
+            assert upload(c, *fresh_path(nix, f"lru-{i}", size=200_000)).status_code == 200
+        _thaw(packs)
+        settled(srv.state)
+        assert upload(c, *fresh_path(nix, "lru-2", size=200_000)).status_code == 200
+        settled(srv.state)
+        pins = [p for p in (store / "roots").iterdir() if p.name.startswith("nix.lru.")]
+        assert len(pins) == 1
+
+
 def test_a_nar_spooled_before_the_server_was_killed_is_stored_by_the_next_one(
         tmp_path: Path, frozen: tuple[Path, Path]) -> None:
     store, packs = frozen

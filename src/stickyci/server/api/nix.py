@@ -74,6 +74,9 @@ class Nix(Api):
     def _ingest(self, cache: str, nar_hash: bytes, spooled: IO[bytes]) -> None:
         """Take a spooled NAR into the store (the spool's ingester thread)."""
         self.nars.ingest(cache, _pieces(spooled), nar_hash)
+        # Counted again now that its pin exists: an eviction while it was spooled found no
+        # pin to delete, and would otherwise leave it stored but out of the accounting.
+        self.server.lru.touch(pin_name(cache, nar_hash), os.fstat(spooled.fileno()).st_size)
 
     async def top(self, request: Request) -> Response:
         """``nix-cache-info`` and ``<hash>.narinfo``."""
