@@ -345,29 +345,39 @@ def test_a_pull_request_commits_and_mounts_through_the_cli(env: Env, server: Ser
     assert_main_intact(env, server)
 
 
+def _uploaded(url: str, token: str, name: str, data: bytes) -> str:
+    """A snapshot of one file uploaded through ``url`` with ``token``: its id."""
+    store = ObjectStore(HttpBackend(url, token), load_index=False)
+    return save_manifest(store, Manifest({name: Entry(name, FILE, 0o644, 0, size=len(data),
+                                                      chunks=[[store.put(data).hex,
+                                                               len(data)]])}))
+
+
+def _only_its_uploader_commits(env: Env, server: Server, uploader: str, other: str, snap: str,
+                               tree: dict[str, bytes], key: str) -> None:
+    """``other`` (team-c) may not commit ``snap``: knowing its digests is no capability, it
+    never uploaded nor may read them. ``uploader`` (team-b) may, and the disk mounts whole."""
+    gen = Generation(1, snap, time.time(), sum(map(len, tree.values())), 1, 1, "x")
+    ref_c = DiskRef(f"team-c-{key}", time.time(), time.time(), [gen]).encode()
+    r = server.client(other).put(blob(f"refs/team-c-{key}"), content=ref_c,
+                                 headers={"if-none-match": "*"})
+    assert r.status_code == 403
+    ref_b = DiskRef(f"team-b-{key}", time.time(), time.time(), [gen]).encode()
+    assert HttpBackend(server.url, uploader).put_if(f"refs/team-b-{key}", ref_b, None)
+    runner = remote(env, server, uploader, cache=f"b-{key}")
+    runner.run("disk", "mount", f"team-b-{key}", str(env.root / key), "--strategy", "copy")
+    assert read_tree(env.root / key) == tree
+
+
 def test_an_upload_proves_possession_across_a_restart(env: Env, tmp_path: Path) -> None:
     root = tmp_path / "restart"
     with start_server(root) as first:
         port = first.port
-        team_b = first.token("--read", "team-b-*", "--write", "team-b-*")
-        team_c = first.token("--read", "team-c-*", "--write", "team-c-*")
-        store = ObjectStore(HttpBackend(first.url, team_b), load_index=False)
-        m = Manifest({"f": Entry("f", FILE, 0o644, 0, size=5, chunks=[
-            [store.put(b"hello").hex, 5]])})
-        snap = save_manifest(store, m)
+        team_b = first.token("--write", "team-b-*")
+        team_c = first.token("--write", "team-c-*")
+        snap = _uploaded(first.url, team_b, "f", b"hello")
     with start_server(root, port=port) as second:
-        gen = Generation(1, snap, time.time(), 5, 1, 1, "x")
-        # Knowing the digests is no capability: team-c never uploaded nor may read them.
-        c = second.client(team_c)
-        ref_c = DiskRef("team-c-x", time.time(), time.time(), [gen]).encode()
-        r = c.put(blob("refs/team-c-x"), content=ref_c, headers={"if-none-match": "*"})
-        assert r.status_code == 403
-        # team-b uploaded them before the restart: its ref lands.
-        ref_b = DiskRef("team-b-x", time.time(), time.time(), [gen]).encode()
-        assert HttpBackend(second.url, team_b).put_if("refs/team-b-x", ref_b, None)
-        runner = remote(env, second, team_b, cache="b")
-        runner.run("disk", "mount", "team-b-x", str(env.root / "bx"), "--strategy", "copy")
-        assert read_tree(env.root / "bx") == {"f": b"hello"}
+        _only_its_uploader_commits(env, second, team_b, team_c, snap, {"f": b"hello"}, "x")
 
 
 def test_an_upload_through_one_process_proves_possession_to_another(env: Env,
@@ -378,20 +388,8 @@ def test_an_upload_through_one_process_proves_possession_to_another(env: Env,
     with start_server(root) as first, start_server(root) as second:
         team_b = first.token("--write", "team-b-*")
         team_c = first.token("--write", "team-c-*")
-        store = ObjectStore(HttpBackend(first.url, team_b), load_index=False)
-        m = Manifest({"g": Entry("g", FILE, 0o644, 0, size=6, chunks=[
-            [store.put(b"shared").hex, 6]])})
-        snap = save_manifest(store, m)
-        gen = Generation(1, snap, time.time(), 6, 1, 1, "x")
-        ref_c = DiskRef("team-c-y", time.time(), time.time(), [gen]).encode()
-        r = second.client(team_c).put(blob("refs/team-c-y"), content=ref_c,
-                                      headers={"if-none-match": "*"})
-        assert r.status_code == 403
-        ref_b = DiskRef("team-b-y", time.time(), time.time(), [gen]).encode()
-        assert HttpBackend(second.url, team_b).put_if("refs/team-b-y", ref_b, None)
-        runner = remote(env, second, team_b, cache="b2")
-        runner.run("disk", "mount", "team-b-y", str(env.root / "by"), "--strategy", "copy")
-        assert read_tree(env.root / "by") == {"g": b"shared"}
+        snap = _uploaded(first.url, team_b, "g", b"shared")
+        _only_its_uploader_commits(env, second, team_b, team_c, snap, {"g": b"shared"}, "y")
 
 
 # --- the server's own schedule ---------------------------------------------------------------
