@@ -50,6 +50,7 @@ def seeded(env: Env) -> Iterator[tuple[Env, dict[str, bytes]]]:
         (ws / rel).parent.mkdir(parents=True, exist_ok=True)
         (ws / rel).write_bytes(data)
     (ws / "bin/tool").chmod(0o755)
+    (ws / "dir/empty").chmod(0o664)  # a bit the usual umask takes
     os.link(ws / "big.bin", ws / "big.link")
     os.symlink("dir/sub/data.bin", ws / "data.sym")
     env.run("disk", "commit", str(ws))
@@ -156,6 +157,7 @@ def test_cold_mount_is_a_skeleton_filled_on_first_read(
     assert os.readlink(ws / "data.sym") == "dir/sub/data.bin"
     assert os.stat(ws / "big.bin").st_ino == os.stat(ws / "big.link").st_ino
     assert os.stat(ws / "bin/tool").st_mode & 0o777 == 0o755
+    assert os.stat(ws / "dir/empty").st_mode & 0o777 == 0o664
     mtime = os.stat(ws / "big.bin").st_mtime_ns
 
     done = _cat(ws / "small.txt")
@@ -173,6 +175,8 @@ def test_cold_mount_is_a_skeleton_filled_on_first_read(
     wait_for(lambda: _status(cold).get("on_demand_files") == 4, "the status to count 4 fills")
     status = _status(cold)
     assert status["prefetched_files"] == 0, status
+    # Filled through the skeleton's own fds, opened before the marks: no event of the filler's.
+    assert status["own_events"] == 0, status
     assert status["on_demand_bytes"] == sum(
         len(files[p]) for p in ("small.txt", "big.bin", "bin/tool", "dir/sub/data.bin"))
     assert not status["done"]
@@ -312,6 +316,9 @@ def test_a_filler_killed_mid_fill_is_replaced_and_no_reader_sees_holes(
     again = _cat(ws / "big.bin")
     assert (again.returncode, again.stdout == files["big.bin"]) == (0, True)
     assert _status(cold)["restarts"] == 1
+    # The new worker has none of the skeleton's fds: it opened the file itself, and allowed
+    # the events of that open and of its writes.
+    wait_for(lambda: _status(cold).get("own_events", 0) >= 2, "the filler's own events")
 
 
 def test_either_holder_of_the_group_may_be_killed(

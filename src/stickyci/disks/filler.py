@@ -7,9 +7,14 @@ writes the file's chunks (each verified by the object store), puts back the file
 removes the mark and allows the read. A chunk that fails to verify or a store that is down
 denies the read with EIO and logs a line naming the object: a reader never sees the holes.
 A prefetch thread fills the other files in pack order; when every file is filled, the base
-is published as an ordinary base and the filler exits. (The overlay reads its lower layer
-through a read-only private mount, so an event's fd cannot be written: the filler opens the
-file itself, and allows the events its own writes raise.)
+is published as an ordinary base and the filler exits.
+
+The overlay reads its lower layer through a read-only private mount, so an event's fd cannot
+be written. The skeleton hands the filler the fds it created the placeholders with: the kernel
+decides at open whether a file raises pre-content events, and these were opened before their
+inode was marked, so writes through them raise none (a fill costs the reader's event only, a
+prefetch none). A file without one (a worker restarted, a tree with more files than fds) is
+opened by the filler, and the events its own open and writes raise are allowed by the loop.
 
 The kernel allows every pending event when the last fd of a group closes, and a dead mark
 raises no event: a lost group would let readers see holes. So two processes hold the group:
@@ -56,6 +61,7 @@ MAX_RESTARTS = 5
 # "0": fill only what is read (the base is then never complete, so never published).
 PREFETCH_ENV = "STICKYCI_LAZY_PREFETCH"
 _SWEEP_MAX_FD = 1 << 16
+MAX_KEPT = 1 << 17  # placeholder fds a skeleton may hand over (kernel memory: ~1 KiB each)
 _STATUS_EVERY = 0.25
 _WRITE_BATCH = 8 << 20
 Work = Callable[[int], int]  # a worker's life, given its guardian's pid; its exit code
@@ -73,6 +79,7 @@ class Status:
     prefetched_bytes: int = 0
     errors: int = 0
     restarts: int = 0
+    own_events: int = 0  # raised by the filler's own opens and writes (none through kept fds)
     prefetch: bool = True  # False: only what is read is filled, so the base never completes
     done: bool = False
 
@@ -164,14 +171,17 @@ class _Worker:
     """Answers the group's events, fills files (a fill thread for readers, a prefetch
     thread for the rest) and replaces a dead guardian.
 
-    The filler writes through its own fds, and those writes raise events too (the inodes are
-    still marked): the event loop allows the filler's own events at once and hands readers'
-    to the fill thread, so it never waits on itself.
+    ``kept`` holds the skeleton's fds of the files not filled yet (by path), whose writes
+    raise no event: the event loop fills those files itself. Another file is opened here, and
+    that open and its writes raise events (the inode is still marked): the loop hands its
+    reader's event to the fill thread and allows the filler's own events at once, so it never
+    waits on itself.
     """
 
     def __init__(self, group: int, root: Path, manifest: Manifest, store_url: str,
-                 sdir: Path, publish: Callable[[], None]) -> None:
+                 sdir: Path, publish: Callable[[], None], kept: dict[str, int]) -> None:
         self.group, self.root, self.sdir, self.publish = group, root, sdir, publish
+        self.kept = kept
         self.files = _Files(manifest, str(root))
         self.objects = ObjectStore(open_backend(store_url), load_index=False)
         self.status = read_status(sdir) or Status()
@@ -188,6 +198,10 @@ class _Worker:
 
     def run(self, guardian: int, work: Work) -> int:
         """Serve until every file is filled (then publish) or until asked to stop."""
+        with Opener(Tree.at(self.root)) as op:
+            return self._run(op, guardian, work)
+
+    def _run(self, op: Opener, guardian: int, work: Work) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         threading.Thread(target=self._serve_readers, daemon=True).start()
         if self.status.prefetch:
@@ -198,6 +212,7 @@ class _Worker:
         watch = _pidfd(guardian)
         if watch is not None:
             poll.register(watch, select.POLLIN)
+        checked = 0.0
         while not self.stop.is_set():
             ready = {fd for fd, _ in poll.poll(200)}
             if watch is None or watch in ready:
@@ -205,7 +220,7 @@ class _Worker:
                 if watch is not None:
                     poll.unregister(watch)
                     os.close(watch)
-                watch = _spawn_guardian(self.group, work, self.root, self.sdir)
+                watch = _spawn_guardian(self.group, work, self.root, self.sdir, self.kept)
                 if watch is not None:
                     poll.register(watch, select.POLLIN)
             if self.group in ready:
@@ -215,11 +230,16 @@ class _Worker:
                     if event.pid == me:
                         self._reply(event.fd, True)  # the filler's own write
                         os.close(event.fd)
+                        with self.lock:
+                            self.status.own_events += 1
                     else:
-                        self.readers.put(event)
-            if not self.root.is_dir():
-                return 0  # moved away by an unmount, or deleted: nothing left to guard
-            self._save()
+                        self._answer(op, event, here=True)
+            now = time.monotonic()
+            if now - checked > _STATUS_EVERY:
+                checked = now
+                if not self.root.is_dir():
+                    return 0  # moved away by an unmount, or deleted: nothing left to guard
+                self._save()
             if self.prefetch_done.is_set() and self.prefetch_ok:
                 self.status.done = True
                 self._save(force=True)
@@ -233,13 +253,21 @@ class _Worker:
             while True:
                 self._answer(op, self.readers.get())
 
-    def _answer(self, op: Opener, event: fanotify.Event) -> None:
+    def _answer(self, op: Opener, event: fanotify.Event, here: bool = False) -> None:
+        """Fill the file of a reader's event and allow it (deny it with EIO if the fill
+        fails). From the event loop (``here``) only a fill that raises no event of ours, so
+        the loop never waits on itself: another goes to the fill thread."""
         entry = None
+        handed = False
         try:
             entry = self.files.of_fd(event.fd)
             if entry is None:
                 # Not a file of this tree (the base was moved or removed): no content to give.
                 self._reply(event.fd, False)
+                return
+            if here and entry.path not in self.kept and entry.path not in self.files.filled:
+                self.readers.put(event)
+                handed = True
                 return
             self._fill(op, entry, on_demand=True)
             self._reply(event.fd, True)
@@ -250,7 +278,8 @@ class _Worker:
                       entry.path if entry else "?", exc)
             self._reply(event.fd, False)
         finally:
-            os.close(event.fd)
+            if not handed:
+                os.close(event.fd)
 
     def _reply(self, fd: int, allow: bool) -> None:
         # ENOENT: the reader was killed while it waited; there is nobody to answer.
@@ -264,14 +293,22 @@ class _Worker:
         with lock:
             if e.path in self.files.filled:
                 return
-            fd = op.open(e.path, os.O_WRONLY)
+            fd = self.kept.pop(e.path, None)
+            quiet = fd is not None
+            if fd is None:
+                fd = op.open(e.path, os.O_WRONLY)
+            filled = False
             try:
                 self._write(e, fd, whole_pack=not on_demand)
                 # Writing moved the mtime; the base must show the manifest's.
                 os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
                 fanotify.unmark(self.group, fd, MASK)
+                filled = True
             finally:
-                os.close(fd)
+                if quiet and not filled:
+                    self.kept[e.path] = fd  # the next try writes through it again
+                else:
+                    os.close(fd)
             self.files.filled.add(e.path)
         with self.lock:
             self.filling.pop(e.path, None)
@@ -396,7 +433,8 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> int:
 
 def _sweep(group: int) -> None:
     """Deny, by fd number, events a killed worker read and never answered."""
-    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], _SWEEP_MAX_FD)
+    # Its fds numbered up to its limit: the skeleton raised it to hold the placeholders' fds.
+    limit = min(resource.getrlimit(resource.RLIMIT_NOFILE)[0], _SWEEP_MAX_FD + MAX_KEPT)
     released = sum(fanotify.answer_stale(group, fd) for fd in range(limit))
     if released:
         log.warning("lazy filler: %d read(s) left waiting by the killed worker got EIO",
@@ -428,20 +466,24 @@ def _wait_exit(pid: int) -> None:
     fd = _pidfd(pid)
     if fd is not None:
         try:
-            select.select([fd], [], [])
+            poll = select.poll()  # not select(): the fd may be above 1023
+            poll.register(fd, select.POLLIN)
+            poll.poll()
         finally:
             os.close(fd)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
 
 
-def _spawn_guardian(group: int, work: Work, root: Path, sdir: Path) -> int | None:
+def _spawn_guardian(group: int, work: Work, root: Path, sdir: Path,
+                    kept: dict[str, int]) -> int | None:
     """Fork a new guardian of this worker (the old one died); a pidfd of it."""
     log.warning("lazy filler guardian died; starting another")
     worker = os.getpid()
     child = os.fork()
     if child == 0:
         try:
+            _release(kept)
             _guard(group, work, root, sdir, worker)
         except BaseException:
             log.exception("lazy filler guardian failed")
@@ -450,9 +492,19 @@ def _spawn_guardian(group: int, work: Work, root: Path, sdir: Path) -> int | Non
     return _pidfd(child)
 
 
-def _guard(group: int, work: Work, root: Path, sdir: Path, worker: int = 0) -> None:
+def _release(kept: dict[str, int]) -> None:
+    """Close the placeholder fds of ``kept``: only the worker that fills may hold one (a
+    writable fd makes an exec of the file fail with ETXTBSY)."""
+    for fd in kept.values():
+        os.close(fd)
+    kept.clear()
+
+
+def _guard(group: int, work: Work, root: Path, sdir: Path, worker: int = 0,
+           kept: dict[str, int] | None = None) -> None:
     """Hold the group, run workers (or watch ``worker``) until one has filled everything or
-    the mount stops us (or its base is gone), and replace those that die."""
+    the mount stops us (or its base is gone), and replace those that die. The first worker
+    started here takes ``kept`` (the skeleton's placeholder fds) with it."""
     pid = _write_pid(sdir)
     stop = threading.Event()
     current = [worker]
@@ -479,6 +531,8 @@ def _guard(group: int, work: Work, root: Path, sdir: Path, worker: int = 0) -> N
                 finally:
                     os._exit(code)
             current[0] = child
+            if kept:
+                _release(kept)
         _wait_exit(current[0])
         current[0] = 0
         st = read_status(sdir) or Status()
@@ -496,13 +550,17 @@ def _guard(group: int, work: Work, root: Path, sdir: Path, worker: int = 0) -> N
 
 
 def start(group: int, root: Path, manifest: Manifest, store_url: str, sdir: Path,
-          publish: Callable[[], None]) -> int:
+          publish: Callable[[], None], kept: dict[str, int] | None = None) -> int:
     """Start the filler of the lazy base ``root`` as a daemon holding ``group``; its pid.
 
+    ``kept``: writable fds of placeholders (by path) opened before their inode was marked,
+    which the filler writes through without raising events; the daemon takes copies, the
+    caller still closes its own.
     The daemon is detached (its own session, stdio on /dev/null, log in ``sdir``), keeps no
     other fd of the caller's (a pipe it kept open would hang whoever reads the caller's
     output), and records its pid in ``sdir`` for :func:`stop`.
     """
+    kept = dict(kept or {})
     sdir.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
     child = os.fork()
@@ -512,16 +570,17 @@ def start(group: int, root: Path, manifest: Manifest, store_url: str, sdir: Path
             os.close(r)
             os.setsid()
             if os.fork() == 0:
-                _daemonize(keep={group, w}, log_path=sdir / LOG_FILE)
+                _daemonize(keep={group, w, *kept.values()}, log_path=sdir / LOG_FILE)
                 _write_pid(sdir)  # before the mount returns, which then finds it
                 os.write(w, b"%d" % os.getpid())
                 os.close(w)
 
                 def work(guardian: int) -> int:
-                    worker = _Worker(group, root, manifest, store_url, sdir, publish)
+                    # A restarted worker gets none: its guardian let them go.
+                    worker = _Worker(group, root, manifest, store_url, sdir, publish, kept)
                     return worker.run(guardian, work)
 
-                _guard(group, work, root, sdir)
+                _guard(group, work, root, sdir, kept=kept)
             code = 0
         finally:
             os._exit(code)

@@ -5,9 +5,11 @@ manifest alone, with the restore's own safety rules (``materialize``: fd-relativ
 followed, owners and special bits only when trusted): directories, symlinks, hard links,
 modes and mtimes, and every file a sparse placeholder of its size carrying a fanotify
 pre-content mark. A filler daemon (:mod:`..filler`) fills files on first read and prefetches
-the rest; the overlay above it is the one of :mod:`.overlay`, so a commit reads only the
-upper dir. Where pre-content events are missing (an older kernel, a filesystem without
-them, no root) :func:`lazy_base` says so in one line and the mount restores eagerly.
+the rest, writing through the fds the skeleton created the placeholders with (opened before
+the marks, so its writes raise no events); the overlay above it is the one of
+:mod:`.overlay`, so a commit reads only the upper dir. Where pre-content events are missing
+(an older kernel, a filesystem without them, no root) :func:`lazy_base` says so in one line
+and the mount restores eagerly.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +132,7 @@ def lazy_base(choice: str, objects: ObjectStore, snapshot: Digest | None, trust_
         _notice(f"fanotify pre-content groups: {exc.strerror}")
         return None
     root = basecache.bases_root() / f".lazy-{snapshot.hex}-{uuid.uuid4().hex}"
+    kept: dict[str, int] = {}
     try:
         root.mkdir(parents=True)
         refused = _probe(group, root)
@@ -137,13 +141,7 @@ def lazy_base(choice: str, objects: ObjectStore, snapshot: Digest | None, trust_
             remove_tree(root)
             return None
         m = load_manifest(objects, snapshot)
-
-        def placeholder(e: Entry, fd: int) -> None:
-            os.ftruncate(fd, e.size)
-            if e.size:
-                fanotify.mark(group, fd, filler.MASK)
-
-        materialize(m, str(root), placeholder, trust_owners=trust_owners, parallel=False)
+        kept = skeleton(m, str(root), group, trust_owners)
         root = root.resolve()
         sdir.mkdir(parents=True, exist_ok=True)
         (sdir / LAZY_FILE).write_text(json.dumps({"root": str(root)}))
@@ -155,15 +153,59 @@ def lazy_base(choice: str, objects: ObjectStore, snapshot: Digest | None, trust_
             except OSError as exc:  # an unmount moved it away first
                 log.info("the lazy base %s is not kept: %s", root, exc.strerror)
 
-        filler.start(group, root, m, objects.backend.url, sdir, publish)
+        filler.start(group, root, m, objects.backend.url, sdir, publish, kept)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             (sdir / LAZY_FILE).unlink()
         remove_tree(root)
         raise
     finally:
+        for fd in kept.values():
+            os.close(fd)
         os.close(group)
     return root
+
+
+def skeleton(m: Manifest, root: str, group: int, trust_owners: bool) -> dict[str, int]:
+    """Write the tree ``m`` describes into the new, empty ``root`` with the restore's rules
+    (``materialize``), every file a sparse placeholder of its size marked for ``group``;
+    return the placeholders' fds by path, opened before their mark (so writes through them
+    raise no event), as many as this process may keep open (the caller closes them)."""
+    kept: dict[str, int] = {}
+    room = _fd_room(len(m.entries))
+
+    def placeholder(e: Entry, fd: int) -> None:
+        os.ftruncate(fd, e.size)
+        if e.size:
+            fanotify.mark(group, fd, filler.MASK)
+            if len(kept) < room:
+                kept[e.path] = os.dup(fd)  # the restore closes its own
+
+    try:
+        materialize(m, root, placeholder, trust_owners=trust_owners, parallel=False)
+    except BaseException:
+        for fd in kept.values():
+            os.close(fd)
+        raise
+    return kept
+
+
+def _fd_room(files: int) -> int:
+    """How many placeholder fds the skeleton may keep for the filler (at most one per file,
+    ``filler.MAX_KEPT`` in all), raising this process's fd limit (the daemon inherits it) as
+    far as allowed; the files beyond are filled through fds the filler opens itself."""
+    spare = 1024  # for everything else the mount and the filler open
+    want = min(files, filler.MAX_KEPT) + spare
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > soft:
+        try:
+            # Above the hard limit only with CAP_SYS_RESOURCE (root, as a lazy mount is).
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+        except (ValueError, OSError):
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(0, min(files, filler.MAX_KEPT, soft - spare))
 
 
 def discard(sdir: Path) -> None:
