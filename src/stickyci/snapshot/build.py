@@ -9,6 +9,7 @@ component at a time without following symlinks, in the parent and in each worker
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from collections.abc import Callable, Iterable
@@ -131,7 +132,7 @@ Packs = list[tuple[str, bytes]]  # a pack a forked worker wrote, and its index a
 
 def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
     store.flush()
-    batches = list(_batches(todo, _BATCH_BYTES))
+    batches = _batches(todo, _BATCH_BYTES)
 
     def work(i: int) -> tuple[int, list[tuple[int, list[ChunkRef]]], int, int, Packs]:
         before = store.bytes_written, store.objects_written
@@ -147,29 +148,47 @@ def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
         return (i, out, store.bytes_written - before[0], store.objects_written - before[1],
                 packs)
 
-    for i, out, nbytes, nobjects, packs in forked_map(work, range(len(batches))):
-        for e, (size, chunks) in zip(batches[i], out, strict=True):
-            e.size, e.chunks = size, chunks
-        store.bytes_written += nbytes
-        store.objects_written += nobjects
-        # The worker's packs are indexed from what it sent back, not re-read from the store.
-        for pack, index in packs:
-            store.adopt(pack.removeprefix("packs/"), index)
+    # What exists now (the manifest's entries above all) is left out of every collection, in
+    # the workers and here: a worker's collector would otherwise walk, and so copy, each page
+    # it inherited, and this process's would walk them again as the batches' results come in
+    # (the 1 GB benchmark tree: collections here 0.19 s, frozen 0.05 s; 1.3 GB of a Rust
+    # toolchain: 0.42 s, 0.15 s).
+    gc.freeze()
+    try:
+        for i, out, nbytes, nobjects, packs in forked_map(work, range(len(batches))):
+            for e, (size, chunks) in zip(batches[i], out, strict=True):
+                e.size, e.chunks = size, chunks
+            store.bytes_written += nbytes
+            store.objects_written += nobjects
+            # The worker's packs are indexed from what it sent back, not re-read from the store.
+            for pack, index in packs:
+                store.adopt(pack.removeprefix("packs/"), index)
+    finally:
+        gc.unfreeze()
     store.refresh()
 
 
-def _batches(entries: list[Entry], limit: int) -> Iterable[list[Entry]]:
-    """Groups of files of about ``limit`` bytes, so each task is worth its overhead."""
+def _batches(entries: list[Entry], limit: int) -> list[list[Entry]]:
+    """Runs of neighbouring files of about ``limit`` bytes each, so each task is worth its
+    overhead, largest first.
+
+    The order is the longest-processing-time rule: a big run handed out last (a run that a
+    file of hundreds of MB closes) would leave one worker compressing it while the others
+    have nothing left to do; small runs last even the workers out.
+    """
+    groups: list[tuple[int, list[Entry]]] = []
     group: list[Entry] = []
     size = 0
     for e in entries:
         group.append(e)
-        size += e.size + 4096
+        size += e.size + 4096  # a file's own overhead (open, stat, a row) counts too
         if size >= limit:
-            yield group
+            groups.append((size, group))
             group, size = [], 0
     if group:
-        yield group
+        groups.append((size, group))
+    groups.sort(key=lambda g: g[0], reverse=True)  # stable: equal sizes keep their order
+    return [g for _, g in groups]
 
 
 def scan_tree(root: Tree | str, reuse: Reuse | None = None,

@@ -361,8 +361,9 @@ class ObjectStore:
     def _write_pack(self, data: bytes, entries: dict[Digest, tuple[int, int]]) -> None:
         pack_id = Digest.of(data).hex
         try:
-            index = encode_index(IndexEntry(d, off, ln)
-                                 for d, (off, ln) in sorted(entries.items()))
+            # Sorted by the raw bytes: comparing Digest objects costs a Python call each.
+            index = encode_index(IndexEntry(d, off, ln) for d, (off, ln)
+                                 in sorted(entries.items(), key=lambda kv: kv[0].raw))
             self.backend.put(f"packs/{pack_id}", data)
             self.backend.put(f"index/{pack_id}", index)
         except BaseException:

@@ -1,0 +1,98 @@
+"""Building a snapshot in forked workers: how files are grouped into tasks, and what a
+forked fill leaves behind in the committing process."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+
+from stickyci.errors import BusyError
+from stickyci.snapshot import (
+    FILE,
+    Entry,
+    build,
+    fill_content,
+    load_manifest,
+    restore,
+    scan_tree,
+    snapshot_tree,
+)
+from stickyci.store import LocalBackend, ObjectStore
+
+KiB = 1 << 10
+
+
+def _file(i: int, size: int) -> Entry:
+    return Entry(f"f{i:03}", FILE, 0o644, 0, 0, 0, size=size)
+
+
+@pytest.mark.parametrize("sizes", [
+    [10, 10, 10, 10, 10, 10, 10, 10, 10],  # small files: runs that close at the limit
+    [5, 200, 5, 5, 90, 5, 5, 5, 60, 5],    # a big file closes the run it joins
+    [20, 20, 20, 20, 20, 300, 20],         # the biggest run comes late in the scan
+    [300],
+    [],
+])
+def test_batches_are_bounded_runs_handed_out_largest_first(sizes: list[int]) -> None:
+    limit = 100 * KiB
+    entries = [_file(i, n * KiB) for i, n in enumerate(sizes)]
+    groups = list(build._batches(entries, limit))
+
+    # every file once, each group a run of neighbours in the scan's order
+    assert sorted(e.path for g in groups for e in g) == [e.path for e in entries]
+    for g in groups:
+        first = entries.index(g[0])
+        assert g == entries[first:first + len(g)]
+    # each run closes once it reaches the limit (the last one may fall short of it)
+    runs = sorted(groups, key=lambda g: entries.index(g[0]))
+    cost = {id(g): sum(e.size + 4096 for e in g) for g in groups}
+    assert all(cost[id(g)] >= limit > cost[id(g)] - g[-1].size - 4096 for g in runs[:-1])
+    assert not runs or cost[id(runs[-1])] - runs[-1][-1].size - 4096 < limit
+    # the biggest task first, so none is left for one worker alone at the end
+    assert [cost[id(g)] for g in groups] == sorted(cost.values(), reverse=True)
+
+
+@pytest.fixture
+def forked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fill in forked workers whatever the size, several small batches of a few files."""
+    monkeypatch.setattr(build, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(build, "_BATCH_BYTES", 64 * KiB)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    files = {f"d{i % 3}/f{i}": os.urandom(1000 * (i + 1)) for i in range(24)}
+    files["big"] = os.urandom(300 * KiB)  # several chunks, a batch of its own
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_forked_fill_round_trips_and_leaves_the_collector_as_it_was(
+        tmp_path: Path, forked: None) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    files = _tree(src)
+    store = ObjectStore(LocalBackend(tmp_path / "store"))
+    frozen = gc.get_freeze_count()
+    snap, _ = snapshot_tree(store, str(src))
+    assert gc.get_freeze_count() == frozen
+
+    restore(ObjectStore(LocalBackend(tmp_path / "store")), load_manifest(store, snap), dst)
+    assert {rel: (dst / rel).read_bytes() for rel in files} == files
+
+
+def test_a_failed_forked_fill_unfreezes_the_collector(tmp_path: Path, forked: None) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _tree(src)
+    scan = scan_tree(str(src))
+    (src / "d1" / "f4").unlink()  # gone between the scan and the read
+    frozen = gc.get_freeze_count()
+    with pytest.raises(BusyError, match="f4"):
+        fill_content(ObjectStore(LocalBackend(tmp_path / "store")), str(src), scan.todo)
+    assert gc.get_freeze_count() == frozen
