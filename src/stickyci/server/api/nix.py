@@ -215,7 +215,7 @@ class Nix(Api):
         decompresses, hashes and writes the last one, so Nix waits for the slower of the two,
         not for both."""
         limit = self.server.cfg.max_body
-        received, buf = 0, bytearray()
+        received, held, pieces = 0, 0, []
         feeding: asyncio.Task[None] | None = None
         try:
             async for piece in request.stream():
@@ -223,15 +223,17 @@ class Nix(Api):
                 if received > limit:
                     raise TooLarge(f"the NAR upload is over the server's limit of {limit} "
                                    "bytes; raise stickyci serve --max-body")
-                buf += piece
-                if len(buf) >= _FEED:
+                pieces.append(piece)
+                held += len(piece)
+                if held >= _FEED:
                     if feeding is not None:
                         await feeding
-                    feeding = asyncio.ensure_future(self.call(incoming.feed, bytes(buf)))
-                    buf.clear()
+                    # Joined once: the event loop is what receiving waits for.
+                    feeding = asyncio.ensure_future(self.call(incoming.feed, b"".join(pieces)))
+                    pieces, held = [], 0
             if feeding is not None:
                 await feeding
-            await self.call(incoming.feed, bytes(buf))
+            await self.call(incoming.feed, b"".join(pieces))
         except ClientDisconnect as exc:
             raise UsageError("the client went away before the NAR was complete; nothing "
                              "was kept") from exc

@@ -21,6 +21,7 @@ import json
 import lzma
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Protocol, cast
 
@@ -41,6 +42,7 @@ REFS_KEY = "refs"
 INFO_PREFIX = "nix/"
 NAR_MAGIC = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1"
 _STEP = 1 << 20
+_HASHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stickyci-nar-sha")
 UPLOAD_COMPRESSIONS = {"": "none", ".xz": "xz", ".bz2": "bzip2", ".zst": "zstd"}
 """What an uploaded NAR's name may end with (after ``.nar``), and the compression it means."""
 
@@ -65,7 +67,9 @@ class NarUpload:
     handed on to ``sink`` (a spool file, or the chunker on the way into the store).
 
     ``limit`` bounds the uncompressed size, so a small compressed bomb cannot fill the disk;
-    output is produced a MiB at a time, so it cannot fill memory either.
+    output is produced a MiB at a time, so it cannot fill memory either. A piece's SHA-256 is
+    computed on a thread of its own while ``sink`` takes the piece: hashing and writing each
+    take about as long as receiving the bytes, and ``nix copy`` waits for the slowest.
     """
 
     def __init__(self, compression: str, limit: int, sink: Callable[[bytes], object]) -> None:
@@ -73,6 +77,7 @@ class NarUpload:
         self.size = 0
         self.sink = sink
         self._sha = hashlib.sha256()
+        self._hashing: Future[None] | None = None
         self._head = b""
         self._dec = _decompressor(compression, self)
 
@@ -86,9 +91,15 @@ class NarUpload:
             self._head += data[: len(NAR_MAGIC)]
             if not NAR_MAGIC.startswith(self._head[: len(NAR_MAGIC)]):
                 raise _not_a_nar()
-        self._sha.update(data)
+        self._hashed()  # one piece in flight: pieces are hashed in order, memory stays bounded
+        self._hashing = _HASHER.submit(self._sha.update, data)
         self.sink(data)
         return len(data)
+
+    def _hashed(self) -> None:
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
 
     def feed(self, data: bytes) -> None:
         """Take the next bytes of the upload as sent."""
@@ -97,6 +108,7 @@ class NarUpload:
     def finish(self) -> tuple[bytes, int]:
         """The SHA-256 and size of the whole NAR; ``UsageError`` if it is not one."""
         self._dec.end()
+        self._hashed()
         if not self._head.startswith(NAR_MAGIC):
             raise _not_a_nar()
         return self._sha.digest(), self.size
