@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,6 +185,20 @@ def test_an_upload_a_dead_server_left_unfinished_is_removed_at_start(tmp_path: P
     os.utime(part)
     with start_server(tmp_path / "srv", port=port):
         assert not part.exists()
+
+
+def test_the_ingester_waits_for_a_quiet_moment_but_not_for_ever(tmp_path: Path) -> None:
+    # Its Python work would slow the requests of a nix copy; a steady stream of requests
+    # must not stop it either.
+    spool = Spool(tmp_path, lambda *_: None)
+    got: list[bytes] = []
+    with spool.serving():
+        taker = threading.Thread(target=lambda: got.extend(spool.paced([b"a", b"b"])))
+        taker.start()
+        taker.join(0.3)
+        assert got == []  # a request is being answered
+        wait_for(lambda: got == [b"a", b"b"], "the ingester to go on after its patience")
+    assert list(spool.paced([b"c"])) == [b"c"]  # nothing is being answered now
 
 
 def test_a_spool_whose_directory_went_has_nothing_pending(tmp_path: Path) -> None:

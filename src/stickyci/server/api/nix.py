@@ -9,9 +9,10 @@ sent; NARs are verified whole before the first byte of one is sent, and served a
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -61,6 +62,20 @@ def routes(server: ServerState) -> list[Route]:
             Route("/nix/{cache}/{file}", api.top, methods=_METHODS)]
 
 
+Handler = Callable[["Nix", Request], Awaitable[Response]]
+
+
+def _serving(handler: Handler) -> Handler:
+    """A handler during which the spool's ingester waits (:meth:`Spool.serving`)."""
+
+    @functools.wraps(handler)
+    async def serve(api: Nix, request: Request) -> Response:
+        with api.spool.serving():
+            return await handler(api, request)
+
+    return serve
+
+
 class Nix(Api):
     """The handlers of the Nix binary cache."""
 
@@ -73,11 +88,12 @@ class Nix(Api):
 
     def _ingest(self, cache: str, nar_hash: bytes, spooled: IO[bytes]) -> None:
         """Take a spooled NAR into the store (the spool's ingester thread)."""
-        self.nars.ingest(cache, _pieces(spooled), nar_hash)
+        self.nars.ingest(cache, self.spool.paced(_pieces(spooled)), nar_hash)
         # Counted again now that its pin exists: an eviction while it was spooled found no
         # pin to delete, and would otherwise leave it stored but out of the accounting.
         self.server.lru.touch(pin_name(cache, nar_hash), os.fstat(spooled.fileno()).st_size)
 
+    @_serving
     async def top(self, request: Request) -> Response:
         """``nix-cache-info`` and ``<hash>.narinfo``."""
         cache = check_cache(request.path_params["cache"])
@@ -118,6 +134,7 @@ class Nix(Api):
         self.server.lru.touch(info_name(cache, hash_part), len(info.render()))
         return Response(text, media_type="text/x-nix-narinfo")
 
+    @_serving
     async def nar(self, request: Request) -> Response:
         """``nar/<nar hash>.nar[.zst]``: a NAR, checked whole before it is sent."""
         cache = check_cache(request.path_params["cache"])
