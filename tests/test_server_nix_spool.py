@@ -136,14 +136,18 @@ def test_a_spooled_nar_damaged_on_disk_is_neither_served_nor_stored(
         tmp_path: Path, frozen: tuple[Path, Path]) -> None:
     store, packs = frozen
     nix = Nix(tmp_path / "writer")
+    path, nar = fresh_path(nix, "damaged", size=200_000)
     with start_server(tmp_path / "srv", store_url=f"file://{store}") as srv:
+        assert upload(client(srv, "spool", srv.admin), path, nar).status_code == 200
+        port = srv.port
+    # Damaged while no server runs, so no ingester read it before (one that did would store
+    # the bytes it read and hashed, which are right).
+    [spooled] = _spooled(srv.state)
+    data = bytearray(spooled.read_bytes())
+    data[-100] ^= 0xFF
+    spooled.write_bytes(bytes(data))
+    with start_server(tmp_path / "srv", store_url=f"file://{store}", port=port) as srv:
         c = client(srv, "spool", srv.admin)
-        path, nar = fresh_path(nix, "damaged", size=200_000)
-        assert upload(c, path, nar).status_code == 200
-        [spooled] = _spooled(srv.state)
-        data = bytearray(spooled.read_bytes())
-        data[-100] ^= 0xFF
-        spooled.write_bytes(bytes(data))
         url = f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar.zst"
         r = c.get(url)
         assert r.status_code == 500 and "damaged" in error(r).error, r.text
