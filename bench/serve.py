@@ -667,7 +667,8 @@ def markdown(args: argparse.Namespace, configs: list[Config], env: Env,
         "same 2 CPUs as the server (about one core of it under the small loads): the figures "
         "are what one 2-CPU box does with client and server on it.",
         "- **Servers:** `stickyci serve --store file://STORE --no-access-log --workers 2` (two "
-        "uvicorn worker processes, uvloop + httptools, on one listening socket, sharing "
+        "uvicorn worker processes, uvloop + httptools, each on its own socket on the port "
+        "(`SO_REUSEPORT`), sharing "
         "metrics and cache accounting through their supervisor), the same with `--workers 1` "
         "(one process), and with `--access-log` (JSON lines to a file). nginx (`daemon off`, "
         "`sendfile on`, access log off, keep-alive) serves the "

@@ -204,6 +204,18 @@ def test_max_size_evicts_by_the_whole_servers_use_order(tmp_path: Path) -> None:
         assert sorted(os.listdir(store)) == sorted(f"default.{d}" for d in kept)
 
 
+def test_workers_on_a_port_another_server_shares_by_reuseport_are_refused(
+        server: Server, tmp_path: Path) -> None:
+    # The workers' sockets share the port with SO_REUSEPORT, which a second stickyci would
+    # do too: it must not quietly take part of the first one's clients.
+    proc = subprocess.run([sys.executable, "-m", "stickyci", "serve", "--listen",
+                           f"127.0.0.1:{server.port}", "--state-dir", str(tmp_path / "state"),
+                           "--store", f"file://{tmp_path / 'store'}", *WORKERS],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 6, proc.stderr
+    assert f"127.0.0.1:{server.port} is already in use by pid " in proc.stderr
+
+
 def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
     with start_server(tmp_path, args=WORKERS) as srv:
         first = worker_pids(srv)

@@ -105,13 +105,14 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
         from ..server import workers as supervisor
 
         logging.getLogger("stickyci").setLevel(logging.INFO)
-        sock = _bind(host, port)
+        socks = _bind_workers(host, port, workers)
         click.echo(f"stickyci: serving {url} on http://{_address(host, port)} with "
                    f"{workers} workers", err=True)
         try:
-            supervisor.serve(cfg, sock, workers, access_log)
+            supervisor.serve(cfg, socks, access_log)
         finally:
-            sock.close()
+            for sock in socks:
+                sock.close()
         return
     _serve_one(cfg, host, port, access_log)
 
@@ -145,7 +146,27 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind_workers(host: str, port: int, n: int) -> list[socket.socket]:
+    """A listening socket per worker, all on ``host:port`` (``SO_REUSEPORT``): the kernel
+    spreads new connections over them evenly, where on one shared socket whichever worker
+    wakes first takes them all. Refused when anything listens on the port already, as a plain
+    bind is: another server sharing it this way would get part of the clients."""
+    if _listening(port):
+        who = _listener(port)
+        raise BusyError(f"{_address(host, port)} is already in use{f' by {who}' if who else ''}"
+                        "; stop it or pick another --listen HOST:PORT")
+    socks = [_bind(host, port, reuse_port=True)]
+    port = socks[0].getsockname()[1]  # the one the kernel picked, for port 0
+    try:
+        socks += [_bind(host, port, reuse_port=True) for _ in range(n - 1)]
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A listening socket on ``host:port``, or one line saying why there cannot be one.
 
     Bound here rather than by uvicorn, which logs a bind failure over two lines and exits 3.
@@ -153,6 +174,8 @@ def _bind(host: str, port: int) -> socket.socket:
     address = _address(host, port)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -167,8 +190,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _listener(port: int) -> str:
-    """``pid N (command)`` of a process listening on TCP ``port``, or "" if not visible."""
+def _listening(port: int) -> set[str]:
+    """The sockets (``socket:[INODE]``) listening on TCP ``port``, whoever holds them."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError), open(table) as f:
@@ -177,6 +200,12 @@ def _listener(port: int) -> str:
                 # local address "HEX_IP:HEX_PORT", state 0A is LISTEN, inode is field 9
                 if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
                     inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def _listener(port: int) -> str:
+    """``pid N (command)`` of a process listening on TCP ``port``, or "" if not visible."""
+    inodes = _listening(port)
     for pid in procs.pids() if inodes else ():
         if not inodes.isdisjoint(procs.fd_links(pid)):
             return f"pid {pid} ({procs.command(pid)})"

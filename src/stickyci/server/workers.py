@@ -1,9 +1,12 @@
-"""``stickyci serve --workers N``: N processes answering on one listening socket, and the
-supervisor that starts them, keeps what they must share, restarts one that dies and stops
-them all on SIGTERM.
+"""``stickyci serve --workers N``: N processes answering on one address, and the supervisor
+that starts them, keeps what they must share, restarts one that dies and stops them all on
+SIGTERM.
 
-The kernel hands each connection to one worker; a worker is a whole server (``create_app``)
-told what it shares (``shared.py``):
+Each worker listens on a socket of its own, all bound to the address with ``SO_REUSEPORT``, so
+the kernel spreads connections evenly over them (on one shared socket, whichever worker woke
+first took every waiting connection); the supervisor keeps every socket open, so connections
+to a worker that died wait in its backlog for its successor. A worker is a whole server
+(``create_app``) told what it shares (``shared.py``):
 
 - the cache accounting of ``--max-size``: one ``CacheLRU`` here, in the supervisor, fed every
   hit, upload and disappearance by every worker through a pipe each, applied in the order they
@@ -63,16 +66,17 @@ _METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # metrics.MULTIPROCESS_DIR, not impor
 _STAGING = "gha-uploads"  # gha.cache's staging directory, cleaned once for all workers
 
 
-def serve(cfg: ServerConfig, sock: socket.socket, workers: int, access_log: bool) -> None:
-    """Serve on ``sock`` with ``workers`` processes until SIGTERM or SIGINT; a worker that
-    keeps dying stops the server with a ``StickyError`` naming it."""
+def serve(cfg: ServerConfig, socks: list[socket.socket], access_log: bool) -> None:
+    """Serve with a worker process per socket of ``socks`` (bound to one address with
+    ``SO_REUSEPORT``) until SIGTERM or SIGINT; a worker that keeps dying stops the server
+    with a ``StickyError`` naming it."""
     if "prometheus_client" in sys.modules and _METRICS_ENV not in os.environ:
         raise RuntimeError("serve --workers: prometheus_client was imported before its "
                            "multiprocess mode was set up")
     metrics_dir = tempfile.mkdtemp(prefix="stickyci-metrics-")
     os.environ[_METRICS_ENV] = metrics_dir
     try:
-        Supervisor(cfg, sock, workers, access_log).run()
+        Supervisor(cfg, socks, access_log).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -81,21 +85,20 @@ class Supervisor:
     """The workers' parent: starts, watches, restarts and stops them, and keeps the cache
     accounting they share."""
 
-    def __init__(self, cfg: ServerConfig, sock: socket.socket, workers: int,
-                 access_log: bool) -> None:
+    def __init__(self, cfg: ServerConfig, socks: list[socket.socket], access_log: bool) -> None:
         from ..store import open_backend
         from .history import HISTORY_DB, History, Sampler
         from .lru import CacheLRU
         from .metrics import Metrics
 
         self.cfg = cfg
-        self.sock = sock
-        self.n = workers
+        self.socks = socks  # a worker's own; kept open here while it restarts
+        self.n = len(socks)
         self.access_log = access_log
         self.ctx = multiprocessing.get_context("spawn")
         self.counters = self.ctx.RawArray("q", len(Change))
         self.counters_lock = self.ctx.Lock()
-        self.procs: list[BaseProcess | None] = [None] * workers
+        self.procs: list[BaseProcess | None] = [None] * self.n
         self.deaths: deque[float] = deque()
         self.stopping = False
         self.backend = open_backend(cfg.store_url)  # a bad store fails here, in one line
@@ -114,7 +117,8 @@ class Supervisor:
     def run(self) -> None:
         """Start the workers and watch them until told to stop."""
         shutil.rmtree(self.cfg.state_dir / _STAGING, ignore_errors=True)
-        self.sock.listen(BACKLOG)  # connections wait in the backlog while a worker starts
+        for sock in self.socks:
+            sock.listen(BACKLOG)  # connections wait in the backlog while a worker starts
         if self.lru is not None:
             self._thread(self._seed)
             self._thread(self._account)
@@ -163,7 +167,7 @@ class Supervisor:
             self._wake()  # the accounting thread waits on the new link too
         proc = self.ctx.Process(
             target=_worker, name=f"stickyci-worker-{index}",
-            args=(self.cfg, self.sock, index, self.counters, self.counters_lock, conn,
+            args=(self.cfg, self.socks[index], index, self.counters, self.counters_lock, conn,
                   self.access_log, os.getpid()))
         proc.start()
         if conn is not None:
@@ -284,7 +288,7 @@ class Supervisor:
 def _worker(cfg: ServerConfig, sock: socket.socket, index: int, counters: Any,
             counters_lock: Any, conn: Connection | None, access_log: bool,
             parent: int) -> None:
-    """One worker process: a whole server on the shared socket."""
+    """One worker process: a whole server on its socket."""
     import uvicorn
 
     from .app import create_app
