@@ -34,6 +34,8 @@ log = logging.getLogger("stickyci.server")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
+MAX_BODY_HINT = "; raise stickyci serve --max-body"
+"""What ends the message of a body over the server's ``--max-body``."""
 STREAM_CHUNK = 8 << 20
 INLINE_READ = 256 << 10
 
@@ -90,7 +92,7 @@ class ServerState:
     async def body(self, request: Request) -> bytes:
         """The request body, refused with 413 as soon as it passes ``max_body``."""
         return await read_limited(request, self.cfg.max_body, "the request body",
-                                  "; raise stickyci serve --max-body")
+                                  MAX_BODY_HINT)
 
     async def hash_check(self, fn: Callable[[], T], size: int) -> T:
         """Hash a body: inline when small, in a thread when big, so a 16 MiB pack does not
@@ -205,23 +207,28 @@ def error_response(request: Request, exc: Exception) -> Response:
                     headers=headers)
 
 
-async def read_limited(request: Request, limit: int, what: str, hint: str = "") -> bytes:
-    """A request body of at most ``limit`` bytes, refused with 413 as soon as it passes it (at
-    once if its declared length does): ``--max-body`` is for packs, far above what most
-    requests need. ``hint`` ends the message, saying what to do."""
+async def body_pieces(request: Request, limit: int, what: str,
+                      hint: str = "") -> AsyncIterator[bytes]:
+    """A request body's pieces as they arrive, refused with 413 as soon as they pass ``limit``
+    bytes (at once if the declared length does); a client gone mid-body is a one-line 400.
+    ``what`` names the body in the messages, ``hint`` ends them saying what to do."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"{what} of {declared} bytes is over the limit of {limit}{hint}")
-    # Pieces joined once at the end: a growing bytearray copies a 16 MiB pack ~3 times.
-    parts: list[bytes] = []
+        raise TooLarge(f"{what} of {declared} bytes is over its limit of {limit} bytes{hint}")
     size = 0
     try:
-        async for chunk in request.stream():
-            parts.append(chunk)
-            size += len(chunk)
+        async for piece in request.stream():
+            size += len(piece)
             if size > limit:
-                raise TooLarge(f"{what} is over the limit of {limit} bytes{hint}")
+                raise TooLarge(f"{what} is over its limit of {limit} bytes{hint}")
+            yield piece
     except ClientDisconnect as exc:
         raise UsageError(f"the client went away before {what} was complete; nothing was "
                          "stored") from exc
-    return b"".join(parts)
+
+
+async def read_limited(request: Request, limit: int, what: str, hint: str = "") -> bytes:
+    """A whole request body of at most ``limit`` bytes (:func:`body_pieces`): ``--max-body``
+    is for packs, far above what most requests need."""
+    # Pieces joined once at the end: a growing bytearray copies a 16 MiB pack ~3 times.
+    return b"".join([piece async for piece in body_pieces(request, limit, what, hint)])

@@ -21,17 +21,17 @@ from pathlib import Path
 
 import zstandard
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ...digest import Digest
-from ...errors import NotFound, StickyError, TooLarge, UsageError
+from ...errors import NotFound, StickyError, UsageError
 from ...store import protocol as p
 from ..auth import Permission, Principal
 from ..gha import UPLOAD_TTL, CacheEntry, GhaCache, UrlSigner, check_key, check_version
 from ..metrics import request_id
-from ..state import Api, ServerState, parse_body, read_limited
+from ..state import MAX_BODY_HINT, Api, ServerState, body_pieces, parse_body, read_limited
 
 log = logging.getLogger("stickyci.server")
 SERVICE = "/twirp/github.actions.results.api.v1.CacheService"
@@ -235,24 +235,13 @@ def _base(request: Request) -> str:
 async def _receive(request: Request, path: Path, limit: int) -> None:
     """Stream the body into ``path`` (atomically: a part file renamed once complete), refused
     as soon as it passes ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"an upload of {declared} bytes is over the {limit} bytes this archive "
-                       "may still take; raise stickyci serve --max-body")
     part = path.with_name(f"{path.name}.{secrets.token_hex(4)}.part")
-    size = 0
     try:
         with open(part, "wb") as out:
-            async for data in request.stream():
-                size += len(data)
-                if size > limit:
-                    raise TooLarge(f"an upload over the {limit} bytes this archive may still "
-                                   "take; raise stickyci serve --max-body")
+            async for data in body_pieces(request, limit, "an upload",
+                                          f" (what this archive may still take){MAX_BODY_HINT}"):
                 out.write(data)
         part.rename(path)
-    except ClientDisconnect as exc:
-        raise UsageError("the client went away before the upload was complete; nothing "
-                         "was stored") from exc
     finally:
         part.unlink(missing_ok=True)
 

@@ -19,11 +19,11 @@ from typing import IO, Any, TypeVar
 import zstandard
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ...errors import BackendError, IntegrityError, NotFound, TooLarge, UsageError
+from ...errors import BackendError, IntegrityError, NotFound, UsageError
 from ..auth import Permission
 from ..nix import (
     UPLOAD_COMPRESSIONS,
@@ -39,7 +39,7 @@ from ..nix import (
     pin_name,
 )
 from ..nix.narinfo import HASH_PART, MAX_NARINFO, parse_nix32
-from ..state import Api, ServerState, read_limited
+from ..state import MAX_BODY_HINT, Api, ServerState, body_pieces, read_limited
 
 CACHE_INFO = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
 SERVED_COMPRESSION = "zstd"
@@ -231,15 +231,11 @@ class Nix(Api):
         """Feed the upload to ``incoming`` a MiB at a time: the next MiB arrives while a thread
         decompresses, hashes and writes the last one, so Nix waits for the slower of the two,
         not for both."""
-        limit = self.server.cfg.max_body
-        received, held, pieces = 0, 0, []
+        held, pieces = 0, []
         feeding: asyncio.Task[None] | None = None
         try:
-            async for piece in request.stream():
-                received += len(piece)
-                if received > limit:
-                    raise TooLarge(f"the NAR upload is over the server's limit of {limit} "
-                                   "bytes; raise stickyci serve --max-body")
+            async for piece in body_pieces(request, self.server.cfg.max_body, "the NAR upload",
+                                           MAX_BODY_HINT):
                 pieces.append(piece)
                 held += len(piece)
                 if held >= _FEED:
@@ -251,9 +247,6 @@ class Nix(Api):
             if feeding is not None:
                 await feeding
             await self.call(incoming.feed, b"".join(pieces))
-        except ClientDisconnect as exc:
-            raise UsageError("the client went away before the NAR was complete; nothing "
-                             "was kept") from exc
         finally:
             if feeding is not None:
                 # On a failure the thread must be done with the spool file before it goes.
