@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,8 @@ from stickyci.store.tier import TieredBackend
 tests_helpers()
 from seaweed import Seaweed, start_seaweed  # noqa: E402
 
-FILL_FORMAT = 1
+FILL_FORMAT = 2
+"""Bumped when filled stores change shape (2: refs name their packs), so old ones refill."""
 FILES = 3
 OPS = ("commit", "cold mount", "first mount", "warm mount", "disk ls", "evict", "gc",
        "commit, CLI", "cold mount, CLI")
@@ -181,13 +182,18 @@ def fill(root: Path, n: int, gens: int, scratch: Path) -> None:
                 _write_tree(tree, rng, g % FILES)
             snap, manifest = snapshot_tree(store, str(tree))
             now = time.time()
+            # The packs holding the snapshot, as a commit names them for a new runner.
+            packs = store.packs_of([snap.raw, *(bytes.fromhex(h) for e in
+                                                manifest.entries.values() for h, _ in e.chunks)])
+            assert packs is not None
             gen = refs.Generation(g, snap, now, manifest.size, FILES, store.bytes_written,
-                                  "bench-scale")
+                                  "bench-scale", disks_api.as_hint(packs))
 
             def change(ref: refs.DiskRef | None, gen: refs.Generation = gen,
                        key: str = key, now: float = now) -> refs.DiskRef:
                 new = ref or refs.DiskRef(key, now, now)
-                new.generations = [*new.generations, gen][-refs.KEEP_GENERATIONS:]
+                old = [replace(was, packs=()) for was in new.generations]
+                new.generations = [*old, gen][-refs.KEEP_GENERATIONS:]
                 return new
 
             refs.update_ref(backend, key, change)

@@ -90,6 +90,9 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("committer-escape", json.dumps(_ref(generations=[_gen(committer="x\x1b[2Jy")])).encode()),
     ("generations-object", json.dumps(_ref(generations={"0": _gen()})).encode()),
     ("too-many-gens", json.dumps(_ref(generations=[_gen(i) for i in range(1, 200)])).encode()),
+    ("path-pack-hint", json.dumps(_ref(generations=[_gen(packs=["../../etc/passwd"])])).encode()),
+    ("pack-hint-not-list", json.dumps(_ref(generations=[_gen(packs=HEX)])).encode()),
+    ("too-many-pack-hints", json.dumps(_ref(generations=[_gen(packs=[HEX] * 1025)])).encode()),
 ]
 
 
@@ -107,6 +110,8 @@ def test_well_formed_ref_round_trips_with_typed_values() -> None:
     assert ref.latest is not None and ref.latest.snapshot == Digest.parse(HEX)
     assert isinstance(ref.latest.committed_at, float)
     assert DiskRef.decode(ref.encode(), "k") == ref
+    hinted = DiskRef.decode(json.dumps(_ref(generations=[_gen(packs=[HEX])])).encode(), "k")
+    assert hinted.latest is not None and hinted.latest.packs == (Digest.parse(HEX),)
 
 
 @pytest.mark.parametrize("key", ["abc\n", "abc\r", "\nabc", "a/b", "..", ".x"])

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -483,3 +484,68 @@ def test_a_first_look_at_a_store_leaves_a_table(
     ObjectStore(backend)  # reads the 8 indexes: one record of 16 entries
     view = LocalIndex(index_file(cache)).open()
     assert view.records == 0 and view.rows == 16
+
+
+def test_a_runner_new_to_the_store_reads_only_the_indexes_its_snapshot_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = Counted(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    others = ObjectStore(backend, load_index=False)
+    for i in range(30):
+        commit(others, backend, f"other-{i}", f"other {i}".encode())
+    first = tmp_path / "on-a"
+    disks.mount("wanted", first, strategy="copy", store=backend)
+    blob = os.urandom(1 << 20)
+    (first / "lib.a").write_bytes(blob)
+    (first / "main.c").write_text("int main;")
+    disks.commit(first)
+    ref = refs.read_ref(backend, "wanted")
+    assert ref is not None and ref.latest is not None
+    hint = set(ref.latest.packs)
+    assert len(hint) == 1  # one commit, one pack: manifest and content
+
+    on_machine(monkeypatch, tmp_path, "b")  # a runner that never saw the store
+    backend.calls.clear()
+    second = tmp_path / "on-b"
+    disks.mount("wanted", second, strategy="copy", store=backend)
+    assert (second / "lib.a").read_bytes() == blob
+    assert backend.calls["list index"] == 0 and backend.calls["get index"] == len(hint)
+    (second / "main.c").write_text("int main(void);")
+    disks.commit(second)
+    ref = refs.read_ref(backend, "wanted")
+    assert ref is not None and ref.latest is not None
+    assert [g.packs for g in ref.generations[:-1]] == [()]  # only the newest keeps one
+    # The incremental commit adds its own pack to the base's hint.
+    assert hint < set(ref.latest.packs) and len(ref.latest.packs) == 2
+
+    on_machine(monkeypatch, tmp_path, "c")
+    backend.calls.clear()
+    third = tmp_path / "on-c"
+    disks.mount("wanted", third, strategy="copy", store=backend)
+    assert (third / "lib.a").read_bytes() == blob
+    assert (third / "main.c").read_text() == "int main(void);"
+    assert backend.calls["list index"] == 0 and backend.calls["get index"] == 2
+
+
+def test_a_false_pack_hint_costs_a_listing_not_the_content(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer of the ref may name any packs as its snapshot's: a runner reads them like any
+    index, finds the snapshot elsewhere, and mounts what the ref names, no more."""
+    backend = Counted(tmp_path / "store")
+    on_machine(monkeypatch, tmp_path, "a")
+    objects = ObjectStore(backend, load_index=False)
+    commit(objects, backend, "decoy", b"decoy content")
+    [decoy_pack] = backend.list("packs")
+    commit(objects, backend, "victim", b"the real content")
+    ref = refs.read_ref(backend, "victim")
+    assert ref is not None and ref.latest is not None
+    lie = (Digest.parse(decoy_pack.split("/", 1)[1]), Digest.of(b"no such pack"))
+    ref.generations = [replace(ref.latest, packs=lie)]
+    backend.put("refs/victim", ref.encode())
+
+    on_machine(monkeypatch, tmp_path, "b")
+    backend.calls.clear()
+    target = tmp_path / "on-b"
+    disks.mount("victim", target, strategy="copy", store=backend)
+    assert (target / "f0").read_bytes() == b"the real content"
+    assert backend.calls["list index"] == 1  # the hint failed: the usual listing found it

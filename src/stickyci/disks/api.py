@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,8 @@ def mount(key: str, path: Path, *, strategy: str = "auto",
     latest = ref.latest if ref else None
     snapshot = latest.snapshot if latest else None
     objects = ObjectStore(backend, load_index=False)
+    if latest:
+        objects.hint(latest.packs)
 
     def manifest() -> Manifest:
         return load_manifest(objects, snapshot) if snapshot else Manifest()
@@ -323,17 +325,21 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     # content can have been deduplicated against garbage a concurrent gc is sweeping.
     base_kept = not state.base or any(g.snapshot == state.base
                                       for g in (current.generations if current else []))
-    fresh = scan.todo if base_kept else scan.manifest.entries.values()
+    fresh = scan.todo if base_kept else list(scan.manifest.entries.values())
     present = [snapshot.raw, *(bytes.fromhex(h) for e in fresh for h, _ in e.chunks)]
     try:
-        objects.check_present(present)
+        packs = objects.check_present(present)
     except NotFound:
         # Deduplicated against a pack gc swept since this runner last listed the store (now
         # forgotten): store what changed again, against a fresh listing, and check again.
         objects.refresh()
         fill_content(objects, content_root, scan.todo)
         snapshot = save_manifest(objects, scan.manifest)
-        objects.check_present(present)
+        packs = objects.check_present(present)
+    # What the commit checked is every object unless it checked only what changed.
+    base_gen = next((g for g in current.generations if g.snapshot == state.base), None
+                    ) if current and state.base and fresh is scan.todo else None
+    hint = _pack_hint(objects, packs, base_gen, scan.manifest) if base_gen else packs
     files = sum(1 for e in scan.manifest.entries.values() if e.kind == "file")
     size = scan.manifest.size
     raced: list[Generation] = []
@@ -348,8 +354,11 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         now = time.time()
         new = ref or DiskRef(state.key, now, now)
         gen = Generation((new.latest.gen if new.latest else 0) + 1, snapshot, now, size,
-                         files, objects.bytes_written, f"{socket.gethostname()}:{os.getpid()}")
-        new.generations = [*new.generations, gen][-KEEP_GENERATIONS:]
+                         files, objects.bytes_written, f"{socket.gethostname()}:{os.getpid()}",
+                         as_hint(hint))
+        # Only the newest generation is mounted, so only it keeps its hint (refs stay small).
+        old = [replace(g, packs=()) for g in new.generations]
+        new.generations = [*old, gen][-KEEP_GENERATIONS:]
         new.last_used = now
         return new
 
@@ -379,6 +388,31 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         log.warning("%s", result.warning)
     result.seconds = time.perf_counter() - start
     return result
+
+
+HINT_UNION = 256
+"""Up to this many packs, a commit's hint adds the packs of what changed to its base's hint;
+beyond, it locates every object again (so packs the snapshot no longer uses drop out)."""
+
+
+def _pack_hint(objects: ObjectStore, packs: set[str], base: Generation,
+               manifest: Manifest) -> set[str]:
+    """The packs holding a new snapshot, from ``packs`` (those holding what the commit
+    checked: what changed and the manifest) and, for the rest, ``base``'s hint or else
+    every object located again; none when one is nowhere known."""
+    hinted = packs | {f"packs/{p.hex}" for p in base.packs}
+    if not base.packs or len(hinted) > HINT_UNION:
+        every = objects.packs_of(bytes.fromhex(h) for e in manifest.entries.values()
+                                 for h, _ in e.chunks)
+        hinted = packs | every if every is not None else set()
+    return hinted
+
+
+def as_hint(packs: set[str]) -> tuple[Digest, ...]:
+    """:attr:`Generation.packs` for ``packs`` (``packs/<id>``): none when too many."""
+    if len(packs) > refs.MAX_PACK_HINTS:
+        return ()
+    return tuple(sorted(Digest.parse(p.split("/", 1)[1]) for p in packs))
 
 
 def _new_content(objects: ObjectStore, read: list[Entry]) -> int:

@@ -33,6 +33,9 @@ KEEP_GENERATIONS = 3
 # A bound on untrusted input, far above what commits keep: gc loads one manifest per generation.
 MAX_GENERATIONS = 64
 MAX_COMMITTER = 256
+MAX_PACK_HINTS = 1024
+"""Most packs a generation names as holding its snapshot (a mount reads their indexes): a
+bound on untrusted input and on a ref's size; a snapshot spread wider goes without."""
 READERS = 8
 """Refs (and, for gc, indexes and manifests) read at once."""
 T = TypeVar("T")
@@ -54,10 +57,11 @@ class _Malformed(ValueError):
     """One field of a ref that is not what it must be; the message names the field."""
 
 
-def _obj(doc: object, where: str, fields: frozenset[str]) -> dict[str, Any]:
+def _obj(doc: object, where: str, fields: frozenset[str],
+         optional: frozenset[str] = frozenset()) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise _Malformed(f"{where} is not a JSON object")
-    missing, unknown = fields - doc.keys(), doc.keys() - fields
+    missing, unknown = fields - doc.keys(), doc.keys() - fields - optional
     if missing:
         raise _Malformed(f"{where} lacks {', '.join(sorted(missing))}")
     if unknown:
@@ -88,6 +92,15 @@ def _text(doc: dict[str, Any], name: str, where: str, most: int) -> str:
     return value
 
 
+def _digest(value: object, where: str) -> Digest:
+    if not isinstance(value, str) or len(value) != 64:
+        raise _Malformed(f"{where} is not a BLAKE3 digest")
+    try:
+        return Digest.parse(value)
+    except ValueError:
+        raise _Malformed(f"{where} is not a BLAKE3 digest") from None
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     doc = dict(pairs)
     if len(doc) != len(pairs):
@@ -101,6 +114,7 @@ def _no_constant(name: str) -> float:
 
 _GEN_FIELDS = frozenset({"gen", "snapshot", "committed_at", "size", "files", "stored_bytes",
                          "committer"})
+_GEN_OPTIONAL = frozenset({"packs"})
 _REF_FIELDS = frozenset({"key", "created", "last_used", "generations"})
 
 
@@ -115,28 +129,33 @@ class Generation:
     files: int
     stored_bytes: int
     committer: str
+    packs: tuple[Digest, ...] = ()
+    """Packs holding the snapshot (its manifest and content), when the commit knew them all:
+    a hint, so that a runner new to the store reads their indexes and not every index. A
+    wrong hint costs only time (what it names is read and verified like any index)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON form (the snapshot as bare hex)."""
-        return {"gen": self.gen, "snapshot": self.snapshot.hex,
-                "committed_at": self.committed_at, "size": self.size, "files": self.files,
-                "stored_bytes": self.stored_bytes, "committer": self.committer}
+        doc: dict[str, Any] = {
+            "gen": self.gen, "snapshot": self.snapshot.hex, "committed_at": self.committed_at,
+            "size": self.size, "files": self.files, "stored_bytes": self.stored_bytes,
+            "committer": self.committer}
+        if self.packs:
+            doc["packs"] = [p.hex for p in self.packs]
+        return doc
 
     @classmethod
     def parse(cls, doc: object, where: str) -> Generation:
         """A generation from its JSON form; ``_Malformed`` names the field at fault."""
-        g = _obj(doc, where, _GEN_FIELDS)
-        snapshot = g["snapshot"]
-        if not isinstance(snapshot, str) or len(snapshot) != 64:
-            raise _Malformed(f"{where}.snapshot is not a BLAKE3 digest")
-        try:
-            digest = Digest.parse(snapshot)
-        except ValueError:
-            raise _Malformed(f"{where}.snapshot is not a BLAKE3 digest") from None
-        return cls(_count(g, "gen", where), digest, _time(g, "committed_at", where),
-                   _count(g, "size", where), _count(g, "files", where),
-                   _count(g, "stored_bytes", where),
-                   _text(g, "committer", where, MAX_COMMITTER))
+        g = _obj(doc, where, _GEN_FIELDS, _GEN_OPTIONAL)
+        packs = g.get("packs", [])
+        if not isinstance(packs, list) or len(packs) > MAX_PACK_HINTS:
+            raise _Malformed(f"{where}.packs is not a list of at most {MAX_PACK_HINTS} packs")
+        return cls(_count(g, "gen", where), _digest(g["snapshot"], f"{where}.snapshot"),
+                   _time(g, "committed_at", where), _count(g, "size", where),
+                   _count(g, "files", where), _count(g, "stored_bytes", where),
+                   _text(g, "committer", where, MAX_COMMITTER),
+                   tuple(_digest(p, f"{where}.packs[{i}]") for i, p in enumerate(packs)))
 
 
 @dataclass(slots=True)

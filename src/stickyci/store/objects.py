@@ -171,6 +171,7 @@ class ObjectStore:
         self._publishing: dict[Digest, memoryview] = {}
         self._spans: OrderedDict[str, bytes] = OrderedDict()
         self._span_locks: dict[str, threading.Lock] = {}
+        self._hints: list[str] = []
         self.bytes_written = 0
         self.objects_written = 0
         if load_index and not listing and self._local is not None:
@@ -214,10 +215,14 @@ class ObjectStore:
         listed = self.backend.list("index")
         if self._local is not None:
             self._sync_local(listed)
-        stored = []
         with self._lock:
             have = self._read | self._viewed
-        for name, data in self._fetch([n for n in listed if n not in have]):
+        self._load([n for n in listed if n not in have])
+
+    def _load(self, names: list[str]) -> None:
+        """Read the indexes ``names`` into this process's index, and the local index."""
+        stored = []
+        for name, data in self._fetch(names):
             pack_id = name.split("/", 1)[1]
             pack = "packs/" + pack_id
             entries = list(_decode_index_raw(name, data))
@@ -300,8 +305,9 @@ class ObjectStore:
         loc = self._index.get(digest.raw) or self._held(digest.raw)
         return Location(*loc) if loc else None
 
-    def check_present(self, digests: Iterable[bytes]) -> None:
-        """Raise unless every object (raw digest) is in a pack that still exists.
+    def check_present(self, digests: Iterable[bytes]) -> set[str]:
+        """Raise unless every object (raw digest) is in a pack that still exists; return
+        those packs (``packs/<id>``).
 
         A gc may have swept a pack holding an old object this commit deduplicated against.
         """
@@ -315,6 +321,33 @@ class ObjectStore:
         if gone:
             self._distrust(gone)  # so a refresh and a retry store those objects again
             raise NotFound(f"{gone[0]} was removed by a concurrent gc; retry the commit")
+        return packs
+
+    def packs_of(self, digests: Iterable[bytes]) -> set[str] | None:
+        """The packs (``packs/<id>``) this process would read objects ``digests`` from, or
+        None when one of them is in none it knows of."""
+        packs = set()
+        for d in digests:
+            loc = self._index.get(d) or self._held(d)
+            if loc is None:
+                return None
+            packs.add(loc[0])
+        return packs
+
+    def hint(self, packs: Iterable[Digest]) -> None:
+        """Packs likely to hold what is read next: on a miss their indexes are read before
+        any listing of the store, so a runner new to it reads a snapshot's indexes and not
+        the store's. Whatever they say is read and verified as usual."""
+        with self._lock:
+            self._hints = [f"index/{p.hex}" for p in packs]
+
+    def _take_hints(self) -> bool:
+        """Read the hinted packs' indexes, once; whether there were any."""
+        with self._lock:
+            names, self._hints = [n for n in self._hints if n not in self._read], []
+        if names:
+            self._load(names)
+        return bool(names)
 
     def put(self, plain: bytes | memoryview, digest: Digest | None = None) -> Digest:
         """Store ``plain`` unless an object with its digest exists; return the digest."""
@@ -417,6 +450,8 @@ class ObjectStore:
             # A reader's first miss: the local index, without a listing. Its places are
             # checked by reading them (see ``get``); ``has`` never answers from it.
             self._open_view()
+            loc = self.locate(digest)
+        if loc is None and self._take_hints():
             loc = self.locate(digest)
         if loc is None:
             # Another writer may have published it since the index was (or was not) loaded.
