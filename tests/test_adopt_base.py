@@ -15,6 +15,7 @@ from helpers import Env
 
 from stickyci.digest import Digest
 from stickyci.disks import basecache
+from stickyci.disks.strategies import overlay
 from stickyci.disks.strategies.overlay import apply_upper
 from stickyci.snapshot import FILE, Manifest, load_manifest, restore, scan_tree
 from stickyci.store import LocalBackend, ObjectStore
@@ -158,37 +159,48 @@ def test_a_trusted_overlay_base_keeps_owners_and_special_bits(env: Env) -> None:
     assert mounted["base_cached"]
 
 
-def test_an_upper_file_changed_after_the_commit_read_it_is_not_adopted(env: Env) -> None:
+@pytest.mark.parametrize("forked", [False, True], ids=["in-process", "forked"])
+def test_an_upper_file_changed_after_the_commit_read_it_is_not_adopted(
+        env: Env, monkeypatch: pytest.MonkeyPatch, forked: bool) -> None:
     """A process that still writes to the upper dir once the commit has read it (through a
     descriptor opened before the commit, or the overlay mounted in another namespace) must not
-    get its bytes into the base. The write is made by hand between the commit's read and the
+    get its bytes into the base, whether the adoption copies in this process or, for a large
+    commit, in forked workers. The write is made by hand between the commit's read and the
     adoption, which no test can time for real."""
+    if forked:
+        monkeypatch.setattr(overlay, "PARALLEL_MIN_BYTES", 0)
     upper = env.root / "upper"
     upper.mkdir()
-    read = os.urandom(1 << 16)
-    (upper / "f").write_bytes(read)
+    content = {f"f{i:02}": os.urandom(1 << 12) for i in range(40)}
+    for name, data in content.items():
+        (upper / name).write_bytes(data)
+    os.link(upper / "f00", upper / "link")
     new = Manifest()
     for found in scan_tree(str(upper)).manifest.entries.values():
+        if found.kind == FILE:
+            data = content["f00" if found.path == "link" else found.path]
+            found.chunks = [[Digest.of(data).hex, len(data)]]
+            found.link = -found.link  # a group of the upper dir's own, as the overlay numbers it
         new.entries[found.path] = found
-    entry = new.entries["f"]
-    assert entry.kind == FILE
-    entry.chunks = [[Digest.of(read).hex, len(read)]]
     snapshot = Digest.of(b"the new snapshot")
+    size = sum(map(len, content.values()))
 
     def adopt() -> bool:
-        return basecache.adopt_changes(None, snapshot, len(read), False, str(env.root / "ws"),
+        return basecache.adopt_changes(None, snapshot, size, False, str(env.root / "ws"),
                                        lambda tree: apply_upper(tree, upper, Manifest(), new,
-                                                                {"f"}, False))
+                                                                set(new.entries), False))
 
-    with open(upper / "f", "r+b") as f:
+    with open(upper / "f27", "r+b") as f:
         f.write(b"slipped in")  # same size, other bytes
     assert not adopt()
     bases = env.cache / "bases"
     assert [p.name for p in bases.iterdir() if not p.name.endswith((".lock", ".pin"))] == []
 
-    (upper / "f").write_bytes(read)
+    (upper / "f27").write_bytes(content["f27"])
     assert adopt()
-    assert (bases / snapshot.hex / "f").read_bytes() == read
+    base = bases / snapshot.hex
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.name != "link"} == content
+    assert (base / "link").stat().st_ino == (base / "f00").stat().st_ino
 
 
 def test_a_copy_mount_still_held_open_is_not_adopted(env: Env) -> None:
@@ -221,3 +233,25 @@ def test_a_copy_mount_still_held_open_is_not_adopted(env: Env) -> None:
     snapshot = Digest.of(b"free")
     assert basecache.adopt(tree, snapshot, len(data), scan)
     assert (base_of(env, snapshot.hex) / "f").read_bytes() == data
+
+
+def test_a_cold_copy_mount_writes_the_tree_once_and_keeps_it_if_unchanged(env: Env) -> None:
+    """A copy mount whose base is not cached restores straight into its path (a base and a
+    copy of it would write every byte twice); the tree becomes the base once a commit finds
+    it unchanged, so the next mount here is warm."""
+    ws = env.root / "ws"
+    env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+    (ws / "src").mkdir()
+    (ws / "src" / "main.c").write_bytes(b"int main(void) { return 0; }\n")
+    (ws / "lib.a").write_bytes(os.urandom(1 << 20))
+    os.link(ws / "lib.a", ws / "lib-link.a")
+    snap = env.json("disk", "commit", str(ws))["snapshot"]
+    subprocess.run(["rm", "-rf", str(env.cache / "bases")], check=True)  # a machine new to it
+
+    cold = env.json("disk", "mount", "k", str(ws), "--strategy", "copy")
+    assert not cold["base_cached"] and not base_of(env, snap).exists()
+    assert exact(ws) == restored(env, snap, env.root / "r1")
+    assert env.json("disk", "commit", str(ws))["committed"] is False
+    assert exact(base_of(env, snap)) == restored(env, snap, env.root / "r2")
+    warm = env.json("disk", "mount", "k", str(ws), "--strategy", "copy")
+    assert warm["base_cached"] and (ws / "src" / "main.c").read_bytes().startswith(b"int main")

@@ -9,10 +9,11 @@ so they inherit whatever the caller prepared (a loaded index, a manifest) withou
 from __future__ import annotations
 
 import ctypes
+import itertools
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -63,3 +64,19 @@ def forked_map(fn: Callable[[T], R], items: Sequence[T], workers: int = WORKERS)
         pool.close()
         pool.join()
         _task, _abort = None, None
+
+
+
+def forked_runs(items: Sequence[T], run: Callable[[Iterable[T]], None],
+                workers: int = WORKERS) -> None:
+    """Call ``run`` on contiguous runs of ``items`` in forked workers (several runs per
+    worker, so one slow run does not leave the others idle). The items a run is handed stop
+    coming once another run failed; the first error is raised here."""
+    step = max(1, len(items) // (workers * 8))
+    runs = [items[i : i + step] for i in range(0, len(items), step)]
+
+    def each(i: int) -> None:
+        run(itertools.takewhile(lambda _: not aborted(), runs[i]))
+
+    for _ in forked_map(each, range(len(runs)), workers):
+        pass

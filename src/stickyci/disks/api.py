@@ -231,10 +231,14 @@ def mount(key: str, path: Path, *, strategy: str = "auto",
     try:
         # A cold base can be lazy: its skeleton now, content on first read (strategies/lazy).
         lazy = strategies.lazy_base(strategy, objects, snapshot, trust_owners, state.dir)
-        with (contextlib.nullcontext((lazy, False)) if lazy
+        # A cold copy mount is restored straight into the path, without a base to copy from.
+        direct = not lazy and strategies.restore_direct(strategy, objects, snapshot, path,
+                                                        state.dir, trust_owners)
+        with (contextlib.nullcontext((lazy or path, False)) if lazy or direct
               else basecache.pinned(objects, snapshot, trust_owners)) as (base, cached):
-            state.strategy = strategies.mount("lazy" if lazy else strategy, base, path,
-                                              state.dir, manifest, trust_owners=trust_owners)
+            state.strategy = "copy" if direct else strategies.mount(
+                "lazy" if lazy else strategy, base, path, state.dir, manifest,
+                trust_owners=trust_owners)
             state.save()
         if ref:
             refs.touch(backend, key)
@@ -313,7 +317,10 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     # (a later mount finds a generation, `disk rm` finds the disk).
     new_disk = not state.base and not (current and current.latest)
     if mode == "on-change" and changes.empty and not new_disk:
-        _discard(state, path)
+        # A cold copy mount leaves no base (it restores straight into the path): the
+        # unchanged tree becomes one.
+        if not (state.base and _adopt_clone(state, path, state.base, scan.manifest.size, scan)):
+            _discard(state, path)
         result.reason = "nothing changed (on-change)"
         result.seconds = time.perf_counter() - start
         return result
@@ -429,17 +436,27 @@ def _new_content(objects: ObjectStore, read: list[Entry]) -> int:
 UNMOUNT_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
+def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest, size: int,
+                 scan: Scan) -> bool:
+    """Move a clone mount's tree into the base cache as the base of ``snapshot`` (what
+    ``scan`` walked, now committed), leaving ``path`` an empty dir; True if it did."""
+    if state.strategy in ("overlay", "lazy") or not scan.adoptable:
+        return False
+    mode = path.stat().st_mode & 0o7777
+    if not basecache.adopt(path, snapshot, size, scan):
+        return False
+    path.mkdir(mode=mode)
+    os.chmod(path, mode)
+    state.forget()
+    return True
+
+
 def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, scan: Scan,
             base: Manifest) -> None:
     """Unmount after a commit; the committed tree becomes the new snapshot's base when it can
     (a clone is moved into the base cache, an overlay's changes patch its old base)."""
-    if state.strategy not in ("overlay", "lazy") and scan.adoptable:
-        mode = path.stat().st_mode & 0o7777
-        if basecache.adopt(path, snapshot, size, scan):
-            path.mkdir(mode=mode)
-            os.chmod(path, mode)
-            state.forget()
-            return
+    if _adopt_clone(state, path, snapshot, size, scan):
+        return
     for delay in (*UNMOUNT_BACKOFF, None):
         try:
             strategies.get(state.strategy).unmount(path, state.dir)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..digest import Digest
 from ..errors import UsageError
-from ..forked import PARALLEL_MIN_BYTES, WORKERS, aborted, forked_map
+from ..forked import PARALLEL_MIN_BYTES, forked_runs
 from ..fsutil import Opener, Tree, changed_error
 from ..store import ObjectStore
 from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
@@ -92,18 +92,12 @@ def materialize(m: Manifest, root: str, write_content: WriteContent,
                 _write_file(op, e, write_content, meta)
         else:
             # Contiguous runs of files, so each worker reads its packs front to back.
-            step = max(1, len(files) // (WORKERS * 8))
-            runs = [files[i:i + step] for i in range(0, len(files), step)]
-
-            def work(i: int) -> None:
+            def work(run: Iterable[Entry]) -> None:
                 with Opener(tree) as mine:
-                    for e in runs[i]:
-                        if aborted():
-                            return
+                    for e in run:
                         _write_file(mine, e, write_content, meta)
 
-            for _ in forked_map(work, range(len(runs))):
-                pass
+            forked_runs(files, work)
         for e in links:
             with _creating(op.tree, e):
                 op.link(leaders[e.link], e.path)

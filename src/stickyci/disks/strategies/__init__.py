@@ -1,7 +1,8 @@
 """Mount strategies, and ``auto``: the first that works here, in order overlay → reflink → copy.
 
 With ``lazy`` (opt-in), a base not cached here is made lazy (``lazy_base``): an overlay over
-a skeleton whose files are filled on first read.
+a skeleton whose files are filled on first read. With ``copy``, a base not cached here is not
+made at all (``restore_direct``): the snapshot is restored straight into the mount path.
 
 A strategy falls through only on the errno values that mean "not supported here"; any other
 failure is a real error and is reported.
@@ -14,9 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from ...digest import Digest
 from ...errors import StickyError, UsageError
 from ...fsutil import Tree, empty_dir, remove_tree
-from ...snapshot import Manifest, Scan
+from ...snapshot import Manifest, Scan, load_manifest
+from ...store import ObjectStore
+from .. import basecache
 from .clone import Clone
 from .lazy import LAZY_FILE, Lazy, lazy_base, lazy_mounts, lazy_status
 from .overlay import Overlay
@@ -54,16 +58,17 @@ class Strategy(Protocol):
         """
 
 
+COPY = Clone("copy")
 STRATEGIES: dict[str, Strategy] = {
     "overlay": Overlay(),
     "reflink": Clone("reflink"),
-    "copy": Clone("copy"),
+    "copy": COPY,
     "lazy": Lazy(),
 }
 AUTO_ORDER = ("overlay", "reflink", "copy")
 CHOICES = ("auto", *AUTO_ORDER, "lazy")
 __all__ = ["AUTO_ORDER", "CHOICES", "STRATEGIES", "Strategy", "get", "lazy_base", "lazy_mounts",
-           "lazy_status", "mount"]
+           "lazy_status", "mount", "restore_direct"]
 
 
 def get(name: str) -> Strategy:
@@ -97,6 +102,23 @@ def mount(choice: str, base: Path, path: Path, sdir: Path,
             raise StickyError(f"{name} mount of {path} failed: {exc.strerror}"
                               + ("; try --strategy auto" if choice != "auto" else "")) from exc
     raise StickyError(f"no mount strategy works for {path}")  # copy never reports unsupported
+
+
+def restore_direct(choice: str, objects: ObjectStore, snapshot: Digest | None, path: Path,
+                   sdir: Path, trust_owners: bool) -> bool:
+    """For ``copy`` on a snapshot whose base is not cached here: restore it straight into
+    ``path`` and record it as a copy mount; True if it did (False: mount as usual).
+
+    A copy of a base restored first would write every byte twice (a cold copy mount of the
+    1 GB benchmark tree: 7.7 s, against 4.4 s for the restore alone). No base is left behind
+    by this mount; its commit adopts the committed tree as the next snapshot's base.
+    """
+    if choice != "copy" or snapshot is None:
+        return False
+    if basecache.base_path(snapshot, trust_owners).is_dir():
+        return False
+    COPY.restore(objects, load_manifest(objects, snapshot), path, sdir, trust_owners)
+    return True
 
 
 def _cleanup(path: Path, sdir: Path) -> None:

@@ -19,9 +19,18 @@ from pathlib import Path
 
 from ...errors import UsageError
 from ...fsutil import Opener, Tree, empty_dir
-from ...snapshot import Entry, Manifest, Scan, StatKey, materialize, scan_tree
+from ...snapshot import Entry, Manifest, Scan, StatKey, materialize, restore, scan_tree
+from ...store import ObjectStore
 
 FICLONE = 0x40049409
+
+
+def _record(path: Path, sdir: Path) -> None:
+    """Record the clone's root and the stat of each of its files, for ``changes``."""
+    tree = Tree.at(path)
+    stats = {f.path: list(StatKey.of(f.stat)) for f in tree.walk()
+             if st_.S_ISREG(f.stat.st_mode)}
+    (sdir / "stat.json").write_text(json.dumps({"root": [tree.dev, tree.ino], "files": stats}))
 
 
 def _reflink(src: int, dst: int) -> None:
@@ -71,11 +80,15 @@ class Clone:
             except OSError:
                 empty_dir(path)
                 raise
-        tree = Tree.at(path)
-        stats = {f.path: list(StatKey.of(f.stat)) for f in tree.walk()
-                 if st_.S_ISREG(f.stat.st_mode)}
-        (sdir / "stat.json").write_text(json.dumps({"root": [tree.dev, tree.ino],
-                                                    "files": stats}))
+        _record(path, sdir)
+
+    def restore(self, objects: ObjectStore, m: Manifest, path: Path, sdir: Path,
+                trust_owners: bool) -> None:
+        """Restore ``m`` from the store straight into ``path`` (no base in between) and
+        record the stat of every file, as :meth:`mount` does after cloning a base."""
+        sdir.mkdir(parents=True, exist_ok=True)
+        restore(objects, m, str(path), trust_owners=trust_owners)  # a failed mount empties path
+        _record(path, sdir)
 
     def _probe(self, base: Path, path: Path) -> None:
         # One clone up front, so an unsupported filesystem falls through before any work.

@@ -14,11 +14,12 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ...digest import Digest
 from ...errors import IntegrityError, UsageError
+from ...forked import PARALLEL_MIN_BYTES, forked_runs
 from ...fsutil import Found, Opener, Tree
 from ...snapshot import (
     DIR,
@@ -183,6 +184,8 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
             else:
                 os.unlink(name, dir_fd=parent)
         leaders: dict[int, str] = {}
+        files: list[Entry] = []
+        links: list[Entry] = []
         for p in sorted(touched):
             e = new.entries.get(p)
             if e is None or p in kept:
@@ -195,11 +198,24 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
                 os.symlink(e.target, name, dir_fd=parent)
                 Metadata(trust_owners).apply_to_symlink(parent, name, e)
             elif e.link and e.link in leaders:
-                out.link(leaders[e.link], p)
+                links.append(e)
             else:
                 if e.link:
                     leaders[e.link] = p
+                files.append(e)
+        if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
+            for e in files:
                 _copy_file(src, out, e, trust_owners)
+        else:
+            # A full commit copies the whole tree: on every core, as the restore writes it.
+            def copy(run: Iterable[Entry]) -> None:
+                with Opener(Tree.at(tree)) as mine, Opener(Tree.at(upper)) as theirs:
+                    for e in run:
+                        _copy_file(theirs, mine, e, trust_owners)
+
+            forked_runs(files, copy)
+        for e in links:
+            out.link(leaders[e.link], e.path)
         dirs = {d for p in touched for d in (p, *_ancestors(p))
                 if (e := new.entries.get(d)) is not None and e.kind == DIR}
         for d in sorted(dirs, reverse=True):  # children first: writing in a dir moves its mtime
