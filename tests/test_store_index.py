@@ -549,3 +549,18 @@ def test_a_false_pack_hint_costs_a_listing_not_the_content(
     disks.mount("victim", target, strategy="copy", store=backend)
     assert (target / "f0").read_bytes() == b"the real content"
     assert backend.calls["list index"] == 1  # the hint failed: the usual listing found it
+
+
+def test_an_object_in_two_packs_is_found_in_whichever_is_still_live(tmp_path: Path) -> None:
+    index = LocalIndex(tmp_path / "index.log")
+    obj = Digest.of(b"stored twice").raw
+    first, second = sorted(Digest.of(bytes([i])).hex for i in range(2))
+    index.add([(first, [(obj, 0, 10)]), (second, [(obj, 20, 10)])])
+    index.compact()  # into the table, where the two rows lie side by side
+    for gone, left in ((second, (f"packs/{first}", 0, 10)), (first, (f"packs/{second}", 20, 10))):
+        view = index.open()
+        assert view.rows == 2 and view.find(obj) is not None
+        view.exclude([f"packs/{gone}"])
+        assert view.find(obj) == left
+        view.exclude([left[0]])
+        assert view.find(obj) is None

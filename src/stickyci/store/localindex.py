@@ -59,7 +59,7 @@ _SUM = 16  # bytes of a bucket's (and the pack list's) truncated BLAKE3
 _MAX_BITS = 24
 COMPACT_RECORDS = 64
 """Merge the tail into the table once it holds more records than this..."""
-COMPACT_ROWS = 512
+COMPACT_ROWS = 4096
 """... or more entries than this (opening the file reads the tail whole)."""
 
 Loc = tuple[str, int, int]  # "packs/<id>", offset, length
@@ -237,7 +237,7 @@ class View:
         self.tail_rows = len(tail.rows)
         self.torn = False
         self._shift = 32 - table.bits if table else 0
-        self._buckets: dict[int, dict[bytes, Loc]] = {}
+        self._buckets: dict[int, tuple[bytes, dict[bytes, int]]] = {}
         self._names: dict[bytes, str] = {}
         self._tail = self._tail_map()
         if fd is not None:
@@ -269,7 +269,16 @@ class View:
         got = self._buckets.get(bucket)
         if got is None:
             got = self._buckets[bucket] = self._bucket(bucket)
-        return got.get(raw)
+        data, rows = got
+        at = rows.get(raw, -1)
+        # The rows of one object lie side by side (the table is sorted); the map holds the
+        # last of them, and any whose pack is still live will do.
+        while at >= 0 and data[at : at + 32] == raw:
+            _, pack, off, ln = _ROW.unpack_from(data, at)
+            if pack not in self._skip:
+                return self._pack(pack), off, ln
+            at -= _ROW.size
+        return None
 
     def names(self) -> set[str]:
         """The index names of the live packs (the table's pack list is read and verified)."""
@@ -336,12 +345,14 @@ class View:
             raise Damaged(f"bucket {bucket} of the table does not match its checksum")
         return data
 
-    def _bucket(self, bucket: int) -> dict[bytes, Loc]:
-        skip, out = self._skip, {}
-        for d, pack, off, ln in _ROW.iter_unpack(self._read_bucket(bucket)):
-            if pack not in skip and d not in out:
-                out[d] = (self._pack(pack), off, ln)
-        return out
+    def _bucket(self, bucket: int) -> tuple[bytes, dict[bytes, int]]:
+        """A bucket's verified rows, and where each digest's last row starts in them.
+
+        Only the digests are sliced out: a bucket is read whole for what may be one lookup
+        (a commit of 300 changed files reads about 300), and unpacking every row of each
+        cost that commit 24 ms."""
+        data, size = self._read_bucket(bucket), _ROW.size
+        return data, {data[at : at + 32]: at for at in range(0, len(data), size)}
 
 
 class LocalIndex:
