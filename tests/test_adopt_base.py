@@ -255,3 +255,54 @@ def test_a_cold_copy_mount_writes_the_tree_once_and_keeps_it_if_unchanged(env: E
     assert exact(base_of(env, snap)) == restored(env, snap, env.root / "r2")
     warm = env.json("disk", "mount", "k", str(ws), "--strategy", "copy")
     assert warm["base_cached"] and (ws / "src" / "main.c").read_bytes().startswith(b"int main")
+
+
+def plain_tree(ws: Path) -> dict[str, int]:
+    """A tree a restore writes as it is (no setuid bit, the user's own files); the ctime
+    of each file, which a move keeps and a copy does not."""
+    (ws / "src").mkdir()
+    (ws / "src" / "main.c").write_bytes(b"int main(void) { return 0; }\n")
+    (ws / "lib.a").write_bytes(os.urandom(1 << 20))
+    os.link(ws / "lib.a", ws / "lib-link.a")
+    os.symlink("src/main.c", ws / "entry")
+    return {p: os.stat(ws / p).st_ctime_ns for p in ("src/main.c", "lib.a")}
+
+
+@pytest.mark.root
+def test_a_new_disks_first_overlay_commit_moves_its_tree_into_the_base_cache(env: Env) -> None:
+    ws = env.root / "ws"
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    written = plain_tree(ws)
+    snap = env.json("disk", "commit", str(ws))["snapshot"]
+    base = base_of(env, snap)
+    assert exact(base) == restored(env, snap, env.root / "r")
+    # Moved, not copied: the files are the very inodes the job wrote.
+    assert {p: os.stat(base / p).st_ctime_ns for p in written} == written
+    assert env.json("disk", "mount", "fresh", str(ws), "--strategy", "overlay")["base_cached"]
+
+
+@pytest.mark.root
+def test_an_overlay_still_mounted_in_another_namespace_is_copied_not_moved(env: Env) -> None:
+    """A process that unshared its mount namespace while the disk was mounted keeps a copy of
+    the overlay after the commit unmounts it here, and can write through it: the committed
+    tree is copied into the base cache, and those writes never reach the base."""
+    ws = env.root / "ws"
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    written = plain_tree(ws)
+    other = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'cd /; echo ready; read go; echo evil > "{ws}/src/main.c"; echo wrote; read end'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline() == "ready\n"
+        snap = env.json("disk", "commit", str(ws))["snapshot"]
+        base = base_of(env, snap)
+        assert {p: os.stat(base / p).st_ctime_ns for p in written} != written  # copied
+        assert other.stdin is not None
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline() == "wrote\n"
+        assert exact(base) == restored(env, snap, env.root / "r")
+        assert (base / "src" / "main.c").read_bytes().startswith(b"int main")
+    finally:
+        other.communicate("end\n")

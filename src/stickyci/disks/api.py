@@ -451,12 +451,32 @@ def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest, size: i
     return True
 
 
+def _adopt_upper(state: mounts.MountState, dev: int, snapshot: Digest, size: int,
+                 scan: Scan) -> bool:
+    """Move the upper dir of a new disk's first overlay commit (the whole tree: there was
+    no base) into the base cache, rather than copy it file by file; True if it was moved.
+
+    Only once nothing can write through the overlay any more: a copy of the mount in another
+    namespace, or a file held open on it, keeps it alive after this unmount (``dev``, its
+    device, tells). ``basecache.adopt`` then checks the tree against ``scan`` and the bytes
+    the commit stored, as for a clone."""
+    if state.strategy != "overlay" or state.base or state.trust_owners or not scan.adoptable:
+        return False
+    live = holders.device_in_use(dev)
+    if live:
+        log.info("the committed tree of %s is copied into the base cache, not moved: the "
+                 "overlay is still in use (%s)", snapshot, live)
+        return False
+    return basecache.adopt(state.dir / "upper", snapshot, size, scan)
+
+
 def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, scan: Scan,
             base: Manifest) -> None:
     """Unmount after a commit; the committed tree becomes the new snapshot's base when it can
     (a clone is moved into the base cache, an overlay's changes patch its old base)."""
     if _adopt_clone(state, path, snapshot, size, scan):
         return
+    dev = os.stat(path).st_dev
     for delay in (*UNMOUNT_BACKOFF, None):
         try:
             strategies.get(state.strategy).unmount(path, state.dir)
@@ -466,7 +486,8 @@ def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, s
                 raise
             time.sleep(delay)
     touched = scan.touched
-    if state.strategy in ("overlay", "lazy") and touched is not None:
+    if state.strategy in ("overlay", "lazy") and touched is not None and not _adopt_upper(
+            state, dev, snapshot, size, scan):
         basecache.adopt_changes(
             state.base, snapshot, size, state.trust_owners, state.path,
             lambda tree: apply_upper(tree, state.dir / "upper", base, scan.manifest, touched,

@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..digest import Digest
-from ..errors import StickyError, UsageError
+from ..errors import IntegrityError, StickyError, UsageError
+from ..forked import PARALLEL_MIN_BYTES, forked_runs
 from ..fsutil import Opener, Tree, remove_tree
 from ..paths import cache_home
 from ..snapshot import Entry, Scan, load_manifest, restore
@@ -160,18 +161,28 @@ def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan) -> bool:
 
 
 def _holds(tree: Path, files: list[Entry]) -> bool:
-    """True if every file in ``files`` under ``tree`` holds exactly its chunks."""
-    with Opener(Tree.at(tree)) as op:
-        for e in files:
-            fd = op.open(e.path, os.O_RDONLY)
-            try:
-                # A short read is a changed file too: its digest cannot match.
-                if any(Digest.of(os.read(fd, n)).hex != h for h, n in e.chunks):
-                    return False
-                if os.read(fd, 1):
-                    return False
-            finally:
-                os.close(fd)
+    """True if every file in ``files`` under ``tree`` holds exactly its chunks (read on
+    every core when they are many: a whole tree, for an overlay's first commit)."""
+    def check(run: Iterable[Entry]) -> None:
+        with Opener(Tree.at(tree)) as op:
+            for e in run:
+                fd = op.open(e.path, os.O_RDONLY)
+                try:
+                    # A short read is a changed file too: its digest cannot match.
+                    if (any(Digest.of(os.read(fd, n)).hex != h for h, n in e.chunks)
+                            or os.read(fd, 1)):
+                        raise IntegrityError(f"{e.path} changed after the commit read it")
+                finally:
+                    os.close(fd)
+
+    try:
+        if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
+            check(files)
+        else:
+            forked_runs(files, check)
+    except IntegrityError as exc:
+        log.info("%s", exc)
+        return False
     return True
 
 

@@ -91,6 +91,37 @@ def _held(pid: int, root: str, sockets: dict[str, str]) -> str | None:
     return None
 
 
+def device_in_use(dev: int) -> str | None:
+    """What still uses the filesystem ``dev`` once it is unmounted here (an overlay lives on
+    while any mount of it or any file on it is held), or None: a mount of it in any mount
+    namespace, or a process's cwd, root, executable, open file or mapping on it."""
+    pair = f"{os.major(dev)}:{os.minor(dev)}"
+    spaced, mapped = f" {pair} ", f" {os.major(dev):02x}:{os.minor(dev):02x} "
+    namespaces: set[int] = set()
+    for pid in ("self", *map(str, procs.pids())):
+        base = f"/proc/{pid}"
+        with contextlib.suppress(OSError):
+            ns = os.stat(f"{base}/ns/mnt").st_ino
+            if ns not in namespaces:
+                namespaces.add(ns)
+                with open(f"{base}/mountinfo") as mounts:
+                    if any(spaced in line for line in mounts):
+                        return f"a mount namespace of pid {pid} still mounts it"
+        if pid == "self":
+            continue
+        links = [f"{base}/{name}" for name in ("cwd", "root", "exe")]
+        with contextlib.suppress(OSError):
+            links += [f"{base}/fd/{fd}" for fd in os.listdir(f"{base}/fd")]
+        for link in links:
+            with contextlib.suppress(OSError):
+                if os.stat(link).st_dev == dev:
+                    return f"pid {pid} ({procs.command(int(pid))}) holds a file on it"
+        with contextlib.suppress(OSError), open(f"{base}/maps") as maps:
+            if any(mapped in line for line in maps):
+                return f"pid {pid} ({procs.command(int(pid))}) maps a file on it"
+    return None
+
+
 def release(path: Path, *, kill: bool, grace: float = 5.0) -> list[Holder]:
     """Raise ``BusyError`` naming the holders, or with ``kill`` end them and return them.
 

@@ -108,6 +108,10 @@ class Scan:
     # (type and mode, inode, ctime, size) of every entry as scanned, when the scan was a walk
     seen: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
+    def saw(self, path: str, st: os.stat_result) -> None:
+        """Record an entry of the walked tree, for :meth:`unchanged`."""
+        self.seen[path] = _identity(st)
+
     def unchanged(self, root: Path) -> bool:
         """True if the tree at ``root`` is still exactly the tree this scan walked.
 
@@ -210,7 +214,7 @@ def _scan_into(out: Scan, tree: Tree, reuse: Reuse | None, base: Manifest | None
     groups: dict[tuple[int, int], int] = {}
     for found in tree.walk():
         path, st = found.path, found.stat
-        out.seen[path] = _identity(st)
+        out.saw(path, st)
         if is_special(st):
             skip_special(path, st)
             out.skipped += 1
