@@ -15,6 +15,7 @@ from stickyci.cli.runs import runs
 from stickyci.errors import NotFound, StickyError, UsageError
 from stickyci.runs.history import SCHEMA_VERSION, History, record_from_dict
 from stickyci.runs.record import DiskRecord, JobRecord, RunRecord, StepRecord
+from stickyci.server.database import Database
 
 T0 = 1_800_000_000.0
 
@@ -221,3 +222,26 @@ def test_runs_show(tmp_path: Path, cache: Path) -> None:
     assert json.loads(as_json.output) == run.to_dict()
     missing = CliRunner().invoke(runs, ["show", "nope"])
     assert missing.exit_code != 0 and isinstance(missing.exception, NotFound)
+
+
+def _open_server_db(path: str, barrier: Barrier) -> None:
+    barrier.wait()  # every worker of a starting `serve --workers` opens it at once
+    Database(Path(path), ["CREATE TABLE IF NOT EXISTS t (a INTEGER)"], "test database")
+
+
+def test_a_new_server_database_opened_by_several_processes_at_once_opens_in_all(
+        tmp_path: Path) -> None:
+    """Switching a new SQLite file to WAL takes a lock SQLite does not wait for: a worker of
+    `serve --workers 2` died of "database is locked" at start-up before they took turns."""
+    ctx = multiprocessing.get_context("fork")
+    for n in range(10):
+        db = str(tmp_path / f"{n}.db")
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_server_db, args=(db, barrier)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        assert [p.exitcode for p in procs] == [0] * 4
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import NotFound, StickyError, UsageError
 from ..paths import cache_home
+from ..sqlite import use_wal
 from .record import (
     FAILURE,
     TIMED_OUT,
@@ -99,20 +99,11 @@ class History:
 
     def _migrate(self) -> None:
         """Switch the file to WAL and bring its schema up to date."""
-        # Switching to WAL takes a lock SQLite does not wait for (no busy handler), so runs
-        # opening a new history at the same moment take turns on a lock file. WAL itself is
-        # persistent in the database file: readers never block the writer nor it them.
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT)
-                try:
-                    db.execute("PRAGMA journal_mode=WAL")
-                finally:
-                    db.close()
-            except sqlite3.Error as exc:
-                raise StickyError(f"run history {self.path}: {exc}") from exc
-            self._upgrade()
+        try:
+            use_wal(self.path, BUSY_TIMEOUT)
+        except sqlite3.Error as exc:
+            raise StickyError(f"run history {self.path}: {exc}") from exc
+        self._upgrade()
 
     def _upgrade(self) -> None:
         with self._db(write=True) as db:

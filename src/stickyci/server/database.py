@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import StickyError
+from ..sqlite import use_wal
 
 
 class Database:
@@ -22,8 +23,11 @@ class Database:
         self.path = path
         self._what = what
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            use_wal(path, 30)
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from exc
         with self._db() as db:
-            db.execute("PRAGMA journal_mode=WAL")
             for statement in schema:
                 db.execute(statement)
 
@@ -34,7 +38,10 @@ class Database:
             with db:  # one transaction, committed on success
                 yield db
         except sqlite3.Error as exc:
-            raise StickyError(f"{self._what} {self.path}: {exc}",
-                              summary=f"the server's {self._what} failed") from exc
+            raise self._failed(exc) from exc
         finally:
             db.close()
+
+    def _failed(self, exc: sqlite3.Error) -> StickyError:
+        return StickyError(f"{self._what} {self.path}: {exc}",
+                           summary=f"the server's {self._what} failed")
