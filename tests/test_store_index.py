@@ -77,13 +77,21 @@ def index_file(cache: Path) -> Path:
     return found
 
 
-def test_a_refresh_reads_only_the_indexes_it_has_not_seen(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def disks_of_one_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int,
+                      name: str) -> Counted:
+    """A counted store of ``n`` disks ``NAME-i`` holding ``b"NAME i"``, one pack each,
+    written on machine "a" (the current machine after)."""
     backend = Counted(tmp_path / "store")
     on_machine(monkeypatch, tmp_path, "a")
     writer = ObjectStore(backend, load_index=False)
-    for i in range(20):
-        commit(writer, backend, f"disk-{i}", f"content {i}".encode())
+    for i in range(n):
+        commit(writer, backend, f"{name}-{i}", f"{name} {i}".encode())
+    return backend
+
+
+def test_a_refresh_reads_only_the_indexes_it_has_not_seen(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = disks_of_one_pack(tmp_path, monkeypatch, 20, "content")
     assert len(backend.list("index")) == 20
 
     backend.calls.clear()
@@ -488,11 +496,7 @@ def test_a_first_look_at_a_store_leaves_a_table(
 
 def test_a_runner_new_to_the_store_reads_only_the_indexes_its_snapshot_names(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = Counted(tmp_path / "store")
-    on_machine(monkeypatch, tmp_path, "a")
-    others = ObjectStore(backend, load_index=False)
-    for i in range(30):
-        commit(others, backend, f"other-{i}", f"other {i}".encode())
+    backend = disks_of_one_pack(tmp_path, monkeypatch, 30, "other")
     first = tmp_path / "on-a"
     disks.mount("wanted", first, strategy="copy", store=backend)
     blob = os.urandom(1 << 20)

@@ -66,7 +66,6 @@ def forked_map(fn: Callable[[T], R], items: Sequence[T], workers: int = WORKERS)
         _task, _abort = None, None
 
 
-
 def forked_runs(items: Sequence[T], run: Callable[[Iterable[T]], None],
                 workers: int = WORKERS) -> None:
     """Call ``run`` on contiguous runs of ``items`` in forked workers (several runs per

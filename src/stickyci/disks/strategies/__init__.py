@@ -111,7 +111,7 @@ def restore_direct(choice: str, objects: ObjectStore, snapshot: Digest | None, p
 
     A copy of a base restored first would write every byte twice (a cold copy mount of the
     1 GB benchmark tree: 7.7 s, against 4.4 s for the restore alone). No base is left behind
-    by this mount; its commit adopts the committed tree as the next snapshot's base.
+    by this mount; a commit adopts the tree as its snapshot's base, changed or not.
     """
     if choice != "copy" or snapshot is None:
         return False
