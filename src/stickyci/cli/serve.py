@@ -119,19 +119,16 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
 
 def _serve_one(cfg: ServerConfig, host: str, port: int, access_log: bool) -> None:
     """One process: the app in this one."""
-    import uvicorn
-
     from ..server.app import create_app
     from ..server.metrics import configure_logs
+    from ..server.workers import http_server
 
     configure_logs(access_log)
     app = create_app(cfg)
     sock = _bind(host, port)
     click.echo(f"stickyci: serving {cfg.store_url} on http://{_address(host, port)}",
                err=True)
-    server = uvicorn.Server(uvicorn.Config(
-        app, access_log=False, log_level="warning", http="httptools", loop="uvloop",
-        timeout_graceful_shutdown=5))
+    server = http_server(app)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C is how a foreground server is stopped

@@ -46,6 +46,9 @@ from ..errors import StickyError
 from .shared import TOUCH, Change, Changes, Shared, decode
 
 if TYPE_CHECKING:
+    import uvicorn
+    from starlette.types import ASGIApp
+
     from .config import ServerConfig
     from .history import Sampler
     from .lru import CacheLRU
@@ -289,8 +292,6 @@ def _worker(cfg: ServerConfig, sock: socket.socket, index: int, counters: Any,
             counters_lock: Any, conn: Connection | None, access_log: bool,
             parent: int) -> None:
     """One worker process: a whole server on its socket."""
-    import uvicorn
-
     from .app import create_app
     from .metrics import configure_logs
 
@@ -303,10 +304,16 @@ def _worker(cfg: ServerConfig, sock: socket.socket, index: int, counters: Any,
     handler.setFormatter(logging.Formatter(f"stickyci: worker {index}: %(message)s"))
     logging.getLogger("stickyci").handlers[:] = [handler]
     app = create_app(cfg, shared=Shared(index, Changes(counters, counters_lock), conn))
-    server = uvicorn.Server(uvicorn.Config(
+    http_server(app).run(sockets=[sock])
+
+
+def http_server(app: ASGIApp) -> uvicorn.Server:
+    """The ``uvicorn.Server`` every process of ``stickyci serve`` runs its app in."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(
         app, access_log=False, log_level="warning", http="httptools", loop="uvloop",
         timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
 
 
 def check_workers(n: int) -> int:
