@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +192,7 @@ def fill(root: Path, n: int, gens: int, scratch: Path) -> None:
             def change(ref: refs.DiskRef | None, gen: refs.Generation = gen,
                        key: str = key, now: float = now) -> refs.DiskRef:
                 new = ref or refs.DiskRef(key, now, now)
-                old = [replace(was, packs=()) for was in new.generations]
-                new.generations = [*old, gen][-refs.KEEP_GENERATIONS:]
+                new.add(gen)
                 return new
 
             refs.update_ref(backend, key, change)

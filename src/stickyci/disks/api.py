@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..fsutil import empty_dir
 from ..snapshot import Diff, Entry, Manifest, Scan, diff, fill_content, load_manifest, save_manifest
 from ..store import Backend, ObjectStore, as_backend, decode_index, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
-from .refs import KEEP_GENERATIONS, DiskRef, Generation
+from .refs import DiskRef, Generation
 from .strategies.overlay import apply_upper
 
 log = logging.getLogger("stickyci")
@@ -332,7 +332,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     # content can have been deduplicated against garbage a concurrent gc is sweeping.
     base_kept = not state.base or any(g.snapshot == state.base
                                       for g in (current.generations if current else []))
-    fresh = scan.todo if base_kept else list(scan.manifest.entries.values())
+    fresh = scan.todo if base_kept else scan.manifest.entries.values()
     present = [snapshot.raw, *(bytes.fromhex(h) for e in fresh for h, _ in e.chunks)]
     try:
         packs = objects.check_present(present)
@@ -343,9 +343,10 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         fill_content(objects, content_root, scan.todo)
         snapshot = save_manifest(objects, scan.manifest)
         packs = objects.check_present(present)
-    # What the commit checked is every object unless it checked only what changed.
+    # The base is in the ref only when the commit checked just what changed; then its hint
+    # covers the rest.
     base_gen = next((g for g in current.generations if g.snapshot == state.base), None
-                    ) if current and state.base and fresh is scan.todo else None
+                    ) if current and state.base else None
     hint = _pack_hint(objects, packs, base_gen, scan.manifest) if base_gen else packs
     files = sum(1 for e in scan.manifest.entries.values() if e.kind == "file")
     size = scan.manifest.size
@@ -363,9 +364,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         gen = Generation((new.latest.gen if new.latest else 0) + 1, snapshot, now, size,
                          files, objects.bytes_written, f"{socket.gethostname()}:{os.getpid()}",
                          as_hint(hint))
-        # Only the newest generation is mounted, so only it keeps its hint (refs stay small).
-        old = [replace(g, packs=()) for g in new.generations]
-        new.generations = [*old, gen][-KEEP_GENERATIONS:]
+        new.add(gen)
         new.last_used = now
         return new
 

@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ..digest import Digest
@@ -171,6 +171,12 @@ class DiskRef:
     def latest(self) -> Generation | None:
         """The newest generation, if any."""
         return self.generations[-1] if self.generations else None
+
+    def add(self, gen: Generation) -> None:
+        """Append ``gen`` as the newest generation, keeping the last ``KEEP_GENERATIONS``.
+        Only the newest keeps its pack hint: it is the one a mount reads, and refs stay small."""
+        older = [replace(g, packs=()) for g in self.generations]
+        self.generations = [*older, gen][-KEEP_GENERATIONS:]
 
     def generation(self, gen: int) -> Generation | None:
         """A generation by number, if it is still kept."""
