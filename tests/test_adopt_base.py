@@ -4,6 +4,7 @@ racing the commit does."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -306,3 +307,55 @@ def test_an_overlay_still_mounted_in_another_namespace_is_copied_not_moved(env: 
         assert (base / "src" / "main.c").read_bytes().startswith(b"int main")
     finally:
         other.communicate("end\n")
+
+
+def upper_of(env: Env, ws: Path) -> Path:
+    """The upper dir of the overlay mounted at ``ws``."""
+    return env.cache / "mounts" / Digest.of(str(ws).encode()).hex[:24] / "upper"
+
+
+@pytest.mark.root
+def test_a_process_inside_the_upper_dir_keeps_the_tree_from_being_moved(env: Env) -> None:
+    """A process whose cwd is in the overlay's upper dir itself (not the mount) can write
+    into the tree after the commit read it: the tree is copied into the base cache, and
+    that process's writes never reach the base."""
+    ws = env.root / "ws"
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    written = plain_tree(ws)
+    inside = subprocess.Popen(["sleep", "infinity"], cwd=upper_of(env, ws) / "src")
+    try:
+        snap = env.json("disk", "commit", str(ws))["snapshot"]
+        base = base_of(env, snap)
+        assert {p: os.stat(base / p).st_ctime_ns for p in written} != written  # copied
+        # Its tree was copied then deleted, so there is nothing left to write to; had it
+        # been moved, this would write into the base.
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"/proc/{inside.pid}/cwd/main.c").write_bytes(b"evil")
+        assert exact(base) == restored(env, snap, env.root / "r")
+        assert (base / "src" / "main.c").read_bytes().startswith(b"int main")
+    finally:
+        inside.kill()
+        inside.wait()
+
+
+@pytest.mark.root
+def test_a_first_overlay_commit_that_fails_leaves_the_disk_mounted_as_it_was(env: Env) -> None:
+    """The first commit of a new disk unmounts the overlay before it reads it; when the
+    commit then fails (here: it raced another and was told to fail), the overlay is mounted
+    again with everything the job wrote, and a retry commits it."""
+    ws, other = env.root / "ws", env.root / "other"
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    env.run("disk", "mount", "fresh", str(other), "--strategy", "overlay")
+    plain_tree(ws)
+    before = exact(ws)
+    (other / "theirs").write_bytes(b"first")
+    env.run("disk", "commit", str(other))
+    failed = env.run("disk", "commit", str(ws), "--on-conflict", "fail", check=False)
+    assert failed.returncode != 0 and "was committed since this mount" in failed.stderr
+    assert os.path.ismount(ws) and exact(ws) == before
+    (ws / "more").write_bytes(b"still writable")
+    retried = env.json("disk", "commit", str(ws))
+    assert retried["generation"] == 2 and [g["gen"] for g in retried["raced_with"]] == [1]
+    base = base_of(env, retried["snapshot"])
+    assert exact(base) == restored(env, retried["snapshot"], env.root / "r")
+    assert (base / "more").read_bytes() == b"still writable"

@@ -120,6 +120,34 @@ def test_kill_9_during_commit_leaves_ref_and_mount_and_gc_cleans_up(env: Env,
     there.run("disk", "unmount", str(ws))
 
 
+@pytest.mark.root
+def test_kill_9_of_a_new_disks_first_commit_after_its_unmount_leaves_it_to_retry(
+        env: Env) -> None:
+    """A new disk's first overlay commit unmounts the overlay before it reads the tree;
+    killed from then on, it leaves the tree in the upper dir, and the next commit mounts it
+    again and commits it."""
+    ws = env.root / "ws"
+    env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
+    (ws / "version").write_text("one")
+    write_big(ws, 128)
+    written = tree_digest(ws)
+    proc = start_commit(env, ws)
+    try:
+        wait_for(lambda: proc.poll() is not None or not os.path.ismount(ws),
+                 "the commit to unmount the overlay", interval=0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        reap(proc)
+    assert proc.returncode == -signal.SIGKILL, "the commit finished before it could be killed"
+    assert env.json("disk", "ls") == []
+    retried = env.json("disk", "commit", str(ws))
+    assert retried["committed"] and retried["generation"] == 1
+    there = elsewhere(env, "cache2")
+    there.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+    assert tree_digest(ws) == written
+    there.run("disk", "unmount", str(ws))
+
+
 def test_kill_9_of_the_committer_alone_stops_all_writing(env: Env) -> None:
     """``kill -9`` of the committing process alone: any worker it forked dies with it, so
     nothing is published for a dead commit and no worker prints a traceback on its way out."""

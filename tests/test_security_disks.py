@@ -395,6 +395,9 @@ def _holding(lock: Path) -> Iterator[None]:
 @pytest.mark.root
 def test_commit_busy_after_the_ref_moved_reports_the_new_generation(env: Env) -> None:
     ws = env.root / "ws"
+    # A disk with a snapshot: a new disk's first commit unmounts before it reads (_seal).
+    env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
+    env.run("disk", "commit", str(ws))
     env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
     (ws / "f").write_text("committed")
     holder: subprocess.Popen[bytes] | None = None
@@ -416,11 +419,11 @@ def test_commit_busy_after_the_ref_moved_reports_the_new_generation(env: Env) ->
         out, err = commit.communicate(timeout=120)
         assert commit.returncode == 0, err
         got = json.loads(out)
-        assert got["committed"] and got["generation"] == 1 and got["still_mounted"]
+        assert got["committed"] and got["generation"] == 2 and got["still_mounted"]
         assert f"pid {holder.pid} (sleep infinity)" in got["warning"]
-        assert "generation 1" in got["warning"] and "Traceback" not in err
+        assert "generation 2" in got["warning"] and "Traceback" not in err
         assert "still mounted" in err
-        assert env.json("disk", "show", "k")["generations"][0]["gen"] == 1
+        assert env.json("disk", "show", "k")["generations"][-1]["gen"] == 2
         assert _mounted(ws)
     finally:
         holder.kill()

@@ -162,7 +162,7 @@ def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan) -> bool:
 
 def _holds(tree: Path, files: list[Entry]) -> bool:
     """True if every file in ``files`` under ``tree`` holds exactly its chunks (read on
-    every core when they are many: a whole tree, for an overlay's first commit)."""
+    every core when they are many: a whole tree, for a new disk's copy mount)."""
     def check(run: Iterable[Entry]) -> None:
         with Opener(Tree.at(tree)) as op:
             for e in run:
@@ -240,8 +240,9 @@ def _take(old: str | None, tmp: Path, mount: str) -> bool:
 
 
 def publish(tree: Path, snapshot: Digest, size: int, trust_owners: bool) -> bool:
-    """Move a complete tree written elsewhere (a lazily filled base) into place as the base of
-    ``snapshot``, unless it has one already; True if it was moved."""
+    """Move a complete tree written elsewhere (a lazily filled base, a sealed overlay's upper
+    dir) into place as the base of ``snapshot``, unless it has one already; True if it was
+    moved."""
     path = base_path(snapshot, trust_owners)
     with _lock(name_of(snapshot, trust_owners)):
         if path.exists():

@@ -20,7 +20,7 @@ from pathlib import Path
 from ...digest import Digest
 from ...errors import IntegrityError, UsageError
 from ...forked import PARALLEL_MIN_BYTES, forked_runs
-from ...fsutil import Found, Opener, Tree
+from ...fsutil import Found, Opener, Tree, remove_tree
 from ...snapshot import (
     DIR,
     FILE,
@@ -62,9 +62,20 @@ class Overlay:
     def mount(self, base: Path, path: Path, sdir: Path, manifest: Callable[[], Manifest],
               trust_owners: bool) -> None:
         """Mount ``base`` (read-only lower) with a fresh upper under ``sdir`` at ``path``."""
+        (sdir / "upper").mkdir(parents=True)
+        (sdir / "work").mkdir()
+        self._mount(base, path, sdir)
+
+    def remount(self, base: Path, path: Path, sdir: Path) -> None:
+        """Mount ``base`` at ``path`` again over the upper dir an earlier mount left there
+        (a commit unmounted it to read it, then failed or was killed), with a fresh work dir:
+        a volatile overlay's work dir refuses a second mount."""
+        remove_tree(sdir / "work")
+        (sdir / "work").mkdir()
+        self._mount(base, path, sdir)
+
+    def _mount(self, base: Path, path: Path, sdir: Path) -> None:
         upper, work = sdir / "upper", sdir / "work"
-        upper.mkdir(parents=True)
-        work.mkdir()
         for p in (base, upper, work):
             if any(c in str(p) for c in ",:\\"):
                 raise UsageError(f"overlay cannot use {p}: its path has ',', ':' or '\\'; "
