@@ -106,7 +106,6 @@ class Overlay:
         groups: dict[int, int] = {}
         for found in upper.walk():
             rel, st = found.path, found.stat
-            scan.saw(rel, st)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 gone.add(rel)
                 continue
