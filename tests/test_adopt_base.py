@@ -15,7 +15,7 @@ import pytest
 from helpers import Env
 
 from stickyci.digest import Digest
-from stickyci.disks import basecache
+from stickyci.disks import api, basecache, mounts
 from stickyci.disks.strategies import overlay
 from stickyci.disks.strategies.overlay import apply_upper
 from stickyci.snapshot import FILE, Manifest, load_manifest, restore, scan_tree
@@ -338,24 +338,51 @@ def test_a_process_inside_the_upper_dir_keeps_the_tree_from_being_moved(env: Env
         inside.wait()
 
 
-@pytest.mark.root
-def test_a_first_overlay_commit_that_fails_leaves_the_disk_mounted_as_it_was(env: Env) -> None:
-    """The first commit of a new disk unmounts the overlay before it reads it; when the
-    commit then fails (here: it raced another and was told to fail), the overlay is mounted
-    again with everything the job wrote, and a retry commits it."""
+@pytest.mark.parametrize("strategy", ["overlay", "copy"])
+def test_a_sealed_commit_that_fails_leaves_the_disk_mounted_as_it_was(env: Env,
+                                                                      strategy: str) -> None:
+    """A commit puts the tree out of reach before it reads it (a new disk's overlay is
+    unmounted, a clone's tree moved aside); when the commit then fails (here: it raced
+    another and was told to fail), the mount is as the job left it, and a retry commits it."""
+    if strategy == "overlay" and os.geteuid() != 0:
+        pytest.skip("overlay mounts need root")
     ws, other = env.root / "ws", env.root / "other"
-    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
-    env.run("disk", "mount", "fresh", str(other), "--strategy", "overlay")
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", strategy)
+    env.run("disk", "mount", "fresh", str(other), "--strategy", strategy)
     plain_tree(ws)
     before = exact(ws)
     (other / "theirs").write_bytes(b"first")
     env.run("disk", "commit", str(other))
     failed = env.run("disk", "commit", str(ws), "--on-conflict", "fail", check=False)
     assert failed.returncode != 0 and "was committed since this mount" in failed.stderr
-    assert os.path.ismount(ws) and exact(ws) == before
+    assert os.path.ismount(ws) == (strategy == "overlay") and exact(ws) == before
     (ws / "more").write_bytes(b"still writable")
     retried = env.json("disk", "commit", str(ws))
     assert retried["generation"] == 2 and [g["gen"] for g in retried["raced_with"]] == [1]
     base = base_of(env, retried["snapshot"])
     assert exact(base) == restored(env, retried["snapshot"], env.root / "r")
     assert (base / "more").read_bytes() == b"still writable"
+
+
+def test_a_clone_entered_as_its_commit_seals_it_is_read_in_place(env: Env) -> None:
+    """A process that entered a copy mount after the commit's check for holders would keep
+    its way into the tree the commit moves aside to read: the commit puts it back and reads
+    it in place (then checked again, as before it is adopted). The process is started by
+    hand before the seal, since no test can time it between the check and the move."""
+    ws = env.root / "ws"
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", "copy")
+    plain_tree(ws)
+    before = exact(ws)
+    holder = subprocess.Popen(["sleep", "infinity"], cwd=ws / "src")
+    try:
+        state = mounts.load(ws.resolve())
+        assert api._seal(state, ws) is None
+        assert exact(ws) == before and not (state.dir / api.SEALED).exists()
+        holder.kill()
+        holder.wait()
+        assert api._seal(state, ws) is True
+        assert list(ws.iterdir()) == [] and exact(state.dir / api.SEALED_TREE) == before
+        assert api._unseal(state, ws) and exact(ws) == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,19 @@ def _remove_dirs(made: list[Path]) -> None:
             return
 
 
+def _mount_at(path: Path) -> tuple[Path, mounts.MountState]:
+    """The resolved path of a mount and its record. A commit that was killed while it had
+    the mount sealed is undone first (:func:`_unseal`): the mount is as the job left it."""
+    if not os.path.lexists(path):
+        where = path.absolute()
+        if (mounts.state_dir(where.parent.resolve() / where.name) / SEALED).exists():
+            path.mkdir()  # killed as it moved a clone's tree away: its place, to put it back
+    path = _existing_dir(path)
+    state = mounts.load(path)
+    _unseal(state, path)
+    return path, state
+
+
 def _existing_dir(path: Path) -> Path:
     if not path.exists():
         raise UsageError(f"path {path} does not exist")
@@ -290,10 +304,9 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         raise UsageError(f"unknown commit mode {mode!r}: use one of {', '.join(COMMIT_MODES)}")
     if on_conflict not in CONFLICT_MODES:
         raise UsageError(f"unknown conflict mode {on_conflict!r}: use lww or fail")
-    path = _existing_dir(path)
-    state = mounts.load(path)
+    path, state = _mount_at(path)
     strategy = strategies.get(state.strategy)
-    if not strategy.is_mounted(path) and not _unseal(state, path):
+    if not strategy.is_mounted(path):
         raise UsageError(f"{path} was unmounted outside stickyci; run "
                          f"`stickyci disk unmount {path}` to clear its record")
     killed = _ended(holders.release(path, kill=kill_holders))
@@ -309,8 +322,9 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
 
     objects = ObjectStore(backend, listing=False)  # the local index; check_present guards it
     base = load_manifest(objects, state.base) if state.base else Manifest()
-    with _sealed(state, path) as seal:  # from here until the ref moves, see _seal
-        scan, content_root = strategy.changes(path, state.dir, base, state.trust_owners)
+    with _sealed(state, path) as sealed:  # from here until the ref moves, see _seal
+        where = state.dir / SEALED_TREE if sealed and state.strategy in CLONES else path
+        scan, content_root = strategy.changes(where, state.dir, base, state.trust_owners)
         fill_content(objects, content_root, scan.todo)
         changes = diff(base, scan.manifest, scan.touched)
         result.added, result.removed = len(changes.added), len(changes.removed)
@@ -321,8 +335,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         if mode == "on-change" and changes.empty and not new_disk:
             # A cold copy mount leaves no base (it restores straight into the path): the
             # unchanged tree becomes one.
-            if not (state.base
-                    and _adopt_clone(state, path, state.base, scan.manifest.size, scan)):
+            if not _adopt_clone(state, path, state.base, scan.manifest.size, scan, sealed):
                 _discard(state, path)
             result.reason = "nothing changed (on-change)"
             result.seconds = time.perf_counter() - start
@@ -367,7 +380,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
                     state.key, ", ".join(str(g.gen) for g in raced))
     # The ref has moved: the commit has happened whatever the unmount does, and says so.
     try:
-        _finish(state, path, snapshot, size, scan, base, seal)
+        _finish(state, path, snapshot, size, scan, base, sealed)
     except (OSError, StickyError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         held = "; ".join(str(h) for h in holders.find(path)) or "no process holds it"
@@ -447,11 +460,20 @@ def _new_content(objects: ObjectStore, read: list[Entry]) -> int:
 UNMOUNT_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
-def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest, size: int,
-                 scan: Scan) -> bool:
+def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest | None, size: int,
+                 scan: Scan, sealed: bool | None) -> bool:
     """Move a clone mount's tree into the base cache as the base of ``snapshot`` (what
-    ``scan`` walked, now committed), leaving ``path`` an empty dir; True if it did."""
-    if state.strategy in ("overlay", "lazy") or not scan.adoptable:
+    ``scan`` walked, now committed), leaving ``path`` an empty dir; True if it did, or if
+    the tree was sealed (:func:`_seal`): then ``path`` is left empty and the record gone
+    whether the tree became a base or not."""
+    if state.strategy not in CLONES:
+        return False
+    if sealed:
+        if snapshot and scan.adoptable:
+            basecache.publish(state.dir / SEALED_TREE, snapshot, size, trust_owners=False)
+        state.forget()  # and with it the tree, if it was not published
+        return True
+    if not snapshot or not scan.adoptable:
         return False
     mode = path.stat().st_mode & 0o7777
     if not basecache.adopt(path, snapshot, size, scan):
@@ -463,7 +485,10 @@ def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest, size: i
 
 
 SEALED = "sealed"
-"""In a mount's dir: a commit unmounted the overlay to read it (``_seal``)."""
+"""In a mount's dir: a commit sealed the mount to read it (``_seal``)."""
+SEALED_TREE = "tree"
+"""In a mount's dir: a clone's tree while a commit reads it (``_seal``)."""
+CLONES = ("copy", "reflink")
 
 
 @contextlib.contextmanager
@@ -479,22 +504,26 @@ def _sealed(state: mounts.MountState, path: Path) -> Iterator[bool | None]:
 
 
 def _seal(state: mounts.MountState, path: Path) -> bool | None:
-    """Unmount a new disk's overlay before its first commit reads the upper dir (the whole
-    tree), so that the commit reads it once.
+    """Put the tree a commit is about to read out of every process's reach, so that the
+    commit reads it once: what it reads is then what becomes the snapshot's base here.
 
-    Once nothing mounts or holds the overlay any more (a copy of the mount in another
-    namespace, a file held open on it, a process in the upper dir itself), nothing can change
-    the upper dir: the tree the commit reads is the tree it moves into the base cache. Read
-    while mounted, it had to be read again after the unmount to be trusted (0.9 s of a 5 s
-    commit of the 1 GB benchmark tree). True if so; False if unmounted but still in use (the
-    tree is then copied, checked, as after any overlay commit); None if the commit reads the
-    overlay mounted (any other commit, or a busy mount).
+    Read in place, the tree had to be checked again once out of reach (every entry walked,
+    every file read re-hashed: 0.9 s of a 5 s first commit of the 1 GB benchmark tree). A
+    clone's tree is moved into the mount's dir (an empty dir takes its place at ``path``); a
+    new disk's overlay is unmounted, and its upper dir (the whole tree) is out of reach once
+    nothing mounts or holds the overlay any more (a copy of the mount in another namespace, a
+    file held open on it, a process in the upper dir itself). True if sealed; False if the
+    overlay is unmounted but still in use (its tree is then copied, checked, as after any
+    overlay commit); None if the commit reads the tree in place (an overlay with a base, or
+    a busy mount).
     """
+    if state.strategy in CLONES:
+        return _seal_clone(state, path)
     if state.strategy != "overlay" or state.base or state.trust_owners:
         return None
     dev = os.stat(path).st_dev
     marker = state.dir / SEALED
-    marker.touch()  # first: a commit killed once the overlay is down leaves it to be remounted
+    marker.touch()  # first: a commit killed from here on leaves the overlay to be remounted
     try:
         strategies.get(state.strategy).unmount(path, state.dir)
     except OSError as exc:
@@ -510,13 +539,38 @@ def _seal(state: mounts.MountState, path: Path) -> bool | None:
     return not live
 
 
-def _unseal(state: mounts.MountState, path: Path) -> bool:
-    """Mount again an overlay that a commit unmounted to read it (:func:`_seal`) and did not
-    commit: it failed, or was killed. False if there is no such overlay."""
+def _seal_clone(state: mounts.MountState, path: Path) -> bool | None:
+    tree = state.dir / SEALED_TREE
+    st = os.stat(path)
     marker = state.dir / SEALED
-    if state.strategy != "overlay" or not marker.exists():
+    marker.touch()  # first: a commit killed from here on leaves the tree to be put back
+    try:
+        os.rename(path, tree)
+    except OSError:  # another filesystem, a mount point: read it in place
+        marker.unlink()
+        return None
+    path.mkdir(mode=0o700)
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+    if os.geteuid() == 0:
+        os.chown(path, st.st_uid, st.st_gid)
+    if holders.find(tree):  # entered between the commit's check and the move
+        _unseal(state, path)
+        return None
+    return True
+
+
+def _unseal(state: mounts.MountState, path: Path) -> bool:
+    """Undo :func:`_seal` for a commit that did not commit (it failed, or was killed): the
+    clone's tree back at ``path``, the overlay mounted again. False if nothing was sealed."""
+    marker = state.dir / SEALED
+    if not marker.exists():
         return False
-    Overlay().remount(basecache.base_path(None), path, state.dir)
+    tree = state.dir / SEALED_TREE
+    if state.strategy in CLONES:
+        if tree.is_dir():
+            os.rename(tree, path)  # over the empty dir that took its place
+    elif not os.path.ismount(path):
+        Overlay().remount(basecache.base_path(None), path, state.dir)
     marker.unlink()
     return True
 
@@ -526,7 +580,10 @@ def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, s
     """Unmount after a commit; the committed tree becomes the new snapshot's base when it can
     (a clone or a sealed upper dir is moved into the base cache, an overlay's changes patch
     its old base)."""
-    if _adopt_clone(state, path, snapshot, size, scan):
+    # The ref has moved: from here on a failure must not put the mount back for another
+    # commit of the same tree.
+    (state.dir / SEALED).unlink(missing_ok=True)
+    if _adopt_clone(state, path, snapshot, size, scan, sealed):
         return
     if sealed is None:
         for delay in (*UNMOUNT_BACKOFF, None):
@@ -552,8 +609,7 @@ def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, s
 
 def unmount(path: Path, *, kill_holders: bool = False) -> UnmountResult:
     """Discard the mount at ``path`` without committing."""
-    path = _existing_dir(path)
-    state = mounts.load(path)
+    path, state = _mount_at(path)
     killed = _ended(holders.release(path, kill=kill_holders))
     lazy = strategies.lazy_status(state.dir)
     _discard(state, path)
