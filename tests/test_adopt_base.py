@@ -4,7 +4,6 @@ racing the commit does."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import subprocess
@@ -282,13 +281,25 @@ def test_a_new_disks_first_overlay_commit_moves_its_tree_into_the_base_cache(env
     assert env.json("disk", "mount", "fresh", str(ws), "--strategy", "overlay")["base_cached"]
 
 
+def mounted_with(env: Env, ws: Path, based: bool) -> None:
+    """Mount a new disk's overlay at ``ws``, or (``based``) one with a snapshot already, so
+    that the commit patches its base instead of moving a whole tree into place."""
+    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    if based:
+        (ws / "before").write_bytes(b"generation 1")
+        env.run("disk", "commit", str(ws))
+        env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+
+
 @pytest.mark.root
-def test_an_overlay_still_mounted_in_another_namespace_is_copied_not_moved(env: Env) -> None:
+@pytest.mark.parametrize("based", [False, True], ids=["new-disk", "based"])
+def test_an_overlay_still_mounted_in_another_namespace_is_copied_not_moved(
+        env: Env, based: bool) -> None:
     """A process that unshared its mount namespace while the disk was mounted keeps a copy of
     the overlay after the commit unmounts it here, and can write through it: the committed
-    tree is copied into the base cache, and those writes never reach the base."""
+    files are copied into the base cache, and those writes never reach the base."""
     ws = env.root / "ws"
-    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    mounted_with(env, ws, based)
     written = plain_tree(ws)
     other = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -298,7 +309,8 @@ def test_an_overlay_still_mounted_in_another_namespace_is_copied_not_moved(env: 
         assert other.stdout is not None and other.stdout.readline() == "ready\n"
         snap = env.json("disk", "commit", str(ws))["snapshot"]
         base = base_of(env, snap)
-        assert {p: os.stat(base / p).st_ctime_ns for p in written} != written  # copied
+        if not based:  # a move keeps the ctimes (a move into a patched base sets them)
+            assert {p: os.stat(base / p).st_ctime_ns for p in written} != written
         assert other.stdin is not None
         other.stdin.write("go\n")
         other.stdin.flush()
@@ -314,28 +326,39 @@ def upper_of(env: Env, ws: Path) -> Path:
     return env.cache / "mounts" / Digest.of(str(ws).encode()).hex[:24] / "upper"
 
 
+# Waits for a line, then writes to src/main.c: through the file it opened at start
+# (``fd``), or opened then from its cwd (``cwd``).
+_WRITER = ("import sys; f = open('main.c', 'r+b') if sys.argv[1] == 'fd' else None; "
+           "print(flush=True); sys.stdin.readline(); f = f or open('main.c', 'r+b'); "
+           "f.write(b'evil'); f.flush()")
+
+
 @pytest.mark.root
-def test_a_process_inside_the_upper_dir_keeps_the_tree_from_being_moved(env: Env) -> None:
-    """A process whose cwd is in the overlay's upper dir itself (not the mount) can write
-    into the tree after the commit read it: the tree is copied into the base cache, and
-    that process's writes never reach the base."""
+@pytest.mark.parametrize("based", [False, True], ids=["new-disk", "based"])
+@pytest.mark.parametrize("hold", ["cwd", "fd"])
+def test_a_process_in_the_upper_dir_keeps_the_tree_from_being_moved(
+        env: Env, based: bool, hold: str) -> None:
+    """A process in the overlay's upper dir itself, not the mount (its cwd there, or a file
+    open there), could write into the tree after the commit read it: the files are copied
+    into the base cache, and that process's writes never reach the base."""
     ws = env.root / "ws"
-    env.run("disk", "mount", "fresh", str(ws), "--strategy", "overlay")
+    mounted_with(env, ws, based)
     written = plain_tree(ws)
-    inside = subprocess.Popen(["sleep", "infinity"], cwd=upper_of(env, ws) / "src")
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, hold],
+                              cwd=upper_of(env, ws) / "src", stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        assert writer.stdout is not None and writer.stdout.readline() == "\n"  # in place
         snap = env.json("disk", "commit", str(ws))["snapshot"]
         base = base_of(env, snap)
-        assert {p: os.stat(base / p).st_ctime_ns for p in written} != written  # copied
-        # Its tree was copied then deleted, so there is nothing left to write to; had it
-        # been moved, this would write into the base.
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"/proc/{inside.pid}/cwd/main.c").write_bytes(b"evil")
+        if not based:
+            assert {p: os.stat(base / p).st_ctime_ns for p in written} != written  # copied
+        writer.communicate("go\n", timeout=60)  # fails where the upper dir is gone: no harm
         assert exact(base) == restored(env, snap, env.root / "r")
         assert (base / "src" / "main.c").read_bytes().startswith(b"int main")
     finally:
-        inside.kill()
-        inside.wait()
+        writer.kill()
+        writer.wait()
 
 
 @pytest.mark.parametrize("strategy", ["overlay", "copy"])
@@ -386,3 +409,18 @@ def test_a_clone_entered_as_its_commit_seals_it_is_read_in_place(env: Env) -> No
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.root
+def test_an_overlay_commit_moves_its_changed_files_into_the_new_base(env: Env) -> None:
+    """Once the overlay is unmounted and let go of, nothing can write to its upper dir: the
+    files the commit read there are moved into the new base, not copied and hashed again."""
+    ws = env.root / "ws"
+    mounted_with(env, ws, based=True)
+    plain_tree(ws)
+    upper = upper_of(env, ws)
+    inodes = {p: os.stat(upper / p).st_ino for p in ("src/main.c", "lib.a")}
+    snap = env.json("disk", "commit", str(ws))["snapshot"]
+    base = base_of(env, snap)
+    assert {p: os.stat(base / p).st_ino for p in inodes} == inodes
+    assert exact(base) == restored(env, snap, env.root / "r")

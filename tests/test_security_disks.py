@@ -395,21 +395,22 @@ def _holding(lock: Path) -> Iterator[None]:
 @pytest.mark.root
 def test_commit_busy_after_the_ref_moved_reports_the_new_generation(env: Env) -> None:
     ws = env.root / "ws"
-    # A disk with a snapshot: a new disk's first commit unmounts before it reads (_seal).
     env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
     env.run("disk", "commit", str(ws))
     env.run("disk", "mount", "k", str(ws), "--strategy", "overlay")
     (ws / "f").write_text("committed")
     holder: subprocess.Popen[bytes] | None = None
-    # The commit passes its busy check (nobody is in the mount), then waits for the ref's
-    # lock; the holder enters the mount while it waits, so it is there when the ref has moved.
-    with _holding(env.store / "refs" / ".k.lock"):
+    # The commit passes its busy check (nobody is in the mount), then waits for the local
+    # index's lock; the holder enters the mount while it waits, so that the commit cannot
+    # unmount the overlay before it reads it (_seal), nor after the ref has moved.
+    [index_lock] = (env.cache / "index").glob("*.lock")
+    with _holding(index_lock):
         commit = subprocess.Popen([sys.executable, "-m", "stickyci", "disk", "commit", str(ws),
                                    "--json"], env=env.environ, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         try:
             wait_for(lambda: commit.poll() is not None or _waits_for_flock(commit.pid),
-                     "the commit to wait for the ref lock", interval=0.002)
+                     "the commit to wait for the local index's lock", interval=0.002)
             assert commit.poll() is None, commit.communicate()
             holder = subprocess.Popen(["sleep", "infinity"], cwd=ws)
         except BaseException:

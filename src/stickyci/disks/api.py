@@ -4,6 +4,9 @@ Commit order is what makes it safe: new objects are written (packs, then indexes
 manifest, then the ref moves by compare-and-swap. A commit that dies at any point leaves the
 ref as it was; what it wrote is unreferenced and ``gc`` removes it later. Once the ref has
 moved the commit has happened, and is reported as done even if the unmount after it fails.
+A commit reads the tree once it is out of every process's reach (``_seal``), so that what it
+read can become this machine's base of the new snapshot as it is; a commit that fails or is
+killed before the ref moves leaves the mount to be put back as the job left it.
 
 A mount is all or nothing: a failure after anything was set up undoes it (the overlay or
 clone, the record, the directories it created at the path), so a retry starts clean.
@@ -297,7 +300,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
            kill_holders: bool = False) -> CommitResult:
     """Store what changed at the mount ``path`` as a new generation, then unmount it.
 
-    On any failure before the ref moves, the mount stays in place and the ref is unchanged.
+    On any failure before the ref moves, the ref is unchanged and the mount is as it was.
     """
     start = time.perf_counter()
     if mode not in COMMIT_MODES:
@@ -509,17 +512,17 @@ def _seal(state: mounts.MountState, path: Path) -> bool | None:
 
     Read in place, the tree had to be checked again once out of reach (every entry walked,
     every file read re-hashed: 0.9 s of a 5 s first commit of the 1 GB benchmark tree). A
-    clone's tree is moved into the mount's dir (an empty dir takes its place at ``path``); a
-    new disk's overlay is unmounted, and its upper dir (the whole tree) is out of reach once
-    nothing mounts or holds the overlay any more (a copy of the mount in another namespace, a
-    file held open on it, a process in the upper dir itself). True if sealed; False if the
-    overlay is unmounted but still in use (its tree is then copied, checked, as after any
-    overlay commit); None if the commit reads the tree in place (an overlay with a base, or
-    a busy mount).
+    clone's tree is moved into the mount's dir (an empty dir takes its place at ``path``). An
+    overlay is unmounted, and its upper dir (a new disk's whole tree, or the changes to the
+    base) is out of reach once nothing mounts or holds the overlay any more (a copy of the
+    mount in another namespace, a file held open on it, a process in the upper dir itself):
+    it is moved into the base cache as it is, or its files into the new base. True if sealed;
+    False if the overlay is unmounted but still in use (its files are then copied, checked);
+    None if the commit reads the tree in place (a lazy mount, or a busy one).
     """
     if state.strategy in CLONES:
         return _seal_clone(state, path)
-    if state.strategy != "overlay" or state.base or state.trust_owners:
+    if state.strategy != "overlay":
         return None
     dev = os.stat(path).st_dev
     marker = state.dir / SEALED
@@ -570,7 +573,7 @@ def _unseal(state: mounts.MountState, path: Path) -> bool:
         if tree.is_dir():
             os.rename(tree, path)  # over the empty dir that took its place
     elif not os.path.ismount(path):
-        Overlay().remount(basecache.base_path(None), path, state.dir)
+        Overlay().remount(basecache.base_path(state.base, state.trust_owners), path, state.dir)
     marker.unlink()
     return True
 
@@ -594,16 +597,16 @@ def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, s
                 if exc.errno != errno.EBUSY or delay is None:
                     raise
                 time.sleep(delay)
-    elif sealed and scan.adoptable and basecache.publish(state.dir / "upper", snapshot, size,
-                                                         trust_owners=False):
-        state.forget()
+    elif (sealed and not state.base and not state.trust_owners and scan.adoptable
+          and basecache.publish(state.dir / "upper", snapshot, size, trust_owners=False)):
+        state.forget()  # a new disk's whole tree, moved as it is
         return
     touched = scan.touched
     if state.strategy in ("overlay", "lazy") and touched is not None:
         basecache.adopt_changes(
             state.base, snapshot, size, state.trust_owners, state.path,
             lambda tree: apply_upper(tree, state.dir / "upper", base, scan.manifest, touched,
-                                     state.trust_owners))
+                                     state.trust_owners, sealed=bool(sealed)))
     state.forget()
 
 

@@ -161,7 +161,7 @@ def _hidden(base: Manifest, gone: set[str], opaque: set[str]) -> list[str]:
 
 
 def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched: set[str],
-                trust_owners: bool) -> None:
+                trust_owners: bool, *, sealed: bool = False) -> None:
     """Turn ``tree``, a private copy of the base that ``base`` describes, into the tree ``new``
     describes, taking new content from the overlay's ``upper`` dir.
 
@@ -171,6 +171,9 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
     a copy of the mount in another namespace) makes this fail with ``IntegrityError``, never
     puts its bytes in the tree. Owners and modes are set as a restore with or without
     ``trust_owners`` sets them.
+
+    A ``sealed`` upper dir is one nothing can write to any more (the commit read it after
+    the overlay was unmounted and let go of): its files are moved into the tree as they are.
     """
     # Overlay keeps no hardlink between layers: a touched path never shares a group with one
     # left as it was, so its groups are its own.
@@ -214,7 +217,10 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
                 if e.link:
                     leaders[e.link] = p
                 files.append(e)
-        if sum(e.size for e in files) < PARALLEL_MIN_BYTES:
+        if sealed:
+            for e in files:
+                _move_file(src, out, e, trust_owners)
+        elif sum(e.size for e in files) < PARALLEL_MIN_BYTES:
             for e in files:
                 _copy_file(src, out, e, trust_owners)
         else:
@@ -240,6 +246,26 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
 def _ancestors(p: str) -> list[str]:
     parts = p.split("/")
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _move_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
+    """Move the file ``e`` from a sealed upper dir into the tree (copied, checked, where the
+    two are on different filesystems)."""
+    # The source's directory fd is the opener's until its next call, which is the target's.
+    src_dir, src_name = src.parent(e.path)
+    dst_dir, dst_name = out.parent(e.path)
+    try:
+        os.rename(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_file(src, out, e, trust_owners)
+        return
+    fd = out.open(e.path, os.O_RDONLY)
+    try:
+        Metadata(trust_owners).apply(fd, e)
+    finally:
+        os.close(fd)
 
 
 def _copy_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
