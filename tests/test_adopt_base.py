@@ -67,6 +67,7 @@ def build_first(ws: Path) -> None:
     (ws / "src" / "deep" / "big.o").write_bytes(os.urandom(3 << 20))
     (ws / "tool").write_bytes(b"#!/bin/sh\n")
     os.chmod(ws / "tool", 0o4755)  # setuid: a restore without trusted owners drops it
+    os.chown(ws / "tool", 12345, 12345)  # and it writes the file as the user restoring it
     (ws / "empty").write_bytes(b"")
     (ws / "secret").write_bytes(b"s")
     os.chmod(ws / "secret", 0o600)
@@ -94,6 +95,7 @@ def change(ws: Path) -> None:
     (ws / "becomes-dir" / "inside").write_bytes(b"z")
     os.symlink("../tool", ws / "src" / "tool-link")
     (ws / "src" / "new.h").write_bytes(b"#pragma once\n")
+    os.chown(ws / "src" / "new.h", 12345, 12345)
     os.link(ws / "src" / "new.h", ws / "src" / "new-link.h")
 
 

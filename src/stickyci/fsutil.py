@@ -11,7 +11,7 @@ import shutil
 import stat
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -292,6 +292,34 @@ def remove_later(path: Path, trash: Path) -> None:
     except OSError:
         remove_tree(path)
         return
-    subprocess.Popen(["rm", "-rf", "--", str(doomed)], stdin=subprocess.DEVNULL,
+    delete_in_background(doomed)
+
+
+def delete_in_background(path: Path) -> None:
+    """Delete ``path`` in a detached ``rm``, which nobody waits for."""
+    subprocess.Popen(["rm", "-rf", "--", str(path)], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True)
+
+
+@contextlib.contextmanager
+def discarding(tree: Path) -> Iterator[Callable[[int, str], None]]:
+    """``discard(dir_fd, name)`` for the block: it moves an entry of ``tree`` into a directory
+    beside it (``.gone-…``), which is deleted in the background once the block is over."""
+    doomed = tree.parent / f".gone-{uuid.uuid4().hex}"
+    doomed.mkdir()
+    gone = os.open(doomed, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    names: list[str] = []
+
+    def discard(parent: int, name: str) -> None:
+        names.append(str(len(names)))
+        os.rename(name, names[-1], src_dir_fd=parent, dst_dir_fd=gone)
+
+    try:
+        yield discard
+    finally:
+        os.close(gone)
+        if names:
+            delete_in_background(doomed)
+        else:
+            doomed.rmdir()
