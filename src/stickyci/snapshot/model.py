@@ -164,7 +164,7 @@ def paused_gc() -> Iterator[None]:
         if was:
             # What the block built lives on: it goes straight to the oldest generation
             # (frozen, then thawed there), or the first young collection after this would
-            # walk all of it (decoding the 10 MB manifest of a 52k-file tree: 36 ms).
+            # walk all of it (decoding the 10 MB manifest of a 52k-file tree: ~20 ms).
             # Inside a frozen region (``_fill_forked``) it stays frozen with the rest.
             outer = gc.get_freeze_count() > 0
             gc.freeze()

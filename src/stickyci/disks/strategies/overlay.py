@@ -249,7 +249,6 @@ def _ancestors(p: str) -> list[str]:
 def _move_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
     """Move the file ``e`` from a sealed upper dir into the tree (copied, checked, where the
     two are on different filesystems)."""
-    # The source's directory fd is the opener's until its next call, which is the target's.
     src_dir, src_name = src.parent(e.path)
     dst_dir, dst_name = out.parent(e.path)
     try:
