@@ -552,11 +552,16 @@ def _seal_clone(state: mounts.MountState, path: Path) -> bool | None:
     except OSError:  # another filesystem, a mount point: read it in place
         marker.unlink()
         return None
-    path.mkdir(mode=0o700)
-    os.chmod(path, stat.S_IMODE(st.st_mode))
-    if os.geteuid() == 0:
-        os.chown(path, st.st_uid, st.st_gid)
-    if holders.find(tree):  # entered between the commit's check and the move
+    try:
+        path.mkdir(mode=0o700)
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:
+            os.chown(path, st.st_uid, st.st_gid)
+        entered = holders.find(tree)  # between the commit's check and the move
+    except BaseException:
+        _unseal(state, path)
+        raise
+    if entered:
         _unseal(state, path)
         return None
     return True
