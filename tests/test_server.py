@@ -658,3 +658,19 @@ def test_blobs_over_a_chunk_stream_whole_and_in_ranges(srv: Server, offset: int,
     backend = HttpBackend(srv.url, srv.admin)
     want = data[offset:] if length is None else data[offset : offset + length]
     assert backend.get(name, offset, length) == want
+
+
+def test_a_blob_deleted_while_it_streams_still_arrives_whole(srv: Server) -> None:
+    # gc may delete a pack while a runner downloads it: the response already begun must
+    # carry the bytes it began with, not end short or fail half-way.
+    data = os.urandom(3 * STREAM_CHUNK)
+    name = f"packs/{Digest.of(data).hex}"
+    with srv.client() as c:
+        assert c.put(blob(name), content=data).status_code == 204
+        with c.stream("GET", blob(name)) as r:
+            body = r.iter_bytes()
+            got = [next(body)]
+            assert c.delete(blob(name)).status_code == 204
+            assert not (store_dir(srv) / name).exists()
+            got.extend(body)
+    assert b"".join(got) == data

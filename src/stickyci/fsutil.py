@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import shutil
 import stat
@@ -323,3 +324,24 @@ def discarding(tree: Path) -> Iterator[Callable[[int, str], None]]:
             delete_in_background(doomed)
         else:
             doomed.rmdir()
+
+
+MADV_POPULATE_READ = 22
+"""Linux 5.14's madvise that reads a mapping's pages in and waits (Python 3.11 has no name
+for it)."""
+
+
+def page_in(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Read the pages of ``mapped[start:end]`` in now, so that touching them later (in a
+    ``send`` on an event loop) does not wait for the disk. Older kernels get a read-ahead
+    hint instead."""
+    start -= start % mmap.PAGESIZE
+    end = min(end, len(mapped))
+    if end <= start:
+        return
+    try:
+        mapped.madvise(MADV_POPULATE_READ, start, end - start)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        mapped.madvise(mmap.MADV_WILLNEED, start, end - start)

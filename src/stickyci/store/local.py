@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -92,6 +93,19 @@ class LocalBackend:
                     f.seek(offset)
                     return f.read()
                 return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError as exc:
+            raise NotFound(f"store object {name} is missing") from exc
+        except OSError as exc:
+            raise _translate(exc, self.root, name) from exc
+
+    def map(self, name: str) -> mmap.mmap:
+        """A blob mapped read-only, to send without copying it into a buffer first (see
+        ``fsutil.page_in``). Safe to hold while the store changes: a blob is never
+        rewritten in place, only replaced by a rename or unlinked, which leave a mapping
+        its old pages."""
+        try:
+            with open(self._path(name), "rb", buffering=0) as f:
+                return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         except FileNotFoundError as exc:
             raise NotFound(f"store object {name} is missing") from exc
         except OSError as exc:

@@ -114,7 +114,8 @@ class FastReads:
     def __init__(self, app: ASGIApp, server: ServerState, routes: Sequence[BaseRoute]) -> None:
         self.app = app
         self.server = server
-        self.on = server.local_reads  # a remote store's reads belong in threads: the route's
+        # A remote store's reads belong in threads: the route's.
+        self.on = server.local is not None
         # An instance named like another route's first segment ("/nix/ac/…") is that route's.
         self.taken = {r.path.split("/")[1] for r in routes
                       if isinstance(r, Route) and r.path not in _ENTRY_PATHS}
