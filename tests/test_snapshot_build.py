@@ -31,8 +31,8 @@ def _file(i: int, size: int) -> Entry:
 
 @pytest.mark.parametrize("sizes", [
     [10, 10, 10, 10, 10, 10, 10, 10, 10],  # small files: runs that close at the limit
-    [5, 200, 5, 5, 90, 5, 5, 5, 60, 5],    # a big file closes the run it joins
-    [20, 20, 20, 20, 20, 300, 20],         # the biggest run comes late in the scan
+    [5, 200, 5, 5, 90, 5, 5, 5, 60, 5],    # a big file is a task of its own
+    [20, 20, 20, 20, 20, 300, 20],         # the biggest task comes late in the scan
     [300],
     [],
 ])
@@ -40,15 +40,17 @@ def test_batches_are_bounded_runs_handed_out_largest_first(sizes: list[int]) -> 
     limit = 100 * KiB
     entries = [_file(i, n * KiB) for i, n in enumerate(sizes)]
     groups = list(build._batches(entries, limit))
-
-    # every file once, each group a run of neighbours in the scan's order
-    assert sorted(e.path for g in groups for e in g) == [e.path for e in entries]
-    for g in groups:
-        first = entries.index(g[0])
-        assert g == entries[first:first + len(g)]
-    # each run closes once it reaches the limit (the last one may fall short of it)
-    runs = sorted(groups, key=lambda g: entries.index(g[0]))
     cost = {id(g): sum(e.size + 4096 for e in g) for g in groups}
+
+    # every file once; a file of the limit or more alone, the others in runs of the scan's
+    # order that close once they reach the limit (the last one may fall short of it)
+    assert sorted(e.path for g in groups for e in g) == [e.path for e in entries]
+    big = [e for e in entries if e.size + 4096 >= limit]
+    assert [g for g in groups if g[0] in big] == [[e] for e in sorted(
+        big, key=lambda e: e.size, reverse=True)]
+    small = [e for e in entries if e not in big]
+    runs = sorted((g for g in groups if g[0] not in big), key=lambda g: small.index(g[0]))
+    assert [e for g in runs for e in g] == small
     assert all(cost[id(g)] >= limit > cost[id(g)] - g[-1].size - 4096 for g in runs[:-1])
     assert not runs or cost[id(runs[-1])] - runs[-1][-1].size - 4096 < limit
     # the biggest task first, so none is left for one worker alone at the end

@@ -156,6 +156,16 @@ def tree_ticks(roots: Sequence[int]) -> int:
     return sum(ticks[p] for p in descendants(roots, parent))
 
 
+def tree_rss_anon(roots: Sequence[int]) -> int:
+    """Sum of the private memory (RssAnon: heap and the like, not mapped files) that
+    ``roots`` and their live descendants hold now."""
+    total = 0
+    for pid in descendants(roots, process_parents()):
+        with contextlib.suppress(OSError, StopIteration), open(f"/proc/{pid}/status") as f:
+            total += int(next(ln for ln in f if ln.startswith("RssAnon:")).split()[1]) * 1024
+    return total
+
+
 def descendants(roots: Sequence[int], parent: dict[int, int]) -> set[int]:
     """``roots`` (those alive) and every process below them, given each process's parent."""
     wanted, frontier = set(), [r for r in roots if r in parent]

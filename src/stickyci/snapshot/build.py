@@ -174,18 +174,25 @@ def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
 
 def _batches(entries: list[Entry], limit: int) -> list[list[Entry]]:
     """Runs of neighbouring files of about ``limit`` bytes each, so each task is worth its
-    overhead, largest first.
+    overhead, largest first; a file of ``limit`` or more is a task of its own.
 
-    The order is the longest-processing-time rule: a big run handed out last (a run that a
-    file of hundreds of MB closes) would leave one worker compressing it while the others
-    have nothing left to do; small runs last even the workers out.
+    Alone, a big file leaves the small files around it to the other workers: in the run it
+    joined, one worker read them all (an incremental commit of a rebuilt 50 MiB binary and
+    332 small files ran on one worker, the other idle). The order is the
+    longest-processing-time rule: a big task handed out last would leave one worker
+    compressing it while the others have nothing left to do; small runs last even the
+    workers out.
     """
     groups: list[tuple[int, list[Entry]]] = []
     group: list[Entry] = []
     size = 0
     for e in entries:
+        cost = e.size + 4096  # a file's own overhead (open, stat, a row) counts too
+        if cost >= limit:
+            groups.append((cost, [e]))
+            continue
         group.append(e)
-        size += e.size + 4096  # a file's own overhead (open, stat, a row) counts too
+        size += cost
         if size >= limit:
             groups.append((size, group))
             group, size = [], 0
