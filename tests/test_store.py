@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import tmpfs
 
 from stickyci import codec
 from stickyci.digest import Digest
-from stickyci.errors import IntegrityError, NotFound, UsageError
+from stickyci.errors import IntegrityError, NotFound, StorageFull, UsageError
 from stickyci.store import LocalBackend, ObjectStore, open_backend
-from stickyci.store.objects import decode_index
+from stickyci.store.objects import PACK_TARGET, decode_index
 
 
 def test_roundtrip_through_a_pack(tmp_path: Path) -> None:
@@ -22,6 +23,36 @@ def test_roundtrip_through_a_pack(tmp_path: Path) -> None:
     again = ObjectStore(LocalBackend(tmp_path))
     assert [again.get(d) for d in digests] == blobs
     assert len(LocalBackend(tmp_path).list("packs")) == 1
+
+
+def test_full_packs_are_written_behind_and_all_are_there_after_flush(tmp_path: Path) -> None:
+    store = ObjectStore(LocalBackend(tmp_path), local_index=False)
+    blobs = [os.urandom(1 << 20) for _ in range(3 * PACK_TARGET // (1 << 20) + 1)]
+    digests = [store.put(b) for b in blobs]
+    store.flush()
+    assert len(LocalBackend(tmp_path).list("packs")) == 4
+    again = ObjectStore(LocalBackend(tmp_path), local_index=False)
+    assert [again.get(d) for d in digests] == blobs
+
+
+@pytest.mark.root
+def test_a_pack_written_behind_that_fails_fails_the_flush(tmp_path: Path) -> None:
+    # The full pack is written on a thread while the next one fills: its failure (a full
+    # disk, for real) must reach the caller, and none of its objects count as stored; the
+    # object after it is still to be written, by the next flush.
+    with tmpfs(tmp_path, "8m"):
+        store = ObjectStore(LocalBackend(tmp_path), local_index=False)
+        blobs = [os.urandom(1 << 20) for _ in range(PACK_TARGET // (1 << 20) + 1)]
+        digests = [store.put(b) for b in blobs]
+        with pytest.raises(StorageFull):
+            store.flush()
+        assert not any(store.has(d) for d in digests[:-1])
+        assert LocalBackend(tmp_path).list("packs") == []
+        assert os.listdir(tmp_path / "tmp") == []
+        store.flush()
+        again = ObjectStore(LocalBackend(tmp_path), local_index=False)
+        assert again.get(digests[-1]) == blobs[-1]
+        assert len(LocalBackend(tmp_path).list("packs")) == 1
 
 
 def test_duplicate_put_stores_once(tmp_path: Path) -> None:
