@@ -107,7 +107,8 @@ class ServerState:
                         length: int | None = None) -> tuple[Response, int]:
         """A response carrying a blob (or a range of it), and its size. A blob over
         ``STREAM_CHUNK`` is sent in chunks of that size, so memory stays bounded however
-        large the blob and however many clients download at once."""
+        large the blob and however many clients download at once: from a mapping of the file
+        for a ``file://`` store, read into buffers from any other."""
         got: bytes | int = -1
         if self.local is not None:
             got = self.read_inline(name, offset, length, INLINE_READ)
