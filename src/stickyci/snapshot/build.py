@@ -84,12 +84,16 @@ def fill_content(store: ObjectStore, root: Tree | str, entries: Iterable[Entry])
             leaders[e.link] = e
         todo.append(e)
 
-    if sum(e.size for e in todo) < PARALLEL_MIN_BYTES:
-        with Opener(tree) as opener:
-            for e in todo:
-                e.size, e.chunks = store_file(store, opener, e.path)
-    else:
-        _fill_forked(store, tree, todo)
+    try:
+        if sum(e.size for e in todo) < PARALLEL_MIN_BYTES:
+            with Opener(tree) as opener:
+                for e in todo:
+                    e.size, e.chunks = store_file(store, opener, e.path)
+        else:
+            _fill_forked(store, tree, todo)
+    except BaseException:
+        store.settle()
+        raise
     for e in followers:
         leader = leaders[e.link]
         e.size, e.chunks = leader.size, leader.chunks
@@ -142,11 +146,17 @@ def _fill_forked(store: ObjectStore, tree: Tree, todo: list[Entry]) -> None:
         before = store.bytes_written, store.objects_written
         known = set(store.written)
         out = []
-        with Opener(tree) as opener:
-            for e in batches[i]:
-                if aborted():  # another batch failed: the commit is over, publish nothing more
-                    return i, [], 0, 0, []
-                out.append(store_file(store, opener, e.path))
+        # Failing or aborted, this worker may end next (os._exit): no pack write cut off.
+        try:
+            with Opener(tree) as opener:
+                for e in batches[i]:
+                    if aborted():  # another batch failed: the commit is over, publish nothing more
+                        store.settle()
+                        return i, [], 0, 0, []
+                    out.append(store_file(store, opener, e.path))
+        except BaseException:
+            store.settle()
+            raise
         store.flush()  # each batch ends in a published pack: the parent sees only those
         packs = [(p, index) for p, index in store.written.items() if p not in known]
         return (i, out, store.bytes_written - before[0], store.objects_written - before[1],

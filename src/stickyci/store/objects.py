@@ -408,13 +408,28 @@ class ObjectStore:
             thread.start()
             self._writer = thread, failed
 
+    def settle(self) -> None:
+        """Wait for the pack being written behind, if any, and drop what its write raised.
+
+        For a caller that is failing already, before its process ends: a forked worker ends
+        with ``os._exit``, which stops a thread halfway through its write and leaves a temp
+        file in the store. A failed write has unpublished its objects; the caller's own error
+        is the one to report."""
+        with self._writer_lock:
+            self._join()
+
     def _written(self) -> None:
         """Wait for the pack in flight, if any; raise what its write raised."""
+        failed = self._join()
+        if failed:
+            raise failed[0]
+
+    def _join(self) -> list[BaseException]:
         writer, self._writer = self._writer, None
-        if writer is not None:
-            writer[0].join()
-            if writer[1]:
-                raise writer[1][0]
+        if writer is None:
+            return []
+        writer[0].join()
+        return writer[1]
 
     def _take_pack(self) -> tuple[bytes, dict[Digest, tuple[int, int]]]:
         envelopes, self._pending, self._pending_size = self._pending, {}, 0
