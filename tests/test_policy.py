@@ -245,3 +245,18 @@ def test_evict_sweeps_a_base_abandoned_mid_restore(env: Env) -> None:
         basecache.trim()
     assert not abandoned.exists()
     assert busy.exists()
+
+
+def test_trash_whose_rm_died_is_swept_and_trash_being_deleted_is_left(env: Env) -> None:
+    # What a reboot in the middle of a background delete leaves: trash nobody deletes.
+    old = time.time() - basecache.TRASH_AGE - 60
+    left = [env.cache / "bases" / ".gone-dead", env.cache / "mounts" / ".trash" / "dead"]
+    for trash in left:
+        (trash / "deep" / "er").mkdir(parents=True)
+        (trash / "deep" / "er" / "f").write_bytes(b"x")
+        os.utime(trash, (old, old))
+    fresh = env.cache / "bases" / ".gone-being-deleted"
+    fresh.mkdir()
+    basecache.trim()
+    assert not any(t.exists() for t in left)
+    assert fresh.exists()  # its rm is still at work

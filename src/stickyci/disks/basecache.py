@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -295,10 +296,21 @@ def trim(budget: int | None = None) -> list[str]:
     return drop
 
 
+TRASH_AGE = 3600.0
+"""Trash untouched this many seconds has lost the background ``rm`` that was deleting it."""
+
+
 def _sweep_abandoned() -> None:
-    """Remove half-materialised bases whose writer died (its snapshot lock is free)."""
+    """Remove half-materialised bases whose writer died (its snapshot lock is free), and
+    trash whose background ``rm`` died (a reboot or the OOM killer mid-delete): nothing
+    else would ever delete either."""
     for tmp in bases_root().glob(".tmp-*"):
         snapshot = tmp.name.split("-")[1]
         with _lock(snapshot, "lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
             if free:
                 remove_tree(tmp)
+    stale = time.time() - TRASH_AGE
+    for trash in (*bases_root().glob(".gone-*"), *(mounts.mounts_root() / ".trash").glob("*")):
+        with contextlib.suppress(OSError):
+            if trash.lstat().st_mtime < stale:
+                remove_tree(trash)
