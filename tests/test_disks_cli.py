@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import STRATEGIES, Env
+from helpers import STRATEGIES, Env, elsewhere
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -140,6 +140,38 @@ def test_gc_removes_what_no_disk_references(env: Env) -> None:
     assert env.json("disk", "gc", "--grace", "0s")["packs_deleted"] == 1
     env.run("disk", "mount", "other", str(ws), "--strategy", "copy")
     assert (ws / "keep").stat().st_size == 1000
+
+
+def test_gc_points_the_pack_hints_at_where_it_moved_the_objects(env: Env) -> None:
+    ws = env.root / "ws"
+    files = {f"f{i:02}.bin": os.urandom(40 << 10) for i in range(24)}  # one pack
+    env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+    for name, data in files.items():
+        (ws / name).write_bytes(data)
+    env.run("disk", "commit", str(ws))
+    kept = dict(list(files.items())[:2])
+    env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+    for name in files.keys() - kept.keys():
+        (ws / name).unlink()
+    env.run("disk", "commit", str(ws))
+    for _ in range(2):  # the keep policy (3 generations) pushes generation 1 out
+        env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+        env.run("disk", "commit", str(ws), "--mode", "always")
+    def packs() -> set[str]:
+        return {p.name for p in (env.store / "packs").iterdir()}
+
+    before = packs()
+    (hinted,) = [g["packs"] for g in env.json("disk", "show", "k")["generations"] if "packs" in g]
+    report = env.json("disk", "gc", "--grace", "0s")
+    assert report["packs_repacked"] == 1 and report["refs_rehinted"] == 1, report
+
+    removed, made = before - packs(), packs() - before
+    assert removed and removed <= set(hinted)  # the hint named the pack gc repacked...
+    (now,) = [g["packs"] for g in env.json("disk", "show", "k")["generations"] if "packs" in g]
+    assert set(now) == (set(hinted) - removed) | made  # ...and now names where it went
+    there, ws2 = elsewhere(env, "cache2"), env.root / "ws2"
+    there.run("disk", "mount", "k", str(ws2), "--strategy", "copy")
+    assert {p.name: p.read_bytes() for p in ws2.iterdir()} == kept
 
 
 @pytest.mark.parametrize(("args", "code", "needle"), [

@@ -363,7 +363,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
             new = ref or DiskRef(state.key, now, now)
             gen = Generation((new.latest.gen if new.latest else 0) + 1, snapshot, now, size,
                              files, objects.bytes_written,
-                             f"{socket.gethostname()}:{os.getpid()}", as_hint(hint))
+                             f"{socket.gethostname()}:{os.getpid()}", refs.as_hint(hint))
             new.add(gen)
             new.last_used = now
             return new
@@ -440,13 +440,6 @@ def _pack_hint(objects: ObjectStore, packs: set[str], base: Generation,
                                  for h, _ in e.chunks)
         hinted = packs | every if every is not None else set()
     return hinted
-
-
-def as_hint(packs: set[str]) -> tuple[Digest, ...]:
-    """:attr:`Generation.packs` for ``packs`` (``packs/<id>``): none when too many."""
-    if len(packs) > refs.MAX_PACK_HINTS:
-        return ()
-    return tuple(sorted(Digest.parse(p.split("/", 1)[1]) for p in packs))
 
 
 def _new_content(objects: ObjectStore, read: list[Entry]) -> int:

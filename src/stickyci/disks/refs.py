@@ -118,6 +118,13 @@ _GEN_OPTIONAL = frozenset({"packs"})
 _REF_FIELDS = frozenset({"key", "created", "last_used", "generations"})
 
 
+def as_hint(packs: set[str]) -> tuple[Digest, ...]:
+    """:attr:`Generation.packs` for ``packs`` (``packs/<id>``): none when too many."""
+    if len(packs) > MAX_PACK_HINTS:
+        return ()
+    return tuple(sorted(Digest.parse(p.split("/", 1)[1]) for p in packs))
+
+
 @dataclass(frozen=True, slots=True)
 class Generation:
     """One committed snapshot of a disk."""
