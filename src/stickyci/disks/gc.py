@@ -308,4 +308,3 @@ def _rehint(backend: Backend, found: list[refs.DiskRef], moved: dict[str, set[st
     for key in stale:
         refs.update_ref(backend, key, rewrite)
     return len(stale)
-
