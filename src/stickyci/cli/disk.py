@@ -224,5 +224,5 @@ def gc(grace: str, dry_run: bool, store_url: str | None, as_json: bool) -> None:
     emit(as_json, r.as_dict(), lambda d: (
         f"{verb} {_size(d['bytes_freed'])}: {d['packs_deleted']} packs deleted, "
         f"{d['packs_repacked']} repacked, {d['orphans_deleted']} orphans; "
-        f"{d['live_objects']} live objects"))
+        f"{d['live_objects']} live objects; {d['refs_rehinted']} disks' pack hints updated"))
 
