@@ -248,15 +248,16 @@ def test_evict_sweeps_a_base_abandoned_mid_restore(env: Env) -> None:
 
 
 def test_trash_whose_rm_died_is_swept_and_trash_being_deleted_is_left(env: Env) -> None:
-    # What a reboot in the middle of a background delete leaves: trash nobody deletes.
+    # What a reboot in the middle of a background delete leaves: trash nobody deletes. A tree
+    # moved to the trash keeps its old mtime (a base's root has its snapshot's).
     old = time.time() - basecache.TRASH_AGE - 60
-    left = [env.cache / "bases" / ".gone-dead", env.cache / "mounts" / ".trash" / "dead"]
-    for trash in left:
-        (trash / "deep" / "er").mkdir(parents=True)
-        (trash / "deep" / "er" / "f").write_bytes(b"x")
-        os.utime(trash, (old, old))
-    fresh = env.cache / "bases" / ".gone-being-deleted"
-    fresh.mkdir()
+    trash = [env.cache / "bases" / ".gone-x", env.cache / "mounts" / ".trash" / "x"]
+    for t in trash:
+        (t / "deep" / "er").mkdir(parents=True)
+        (t / "deep" / "er" / "f").write_bytes(b"x")
+        os.utime(t, (old, old))
     basecache.trim()
-    assert not any(t.exists() for t in left)
-    assert fresh.exists()  # its rm is still at work
+    assert all(t.exists() for t in trash)  # just moved there: its rm is still at work
+    # An hour on, untouched (a clock moved forward: an hour cannot be waited for here).
+    basecache.sweep_trash(time.time() + basecache.TRASH_AGE + 60)
+    assert not any(t.exists() for t in trash)

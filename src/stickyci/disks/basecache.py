@@ -302,15 +302,24 @@ TRASH_AGE = 3600.0
 
 def _sweep_abandoned() -> None:
     """Remove half-materialised bases whose writer died (its snapshot lock is free), and
-    trash whose background ``rm`` died (a reboot or the OOM killer mid-delete): nothing
-    else would ever delete either."""
+    trash whose background ``rm`` died: nothing else would ever delete either."""
     for tmp in bases_root().glob(".tmp-*"):
         snapshot = tmp.name.split("-")[1]
         with _lock(snapshot, "lock", fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
             if free:
                 remove_tree(tmp)
-    stale = time.time() - TRASH_AGE
+    sweep_trash(time.time())
+
+
+def sweep_trash(now: float) -> None:
+    """Delete the trash (``.gone-*`` bases, mounts' ``.trash``) untouched for ``TRASH_AGE``
+    at ``now``: its ``rm`` died (a reboot, the OOM killer mid-delete).
+
+    Untouched by the inode's change time: moving a tree to the trash keeps its mtime (a base's
+    root has its snapshot's, often days old) but sets its ctime, and the ``rm`` changes it
+    again with every entry it removes there; by mtime, a tree moved a second ago would be
+    deleted here, in the way of a mount, while its ``rm`` was still at work."""
     for trash in (*bases_root().glob(".gone-*"), *(mounts.mounts_root() / ".trash").glob("*")):
         with contextlib.suppress(OSError):
-            if trash.lstat().st_mtime < stale:
+            if trash.lstat().st_ctime < now - TRASH_AGE:
                 remove_tree(trash)
