@@ -97,15 +97,21 @@ def unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", p], check=False)
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
+def tmpfs(path: Path, size: str) -> contextlib.AbstractContextManager[Path]:
     """Mount a tmpfs of ``size`` (as ``mount -o size=`` takes it) on ``path``; skip the test
     where that is not possible (not root, say)."""
+    return scratch_mount(path, "tmpfs", f"size={size}")
+
+
+@contextlib.contextmanager
+def scratch_mount(path: Path, fstype: str, options: str = "defaults") -> Iterator[Path]:
+    """Mount a fresh filesystem of ``fstype`` (tmpfs, ramfs) on ``path`` for the block; skip
+    the test where that is not possible (not root, say)."""
     path.mkdir(exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+    done = subprocess.run(["mount", "-t", fstype, "-o", options, fstype, str(path)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a {fstype} here: {done.stderr.strip()}")
     try:
         yield path
     finally:

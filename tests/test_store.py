@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import tmpfs
+from helpers import scratch_mount, tmpfs
 
 from stickyci import codec
 from stickyci.digest import Digest
 from stickyci.errors import IntegrityError, NotFound, StorageFull, UsageError
 from stickyci.store import LocalBackend, ObjectStore, open_backend
+from stickyci.store.local import DIRECT_MIN
 from stickyci.store.objects import PACK_TARGET, decode_index
 
 
@@ -53,6 +55,45 @@ def test_a_pack_written_behind_that_fails_fails_the_flush(tmp_path: Path) -> Non
         again = ObjectStore(LocalBackend(tmp_path), local_index=False)
         assert again.get(digests[-1]) == blobs[-1]
         assert len(LocalBackend(tmp_path).list("packs")) == 1
+
+
+def _cached_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "pages", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_packs_bypass_the_page_cache_and_read_back_whole(tmp_path: Path) -> None:
+    # A size that is no multiple of the block size: the padding the direct write needs must
+    # not stay in the blob.
+    data = os.urandom(DIRECT_MIN + 12_345)
+    store, tier = LocalBackend(tmp_path / "store"), LocalBackend(tmp_path / "tier", direct=False)
+    for backend in (store, tier):
+        backend.put("packs/big", data)
+        backend.put("packs/small", data[:1000])
+    written = tmp_path / "store" / "packs" / "big"
+    assert written.stat().st_size == len(data)
+    assert _cached_pages(written) == 0
+    assert _cached_pages(tmp_path / "tier" / "packs" / "big") > 0
+    assert _cached_pages(tmp_path / "store" / "packs" / "small") > 0  # small blobs as before
+    for backend in (store, tier):
+        assert backend.get("packs/big") == data
+        assert backend.get("packs/small") == data[:1000]
+    assert os.listdir(tmp_path / "store" / "tmp") == []
+
+
+@pytest.mark.root
+def test_a_filesystem_without_direct_io_gets_buffered_writes(tmp_path: Path) -> None:
+    # ramfs refuses O_DIRECT (EINVAL), as some network and FUSE filesystems do.
+    with scratch_mount(tmp_path / "ram", "ramfs"):
+        store = ObjectStore(LocalBackend(tmp_path / "ram"), local_index=False)
+        blobs = [os.urandom(1 << 20) for _ in range(PACK_TARGET // (1 << 20) + 2)]
+        digests = [store.put(b) for b in blobs]
+        store.flush()
+        again = ObjectStore(LocalBackend(tmp_path / "ram"), local_index=False)
+        assert [again.get(d) for d in digests] == blobs
+        assert os.listdir(tmp_path / "ram" / "tmp") == []
 
 
 def test_duplicate_put_stores_once(tmp_path: Path) -> None:

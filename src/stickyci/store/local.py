@@ -13,6 +13,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,15 @@ _REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS}
 _PASSING = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EMFILE,
             errno.ENFILE, errno.ENOMEM, errno.EBUSY}
 
+DIRECT_MIN = 1 << 20
+"""Blobs of this size or more (packs) bypass the page cache (``O_DIRECT``). A commit's packs
+are not read back soon, while the job's tree is; and copying into the page cache costs a
+fresh page per 4 KiB, which on a VM that hands free memory back to its host is the dear part
+(416 MB of packs: 1.1 s of system time buffered, 0.04 s direct)."""
+_ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the device's block size
+_KEPT = 2  # buffers kept for reuse: a pack being written and the next one
+_BUFFER = 18 << 20  # a pack (16 MiB) and the object that closed it
+
 
 def _translate(exc: OSError, root: Path, what: str) -> BackendError | StorageFull:
     if exc.errno in _FULL:
@@ -40,12 +50,41 @@ def _translate(exc: OSError, root: Path, what: str) -> BackendError | StorageFul
     return BackendError(f"store I/O failed on {what} in {root}: {exc.strerror}")
 
 
+class _Buffers:
+    """Page-aligned buffers for direct writes, reused: pages touched once stay cheap.
+
+    Private mappings, so a forked worker that inherits one writes to its own copy."""
+
+    def __init__(self) -> None:
+        self._free: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def holding(self, size: int) -> Iterator[mmap.mmap]:
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None or len(buf) < size:
+            buf = mmap.mmap(-1, max(size, _BUFFER), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            yield buf
+        finally:
+            with self._lock:
+                if len(self._free) < _KEPT and len(buf) <= _BUFFER:
+                    self._free.append(buf)
+
+
+_buffers = _Buffers()
+
+
 class LocalBackend:
     """Blobs as files under ``root``; temp files live in ``root/tmp`` until renamed."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, direct: bool = True) -> None:
+        """``direct=False`` keeps every write in the page cache: for a copy whose blobs
+        are read right after they are written (a tier)."""
         self.root = root
         self.url = f"file://{root}"
+        self._direct = direct
         try:
             (root / "tmp").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -69,20 +108,54 @@ class LocalBackend:
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.tmp"
         try:
             target.parent.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not (self._direct and len(data) >= DIRECT_MIN and self._write_direct(tmp, data)):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+                try:
+                    _write_all(fd, memoryview(data))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.rename(tmp, target)
             fsync_dir(target.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise _translate(exc, self.root, name) from exc
+
+    def _write_direct(self, tmp: Path, data: bytes | memoryview) -> bool:
+        """Write ``data`` durably to the new file ``tmp``, bypassing the page cache; False
+        (and no file) where the filesystem refuses direct I/O, which is then not tried
+        again."""
+        size = len(data)
+        padded = -(-size // _ALIGN) * _ALIGN
+        with _buffers.holding(padded) as buf:
+            buf[:size] = data
+            buf[size:padded] = bytes(padded - size)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                             | os.O_DIRECT, 0o444)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # Some filesystems (ramfs) create the file before they refuse the flag.
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                self._direct = False
+                return False
+            try:
+                with memoryview(buf) as view:
+                    _write_all(fd, view[:padded])
+                os.ftruncate(fd, size)  # the padding goes; the file is the blob
+                os.fsync(fd)
+            except OSError as exc:
+                os.close(fd)
+                tmp.unlink()
+                if exc.errno != errno.EINVAL:  # a block size above _ALIGN, say
+                    raise
+                self._direct = False
+                return False
+            os.close(fd)
+        return True
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read a byte range of a blob."""
@@ -187,3 +260,8 @@ class LocalBackend:
             yield
         finally:
             os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
