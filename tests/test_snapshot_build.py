@@ -4,14 +4,18 @@ forked fill leaves behind in the committing process."""
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 from pathlib import Path
 
 import pytest
 
+from stickyci.digest import Digest
 from stickyci.errors import BusyError
+from stickyci.fsutil import Tree
 from stickyci.snapshot import (
     FILE,
+    ContentFill,
     Entry,
     build,
     fill_content,
@@ -36,14 +40,22 @@ def _file(i: int, size: int) -> Entry:
     [300],
     [],
 ])
-def test_batches_are_bounded_runs_handed_out_largest_first(sizes: list[int]) -> None:
+def test_tasks_are_bounded_runs_taken_largest_first(sizes: list[int]) -> None:
     limit = 100 * KiB
     entries = [_file(i, n * KiB) for i, n in enumerate(sizes)]
-    groups = list(build._batches(entries, limit))
+    tasks = build._Tasks(limit)
+    made = [tasks.add(e) for e in entries]
+    tasks.close()
+    order = []
+    while tasks.waiting:
+        order.append(tasks.take())
+    groups = [tasks.batches[i] for i in order]
     cost = {id(g): sum(e.size + 4096 for e in g) for g in groups}
 
-    # every file once; a file of the limit or more alone, the others in runs of the scan's
-    # order that close once they reach the limit (the last one may fall short of it)
+    # every file once, every task taken once; a file of the limit or more alone, the others
+    # in runs of the scan's order that close once they reach the limit (the last one may
+    # fall short of it)
+    assert sorted(order) == list(range(len(tasks.batches)))
     assert sorted(e.path for g in groups for e in g) == [e.path for e in entries]
     big = [e for e in entries if e.size + 4096 >= limit]
     assert [g for g in groups if g[0] in big] == [[e] for e in sorted(
@@ -53,6 +65,9 @@ def test_batches_are_bounded_runs_handed_out_largest_first(sizes: list[int]) -> 
     assert [e for g in runs for e in g] == small
     assert all(cost[id(g)] >= limit > cost[id(g)] - g[-1].size - 4096 for g in runs[:-1])
     assert not runs or cost[id(runs[-1])] - runs[-1][-1].size - 4096 < limit
+    # a task is made as soon as the scan has handed over its last file; only a short last
+    # run waits for the scan's end
+    assert sum(made) == len(groups) - (bool(runs) and cost[id(runs[-1])] < limit)
     # the biggest task first, so none is left for one worker alone at the end
     assert [cost[id(g)] for g in groups] == sorted(cost.values(), reverse=True)
 
@@ -86,6 +101,30 @@ def test_forked_fill_round_trips_and_leaves_the_collector_as_it_was(
 
     restore(ObjectStore(LocalBackend(tmp_path / "store")), load_manifest(store, snap), dst)
     assert {rel: (dst / rel).read_bytes() for rel in files} == files
+
+
+def test_workers_start_while_the_scan_is_still_handing_files_over(
+        tmp_path: Path, forked: None) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = _tree(src)
+    os.link(src / "big", src / "d0" / "big-again")  # read once, by whichever worker
+    files["d0/big-again"] = files["big"]
+    entries = scan_tree(str(src)).todo
+    store = ObjectStore(LocalBackend(tmp_path / "store"))
+    with ContentFill(store) as fill:
+        fill.read_from(Tree.at(src))
+        assert not multiprocessing.active_children()
+        fill.add(entries[0])
+        assert multiprocessing.active_children()  # before the scan has handed over the rest
+        for e in entries[1:]:
+            fill.add(e)
+        fill.finish()
+    assert not multiprocessing.active_children()
+
+    again = ObjectStore(LocalBackend(tmp_path / "store"))
+    assert {e.path: b"".join(again.get(Digest(bytes.fromhex(h))) for h, _ in e.chunks)
+            for e in entries} == files
 
 
 def test_a_failed_forked_fill_unfreezes_the_collector(tmp_path: Path, forked: None) -> None:

@@ -12,9 +12,11 @@ import ctypes
 import itertools
 import multiprocessing
 import os
+import queue
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,25 +47,72 @@ def aborted() -> bool:
     return _abort is not None and bool(_abort.is_set())
 
 
+class ForkedPool(Generic[T, R]):
+    """``fn`` run in forked workers on items handed over one at a time, while the caller is
+    still producing them; results come back in completion order.
+
+    Use it as a context manager. Leaving it on an error asks the tasks still running to stop
+    (``aborted()``) and waits for them, so none is killed halfway through a write.
+    """
+
+    def __init__(self, fn: Callable[[T], R], workers: int = WORKERS) -> None:
+        global _task, _abort
+        ctx = multiprocessing.get_context("fork")
+        _task, _abort = fn, ctx.Event()
+        self.workers = workers
+        self.running = 0  # handed over and not yet collected
+        self._done: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._pool = ctx.Pool(workers, _die_with_parent)
+
+    def __enter__(self) -> ForkedPool[T, R]:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        global _task, _abort
+        if exc is not None and _abort is not None:
+            _abort.set()
+        self._pool.close()
+        self._pool.join()
+        _task, _abort = None, None
+
+    def submit(self, item: T) -> None:
+        """Hand ``item`` to the next free worker."""
+        self.running += 1
+        self._pool.apply_async(_call, (item,), callback=lambda r: self._done.put((True, r)),
+                               error_callback=lambda e: self._done.put((False, e)))
+
+    def finished(self) -> list[R]:
+        """The results that came in since the last call, without waiting; raises what a
+        task raised."""
+        out = []
+        while not self._done.empty():
+            out.append(self._collect())
+        return out
+
+    def next(self) -> R:
+        """Wait for the next result; raises what a task raised."""
+        return self._collect()
+
+    def _collect(self) -> R:
+        ok, value = self._done.get()
+        self.running -= 1
+        if not ok:
+            raise value
+        return cast(R, value)
+
+
 def forked_map(fn: Callable[[T], R], items: Sequence[T], workers: int = WORKERS) -> Iterator[R]:
     """Yield ``fn(item)`` for every item, in completion order, computed in forked workers.
 
     When a task raises, the others are asked to stop (``aborted()``) and are waited for, so
     none is killed halfway through a write; then the error is raised here.
     """
-    global _task, _abort
-    ctx = multiprocessing.get_context("fork")
-    _task, _abort = fn, ctx.Event()
-    pool = ctx.Pool(min(workers, max(1, len(items))), _die_with_parent)
-    try:
-        yield from pool.imap_unordered(_call, items)
-    except BaseException:
-        _abort.set()
-        raise
-    finally:
-        pool.close()
-        pool.join()
-        _task, _abort = None, None
+    with ForkedPool(fn, min(workers, max(1, len(items)))) as pool:
+        for item in items:
+            pool.submit(item)
+        while pool.running:
+            yield pool.next()
 
 
 def forked_runs(items: Sequence[T], run: Callable[[Iterable[T]], None],

@@ -34,7 +34,17 @@ from typing import Any
 from ..digest import Digest
 from ..errors import ConflictError, NotFound, StickyError, UsageError
 from ..fsutil import Tree, empty_dir
-from ..snapshot import Diff, Entry, Manifest, Scan, diff, fill_content, load_manifest, save_manifest
+from ..snapshot import (
+    ContentFill,
+    Diff,
+    Entry,
+    Manifest,
+    Scan,
+    diff,
+    fill_content,
+    load_manifest,
+    save_manifest,
+)
 from ..store import Backend, ObjectStore, as_backend, decode_index, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
 from .refs import DiskRef, Generation
@@ -327,8 +337,10 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     base = load_manifest(objects, state.base) if state.base else Manifest()
     with _sealed(state, path) as sealed:  # from here until the ref moves, see _seal
         where = state.dir / SEALED_TREE if sealed and state.strategy in CLONES else path
-        scan, content_root = strategy.changes(where, state.dir, base, state.trust_owners)
-        fill_content(objects, content_root, scan.todo)
+        with ContentFill(objects) as fill:
+            scan, content_root = strategy.changes(where, state.dir, base, state.trust_owners,
+                                                  fill)
+            fill.finish()
         changes = diff(base, scan.manifest, scan.touched)
         result.added, result.removed = len(changes.added), len(changes.removed)
         result.modified = len(changes.modified) + len(changes.metadata)

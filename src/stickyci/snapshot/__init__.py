@@ -6,14 +6,22 @@ values are Digests; their hex is the snapshot id users see); to snapshot a tree 
 the mount strategies, which walk an overlay's upper directory themselves.
 """
 
-from .build import Scan, fill_content, load_manifest, save_manifest, scan_tree, snapshot_tree
+from .build import (
+           ContentFill,
+           Scan,
+           fill_content,
+           load_manifest,
+           save_manifest,
+           scan_tree,
+           snapshot_tree,
+)
 from .diff import Diff, diff
 from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
 from .restore import Metadata, materialize, restore
 from .scan import StatKey, is_special, keep_base_meta, skip_special, to_entry
 
-__all__ = ["DIR", "FILE", "SYMLINK", "Diff", "Entry", "Manifest", "Metadata", "Scan", "StatKey",
-           "diff",
+__all__ = ["DIR", "FILE", "SYMLINK", "ContentFill", "Diff", "Entry", "Manifest", "Metadata",
+           "Scan", "StatKey", "diff",
            "fill_content", "is_special", "keep_base_meta", "load_manifest", "materialize",
            "restore", "save_manifest", "scan_tree", "skip_special", "snapshot_tree", "to_entry",
            "validate"]

@@ -18,7 +18,7 @@ from typing import Protocol
 from ...digest import Digest
 from ...errors import StickyError, UsageError
 from ...fsutil import Tree, empty_dir, remove_tree
-from ...snapshot import Manifest, Scan, load_manifest
+from ...snapshot import ContentFill, Manifest, Scan, load_manifest
 from ...store import ObjectStore
 from .. import basecache
 from .clone import Clone
@@ -48,9 +48,10 @@ class Strategy(Protocol):
     def unmount(self, path: Path, sdir: Path) -> None:
         """Discard the view, leaving ``path`` an empty directory."""
 
-    def changes(self, path: Path, sdir: Path, base: Manifest,
-                trust_owners: bool) -> tuple[Scan, Tree]:
-        """The tree now at ``path``, and the directory to read new file content from.
+    def changes(self, path: Path, sdir: Path, base: Manifest, trust_owners: bool,
+                fill: ContentFill | None = None) -> tuple[Scan, Tree]:
+        """The tree now at ``path``, and the directory to read new file content from; the
+        files to read are handed to ``fill``, if given, as the scan finds them.
 
         Without ``trust_owners`` the base was restored without owners and special bits, so
         a dir or symlink showing only that keeps its base entry's (``keep_base_meta``); with

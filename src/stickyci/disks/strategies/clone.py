@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ...errors import UsageError
 from ...fsutil import Opener, Tree, empty_dir
-from ...snapshot import Entry, Manifest, Scan, StatKey, materialize, restore, scan_tree
+from ...snapshot import ContentFill, Entry, Manifest, Scan, StatKey, materialize, restore, scan_tree
 from ...store import ObjectStore
 
 FICLONE = 0x40049409
@@ -116,8 +116,8 @@ class Clone:
         if path.is_dir():
             empty_dir(path)
 
-    def changes(self, path: Path, sdir: Path, base: Manifest,
-                trust_owners: bool) -> tuple[Scan, Tree]:
+    def changes(self, path: Path, sdir: Path, base: Manifest, trust_owners: bool,
+                fill: ContentFill | None = None) -> tuple[Scan, Tree]:
         """Rescan the clone; files whose stat is unchanged since the clone keep their entry."""
         try:
             recorded = json.loads((sdir / "stat.json").read_text())
@@ -132,4 +132,4 @@ class Clone:
                 return base.entries.get(e.path)
             return None
 
-        return scan_tree(tree, reuse, None if trust_owners else base), tree
+        return scan_tree(tree, reuse, None if trust_owners else base, fill), tree

@@ -29,7 +29,7 @@ from ... import fanotify
 from ...digest import Digest
 from ...errors import StickyError
 from ...fsutil import Tree, remove_tree
-from ...snapshot import Entry, Manifest, Scan, load_manifest, materialize
+from ...snapshot import ContentFill, Entry, Manifest, Scan, load_manifest, materialize
 from ...store import ObjectStore
 from .. import basecache, filler, mounts
 from .overlay import Overlay
@@ -59,8 +59,8 @@ class Lazy(Overlay):
         super().unmount(path, sdir)
         discard(sdir)
 
-    def changes(self, path: Path, sdir: Path, base: Manifest,
-                trust_owners: bool) -> tuple[Scan, Tree]:
+    def changes(self, path: Path, sdir: Path, base: Manifest, trust_owners: bool,
+                fill: ContentFill | None = None) -> tuple[Scan, Tree]:
         """The overlay's changes, if the filler guarded the base all along."""
         if is_lazy(sdir):
             status = filler.read_status(sdir)
@@ -69,7 +69,7 @@ class Lazy(Overlay):
                     f"the lazy filler of {path} stopped before its base was complete, so what "
                     f"was read there since cannot be trusted; see {sdir / filler.LOG_FILE}, "
                     f"then `stickyci disk unmount {path}` and mount it again")
-        return super().changes(path, sdir, base, trust_owners)
+        return super().changes(path, sdir, base, trust_owners, fill)
 
 
 def lazy_status(sdir: Path) -> dict[str, Any]:

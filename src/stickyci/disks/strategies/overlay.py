@@ -24,6 +24,7 @@ from ...snapshot import (
     DIR,
     FILE,
     SYMLINK,
+    ContentFill,
     Entry,
     Manifest,
     Metadata,
@@ -94,14 +95,16 @@ class Overlay:
         if os.path.ismount(path):
             _check(_libc.umount2(str(path).encode(), 0), str(path))
 
-    def changes(self, path: Path, sdir: Path, base: Manifest,
-                trust_owners: bool) -> tuple[Scan, Tree]:
+    def changes(self, path: Path, sdir: Path, base: Manifest, trust_owners: bool,
+                fill: ContentFill | None = None) -> tuple[Scan, Tree]:
         """The new tree: the base with the upper dir's whiteouts, opaque dirs and files applied."""
         upper = Tree.at(sdir / "upper")
         up: dict[str, Entry] = {}
         gone: set[str] = set()
         opaque: set[str] = set()
-        scan = Scan()
+        scan = Scan(fill=fill)
+        if fill is not None:
+            fill.read_from(upper)
         groups: dict[int, int] = {}
         for found in upper.walk():
             rel, st = found.path, found.stat
@@ -122,7 +125,7 @@ class Overlay:
             if e.kind == FILE:
                 if st.st_nlink > 1:
                     e.link = groups.setdefault(st.st_ino, -(len(groups) + 1))
-                scan.todo.append(e)
+                scan.read_later(e)
             up[rel] = e
         merged = dict(base.entries)
         hidden = _hidden(base, gone, opaque)
