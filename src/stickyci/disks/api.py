@@ -446,7 +446,7 @@ def _pack_hint(objects: ObjectStore, packs: set[str], base: Generation,
     """The packs holding a new snapshot, from ``packs`` (those holding what the commit
     checked: what changed and the manifest) and, for the rest, ``base``'s hint or else
     every object located again; none when one is nowhere known."""
-    hinted = packs | {f"packs/{p.hex}" for p in base.packs}
+    hinted = packs | base.pack_names
     if not base.packs or len(hinted) > HINT_UNION:
         every = objects.packs_of(bytes.fromhex(h) for e in manifest.entries.values()
                                  for h, _ in e.chunks)

@@ -296,15 +296,13 @@ def _rehint(backend: Backend, found: list[refs.DiskRef], moved: dict[str, set[st
             return None  # removed meanwhile
         changed = False
         for i, g in enumerate(ref.generations):
-            hinted = {f"packs/{p.hex}" for p in g.packs}
-            if hinted & moved.keys():
-                packs = set().union(*map(now_in, hinted))
+            if g.pack_names & moved.keys():
+                packs = set().union(*map(now_in, g.pack_names))
                 ref.generations[i] = replace(g, packs=refs.as_hint(packs))
                 changed = True
         return ref if changed else None
 
-    stale = [r.key for r in found
-             if any(f"packs/{p.hex}" in moved for g in r.generations for p in g.packs)]
+    stale = [r.key for r in found if any(g.pack_names & moved.keys() for g in r.generations)]
     for key in stale:
         refs.update_ref(backend, key, rewrite)
     return len(stale)

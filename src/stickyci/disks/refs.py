@@ -141,6 +141,11 @@ class Generation:
     a hint, so that a runner new to the store reads their indexes and not every index. A
     wrong hint costs only time (what it names is read and verified like any index)."""
 
+    @property
+    def pack_names(self) -> set[str]:
+        """The hinted packs as store names (``packs/<id>``); :func:`as_hint` goes back."""
+        return {f"packs/{p.hex}" for p in self.packs}
+
     def as_dict(self) -> dict[str, Any]:
         """JSON form (the snapshot as bare hex)."""
         doc: dict[str, Any] = {
