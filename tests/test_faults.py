@@ -172,6 +172,40 @@ def test_kill_9_of_the_committer_alone_stops_all_writing(env: Env) -> None:
     assert "Traceback" not in err
 
 
+def test_a_worker_killed_alone_fails_the_commit_and_keeps_the_ref(env: Env) -> None:
+    """One forked worker killed on its own, as the out-of-memory killer picks one: the commit
+    fails with one line instead of waiting forever for the dead worker's task, the ref stays
+    where it was, the mount keeps its tree, and the same commit then goes through."""
+    ws = env.root / "ws"
+    env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+    (ws / "keep").write_text("one")
+    first = env.json("disk", "commit", str(ws))
+    env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
+    write_big(ws, 128)
+    written = tree_digest(ws)
+
+    proc = start_commit(env, ws)
+    try:
+        workers: list[int] = []
+
+        def started() -> bool:
+            workers[:] = [p for p in group(proc.pid) if p != proc.pid]
+            return proc.poll() is not None or bool(workers)
+
+        wait_for(started, "the commit to fork its workers", interval=0.002)
+        assert workers, "the commit finished before it forked a worker"
+        os.kill(workers[0], signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        _, err = reap(proc)
+    assert proc.returncode == 1, err
+    assert "worker process was killed" in err.strip() and len(err.strip().splitlines()) == 1
+    assert [g["gen"] for g in env.json("disk", "show", "k")["generations"]] == [1]
+    assert tree_digest(ws) == written
+    retried = env.json("disk", "commit", str(ws))
+    assert retried["generation"] == 2 and retried["snapshot"] != first["snapshot"]
+
+
 # --- a full store ------------------------------------------------------------------------------
 
 # 12 MiB is committed by the committing process itself, 80 MiB by forked workers

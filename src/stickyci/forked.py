@@ -15,8 +15,12 @@ import os
 import queue
 import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
+
+from .errors import StickyError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,7 +56,9 @@ class ForkedPool(Generic[T, R]):
     still producing them; results come back in completion order.
 
     Use it as a context manager. Leaving it on an error asks the tasks still running to stop
-    (``aborted()``) and waits for them, so none is killed halfway through a write.
+    (``aborted()``) and waits for them, so none is killed halfway through a write. A worker
+    killed on its own (the out-of-memory killer) fails the pool with a ``StickyError`` rather
+    than leaving its task waited for forever (what ``multiprocessing.Pool`` does).
     """
 
     def __init__(self, fn: Callable[[T], R], workers: int = WORKERS) -> None:
@@ -61,8 +67,9 @@ class ForkedPool(Generic[T, R]):
         _task, _abort = fn, ctx.Event()
         self.workers = workers
         self.running = 0  # handed over and not yet collected
-        self._done: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-        self._pool = ctx.Pool(workers, _die_with_parent)
+        self._done: queue.SimpleQueue[Future[R]] = queue.SimpleQueue()
+        # Forked on the first submit, before the executor starts its thread.
+        self._pool = ProcessPoolExecutor(workers, ctx, initializer=_die_with_parent)
 
     def __enter__(self) -> ForkedPool[T, R]:
         return self
@@ -72,15 +79,13 @@ class ForkedPool(Generic[T, R]):
         global _task, _abort
         if exc is not None and _abort is not None:
             _abort.set()
-        self._pool.close()
-        self._pool.join()
+        self._pool.shutdown(wait=True, cancel_futures=exc is not None)
         _task, _abort = None, None
 
     def submit(self, item: T) -> None:
         """Hand ``item`` to the next free worker."""
         self.running += 1
-        self._pool.apply_async(_call, (item,), callback=lambda r: self._done.put((True, r)),
-                               error_callback=lambda e: self._done.put((False, e)))
+        self._pool.submit(_call, item).add_done_callback(self._done.put)
 
     def finished(self) -> list[R]:
         """The results that came in since the last call, without waiting; raises what a
@@ -95,11 +100,15 @@ class ForkedPool(Generic[T, R]):
         return self._collect()
 
     def _collect(self) -> R:
-        ok, value = self._done.get()
+        done = self._done.get()
         self.running -= 1
-        if not ok:
-            raise value
-        return cast(R, value)
+        try:
+            return done.result()
+        except BrokenProcessPool as exc:
+            raise StickyError(
+                "a stickyci worker process was killed (by the out-of-memory killer, or a "
+                "signal sent to it alone), so the operation stopped unfinished; give the job "
+                "more memory, or retry") from exc
 
 
 def forked_map(fn: Callable[[T], R], items: Sequence[T], workers: int = WORKERS) -> Iterator[R]:
