@@ -1,5 +1,6 @@
 """What an overlay commit takes as deleted: exactly the lower paths under a whiteout, an opaque
-directory or an upper non-directory, however their names sort next to their neighbours'."""
+directory or an upper non-directory, however their names sort next to their neighbours'; and
+the manifest it splices into its base's is the one a full commit of the same tree writes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import shutil
 
 import pytest
 from helpers import Env
+
+from stickyci.snapshot import snapshot_tree
+from stickyci.store import LocalBackend, ObjectStore
 
 
 @pytest.mark.root
@@ -36,4 +40,6 @@ def test_only_what_lies_under_a_deleted_or_replaced_path_is_hidden(env: Env) -> 
     files = sorted(str(p.relative_to(ws)) for p in ws.rglob("*") if p.is_file())
     assert files == ["a/b-x", "a/b.c/f", "a/ba/f", "d", "d2/f", "keep/f"]
     assert (ws / "d").read_text() == "now a file"
+    whole, _ = snapshot_tree(ObjectStore(LocalBackend(env.root / "other")), str(ws))
+    assert whole.hex == r["snapshot"]
     env.run("disk", "unmount", str(ws))

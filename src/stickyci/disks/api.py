@@ -357,7 +357,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
             return result
 
         content_written = objects.bytes_written
-        snapshot, hint = _save(objects, scan, content_root, state, current)
+        snapshot, hint = _save(objects, scan, content_root, state, current, base)
         result.manifest_bytes = objects.bytes_written - content_written
         files = sum(1 for e in scan.manifest.entries.values() if e.kind == "file")
         size = scan.manifest.size
@@ -409,10 +409,11 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
 
 
 def _save(objects: ObjectStore, scan: Scan, content_root: Tree, state: mounts.MountState,
-          current: DiskRef | None) -> tuple[Digest, set[str]]:
-    """Store the manifest of ``scan`` once its content is stored, and check that everything
-    the snapshot needs is in the store; return the snapshot and the packs holding it."""
-    snapshot = save_manifest(objects, scan.manifest)
+          current: DiskRef | None, base: Manifest) -> tuple[Digest, set[str]]:
+    """Store the manifest of ``scan`` (the tree ``base`` became) once its content is stored,
+    and check that everything the snapshot needs is in the store; return the snapshot and
+    the packs holding it."""
+    snapshot = save_manifest(objects, scan.manifest, base, scan.touched)
     # Objects the base generation references stay live while its ref keeps it, so only new
     # content can have been deduplicated against garbage a concurrent gc is sweeping.
     base_kept = not state.base or any(g.snapshot == state.base
@@ -426,7 +427,7 @@ def _save(objects: ObjectStore, scan: Scan, content_root: Tree, state: mounts.Mo
         # forgotten): store what changed again, against a fresh listing, and check again.
         objects.refresh()
         fill_content(objects, content_root, scan.todo)
-        snapshot = save_manifest(objects, scan.manifest)
+        snapshot = save_manifest(objects, scan.manifest, base, scan.touched)
         packs = objects.check_present(present)
     # The base is in the ref only when the commit checked just what changed; then its hint
     # covers the rest.

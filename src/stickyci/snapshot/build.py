@@ -13,7 +13,7 @@ import gc
 import heapq
 import mmap
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -371,9 +371,14 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_mode, st.st_ino, st.st_ctime_ns, st.st_size
 
 
-def save_manifest(store: ObjectStore, m: Manifest) -> Digest:
-    """Store the manifest, flush every pending pack, and return the snapshot id."""
-    data = m.encode()
+def save_manifest(store: ObjectStore, m: Manifest, base: Manifest | None = None,
+                  touched: Collection[str] | None = None) -> Digest:
+    """Store the manifest, flush every pending pack, and return the snapshot id.
+
+    ``m`` differs from ``base`` only at ``touched`` paths, when both are given (an overlay
+    commit's scan): its encoding is then spliced into ``base``'s (``Manifest.encode_after``).
+    """
+    data = m.encode() if base is None or touched is None else m.encode_after(base, touched)
     d = Digest.of(data)
     if not store.has(d):
         store.put_envelope(d, codec.encode(data, _MANIFEST_LEVEL))

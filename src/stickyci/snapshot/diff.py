@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .model import Manifest
+from .model import Manifest, any_linked
 
 
 @dataclass(slots=True)
@@ -36,7 +36,10 @@ def diff(a: Manifest, b: Manifest, candidates: Iterable[str] | None = None) -> D
     """
     out = Diff()
     paths = a.entries.keys() | b.entries.keys() if candidates is None else set(candidates)
-    links_a, links_b = _link_leaders(a), _link_leaders(b)
+    links_a = links_b = {}
+    # Only a hardlinked path can have a new group; finding the groups walks both trees whole.
+    if candidates is None or any_linked(paths, a, b):
+        links_a, links_b = _link_leaders(a), _link_leaders(b)
     for path in sorted(paths):
         old, new = a.entries.get(path), b.entries.get(path)
         if old is None and new is None:
