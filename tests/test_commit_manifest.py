@@ -125,3 +125,16 @@ def test_format_1_manifests_still_read() -> None:
     assert Manifest.decode(orjson.dumps(escaped)).entries.keys() == m.entries.keys()
     with pytest.raises(IntegrityError, match="format 3"):
         Manifest.decode(b'[{"format":3}\n]')
+
+
+def test_format_2_is_one_entry_per_line() -> None:
+    """Each entry on a line of its own, exactly as ``orjson`` writes it alone (what a splice
+    puts in), hardlink groups numbered in path order; an empty tree is the header alone."""
+    m = _tree()
+    lines = m.encode().split(b"\n")
+    rows = [e.to_row() for e in m.sorted_entries()]
+    for row in rows:
+        row[9] = 1 if row[9] else 0
+    assert lines == [b'[{"format":2}', *(b"," + orjson.dumps(r) for r in rows), b"]"]
+    assert Manifest().encode() == b'[{"format":2}\n]'
+    assert Manifest.decode(Manifest().encode()) == Manifest()
