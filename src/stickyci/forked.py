@@ -58,7 +58,10 @@ class ForkedPool(Generic[T, R]):
     Use it as a context manager. Leaving it on an error asks the tasks still running to stop
     (``aborted()``) and waits for them, so none is killed halfway through a write. A worker
     killed on its own (the out-of-memory killer) fails the pool with a ``StickyError`` rather
-    than leaving its task waited for forever (what ``multiprocessing.Pool`` does).
+    than leaving its task waited for forever (what ``multiprocessing.Pool`` does); the
+    executor then ends the other workers too, wherever they are, as the parent's own death
+    would: a pack one was writing stays unpublished in the store's ``tmp/``, or published
+    without an index, and gc sweeps either once past its grace period.
     """
 
     def __init__(self, fn: Callable[[T], R], workers: int = WORKERS) -> None:
