@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import httpx2
 from disks import ChangePlan
 from harness import cli
 from harness.datasets import Dataset, TreeStats, generated_dataset
@@ -96,7 +96,7 @@ def stored(store: Path) -> int:
 
 def metrics(url: str, token: str) -> dict[str, float]:
     """``stickyci_gha_archive_bytes_total`` by kind."""
-    text = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"},
+    text = httpx2.get(f"{url}/metrics", headers={"authorization": f"Bearer {token}"},
                      timeout=30).raise_for_status().text
     return {s.labels["kind"]: s.value for fam in text_string_to_metric_families(text)
             for s in fam.samples if s.name == "stickyci_gha_archive_bytes_total"}

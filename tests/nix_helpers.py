@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from helpers import wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -143,7 +143,7 @@ def public_key(state: Path, cache: str) -> str:
 
 def metric(url: str, name: str, **labels: str) -> float:
     """The sum of a metric's samples whose labels include ``labels``, scraped now."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx2.get(f"{url}/metrics", timeout=10).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -245,12 +245,12 @@ def _has_group(name: str) -> bool:
     return True
 
 
-def client(srv: Server, cache: str, token: str | None) -> httpx.Client:
+def client(srv: Server, cache: str, token: str | None) -> httpx2.Client:
     """A client of one cache, sending ``token`` as Nix does (HTTP Basic from a netrc)."""
     headers = {}
     if token:
         headers["authorization"] = "Basic " + base64.b64encode(f"nix:{token}".encode()).decode()
-    return httpx.Client(base_url=f"{srv.url}/nix/{cache}", headers=headers, timeout=60)
+    return httpx2.Client(base_url=f"{srv.url}/nix/{cache}", headers=headers, timeout=60)
 
 
 def narinfo(path: str, nar: bytes, **override: str) -> str:
@@ -261,7 +261,7 @@ def narinfo(path: str, nar: bytes, **override: str) -> str:
     return "".join(f"{k}: {v}\n" for k, v in fields.items())
 
 
-def upload(c: httpx.Client, path: str, nar: bytes, **override: str) -> httpx.Response:
+def upload(c: httpx2.Client, path: str, nar: bytes, **override: str) -> httpx2.Response:
     """PUT a NAR then its narinfo, as ``nix copy`` does; the narinfo's response."""
     r = c.put(f"/nar/{nix32(hashlib.sha256(nar).digest())}.nar", content=nar)
     assert r.status_code == 200, r.text

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import httpx2
 from helpers import Env, TimedOut, wait_for
 
 from stickyci.digest import Digest
@@ -50,11 +50,11 @@ class Server:
             self.made[args] = self.token(*args)
         return self.made[args]
 
-    def client(self, token: str | None = None) -> httpx.Client:
+    def client(self, token: str | None = None) -> httpx2.Client:
         """An HTTP client for the server, sending ``token`` (the admin's when omitted)."""
         tok = self.admin if token is None else token
         headers = {"authorization": f"Bearer {tok}"} if tok else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        return httpx2.Client(base_url=self.url, headers=headers, timeout=30)
 
 
 def free_port() -> int:
@@ -108,8 +108,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"stickyci serve exited {proc.returncode}:\n{log.read_text()}")
         try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
+            return httpx2.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx2.TransportError:
             return False
 
     try:
@@ -151,7 +151,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def error(r: httpx.Response) -> p.ErrorBody:
+def error(r: httpx2.Response) -> p.ErrorBody:
     """The JSON error body every failure carries."""
     assert r.headers["content-type"] == "application/json", r.text
     body = p.ErrorBody.model_validate_json(r.content)

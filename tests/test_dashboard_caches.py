@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from browser import log_in, screenshot
 from nix_helpers import NIX, Nix, public_key
@@ -212,7 +212,7 @@ def test_cache_use_is_kept_across_a_restart(tmp_path: Path, page: Page) -> None:
     with start_server(tmp_path / "s", port=port) as server:
         log_in(page, server.url, server.admin, "/ui/caches")
         check_row(page, "keep", Seen(hits=2, misses=1, served=len(data)))
-        with httpx.Client() as c:  # a fresh process: its counters start from nothing
+        with httpx2.Client() as c:  # a fresh process: its counters start from nothing
             text = c.get(f"{server.url}/metrics").text
         assert 'stickyci_cache_lookups_total{kind="cas"' not in text
 

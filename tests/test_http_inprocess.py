@@ -1,6 +1,6 @@
 """The ``http://`` client against the server in process: routing, auth, views, retries.
 
-``HttpBackend`` takes any ``httpx.Client``, and Starlette's ``TestClient`` is one that calls the
+``HttpBackend`` takes any ``httpx2.Client``, and Starlette's ``TestClient`` is one that calls the
 ASGI app directly, so these tests need no port, no subprocess and no sleep where a real socket
 adds nothing. What only a socket shows (a server killed mid-upload, a restart, a proxy dropping
 a connection) stays in ``test_server_faults.py``. One fault here cannot happen in process for
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from starlette.testclient import TestClient
 
@@ -70,7 +70,7 @@ class InProcess:
     store: FlakyStore
     tokens: TokenStore
     admin: str
-    seen: list[httpx.Request] = field(default_factory=list)
+    seen: list[httpx2.Request] = field(default_factory=list)
 
     def backend(self, token: str | None = None) -> HttpBackend:
         """A one-request-a-call client sending ``token`` (the admin's when omitted)."""
@@ -285,14 +285,14 @@ def test_a_window_is_a_deadline(served: InProcess) -> None:
 
 
 def test_a_server_that_is_not_stickyci_is_misconfigured_not_empty() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def not_found(request: httpx.Request) -> httpx.Response:
+    def not_found(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
-        return httpx.Response(404, text="<html>no such page</html>",
+        return httpx2.Response(404, text="<html>no such page</html>",
                               headers={"content-type": "text/html"})
 
-    client = httpx.Client(transport=httpx.MockTransport(not_found))
+    client = httpx2.Client(transport=httpx2.MockTransport(not_found))
     backend = RetryBackend(HttpBackend("http://elsewhere:8080", "t", client=client), window=30)
     with pytest.raises(StoreMisconfigured, match="http://elsewhere:8080 is not a stickyci server"):
         backend.stat(pack(b"x"))
@@ -313,12 +313,12 @@ class DropAnswers:
     count: int = 0
     dropped: int = 0
 
-    def __call__(self, response: httpx.Response) -> None:
+    def __call__(self, response: httpx2.Response) -> None:
         request = response.request
         if self.count and request.method == "PUT" and "/blobs/refs/" in request.url.path:
             self.count -= 1
             self.dropped += 1
-            raise httpx.ReadError("connection dropped before the answer", request=request)
+            raise httpx2.ReadError("connection dropped before the answer", request=request)
 
 
 @pytest.fixture

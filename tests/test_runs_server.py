@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from helpers import Env, one_line_error, wait_for
 from server import Server, error, free_port, start_server
@@ -73,7 +73,7 @@ def report(run_id: str = "20261130-010203-abcdef", pipeline: str = "demo",
     return {"record": doc, "tails": []}
 
 
-def put(client: httpx.Client, body: dict[str, Any]) -> httpx.Response:
+def put(client: httpx2.Client, body: dict[str, Any]) -> httpx2.Response:
     return client.put(f"/v1/runs/{body['record']['id']}", json=body)
 
 
@@ -222,12 +222,12 @@ def test_a_token_cannot_overwrite_another_pipelines_run_by_its_id(server: Server
 def test_runs_need_a_token_and_anonymous_read_only_reads(tmp_path: Path) -> None:
     with start_server(tmp_path / "s", args=["--anonymous-read"]) as s:
         assert put(s.client(), report()).status_code == 204
-        anon = httpx.Client(base_url=s.url)
+        anon = httpx2.Client(base_url=s.url)
         assert [r["id"] for r in anon.get("/v1/runs").json()["runs"]] == [
             "20261130-010203-abcdef"]
         assert put(anon, report(run_id="20261130-010203-000009")).status_code == 401
     with start_server(tmp_path / "t") as t:
-        r = httpx.get(f"{t.url}/v1/runs")
+        r = httpx2.get(f"{t.url}/v1/runs")
         assert r.status_code == 401 and "needs a token" in error(r).error
 
 

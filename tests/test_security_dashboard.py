@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+import httpx2
 import pytest
 import yaml
 from browser import log_in, screenshot
@@ -135,7 +135,7 @@ def test_no_page_can_be_framed(site: Site, page: Page) -> None:
              "/ui/store"]
     cookie = {"stickyci_token": site.token}
     for path in paths:
-        r = httpx.get(f"{site.server.url}{path}", cookies=cookie)
+        r = httpx2.get(f"{site.server.url}{path}", cookies=cookie)
         assert r.status_code == 200, (path, r.status_code)
         assert r.headers["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
@@ -164,7 +164,7 @@ def test_every_page_needs_a_token(site: Site, page: Page) -> None:
     expect(page).to_have_url(
         f"{site.server.url}/ui/login?next=%2Fui%2Fruns%2F{site.hostile_run}")
     assert JOB not in page.content()
-    r = httpx.get(f"{site.server.url}/ui/runs/{site.hostile_run}/body")
+    r = httpx2.get(f"{site.server.url}/ui/runs/{site.hostile_run}/body")
     assert r.status_code == 401 and JOB not in r.text
     page.fill("input[name=token]", "sci_nope_wrong")
     page.click("form.login button")
@@ -174,15 +174,15 @@ def test_every_page_needs_a_token(site: Site, page: Page) -> None:
 
 def test_a_login_from_another_site_or_to_another_site_is_refused(site: Site) -> None:
     form = {"token": site.token, "next": "/ui/runs"}
-    r = httpx.post(f"{site.server.url}/ui/login", data=form,
+    r = httpx2.post(f"{site.server.url}/ui/login", data=form,
                    headers={"origin": "http://evil.example"})
     assert r.status_code == 403 and "set-cookie" not in r.headers
     # The login reads no more than a form needs, whoever sends it.
-    r = httpx.post(f"{site.server.url}/ui/login", content=b"token=" + b"x" * (1 << 20))
+    r = httpx2.post(f"{site.server.url}/ui/login", content=b"token=" + b"x" * (1 << 20))
     assert r.status_code == 413 and "set-cookie" not in r.headers
     for target in ("//evil.example/x", "https://evil.example/", "/ui//evil.example",
                    "/ui/\\evil.example"):
-        r = httpx.post(f"{site.server.url}/ui/login", data={**form, "next": target})
+        r = httpx2.post(f"{site.server.url}/ui/login", data={**form, "next": target})
         assert r.status_code == 303 and r.headers["location"] == "/ui/runs", target
 
 
@@ -194,7 +194,7 @@ def test_a_token_without_the_scope_sees_none_of_the_runs(site: Site, page: Page)
     page.goto(f"{site.server.url}/ui/runs/{site.hostile_run}")
     expect(page.locator("main .error")).to_contain_text("no run")
     assert JOB not in page.content()
-    r = httpx.get(f"{site.server.url}/ui/runs/{site.hostile_run}/body",
+    r = httpx2.get(f"{site.server.url}/ui/runs/{site.hostile_run}/body",
                   cookies={"stickyci_token": other})
     assert r.status_code == 404 and JOB not in r.text
     page.goto(f"{site.server.url}/ui/compare?pipeline=demo")
@@ -221,7 +221,7 @@ def test_anonymous_read_opens_the_pages_read_only(tmp_path: Path, page: Page) ->
         expect(page.locator("#runs tbody tr")).to_have_count(1)
         expect(page.locator("header .who")).to_contain_text("token anonymous")
         assert_nothing_ran(page)
-        r = httpx.put(f"{s.url}/v1/runs/{run_id}", json=report)
+        r = httpx2.put(f"{s.url}/v1/runs/{run_id}", json=report)
         assert r.status_code == 401
 
 
@@ -259,7 +259,7 @@ def test_markup_in_the_query_of_the_store_pages_is_text(site: Site, page: Page) 
 
 def test_the_store_pages_need_a_token(site: Site) -> None:
     for path in ("/ui/disks", "/ui/caches", "/ui/store"):
-        r = httpx.get(f"{site.server.url}{path}")
+        r = httpx2.get(f"{site.server.url}{path}")
         assert r.status_code == 303, path
         assert r.headers["location"] == f"/ui/login?next={quote(path, safe='')}"
 

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from helpers import Env, one_line_error, wait_for
 from seaweed import Seaweed, SeaweedUnavailable, start_seaweed
@@ -72,8 +72,8 @@ def serve(root: Path, store_url: str, environ: dict[str, str],
         if proc.poll() is not None:
             raise RuntimeError(f"stickyci serve exited {proc.returncode}:\n{log.read_text()}")
         try:
-            httpx.get(f"{url}/healthz", timeout=5)
-        except httpx.TransportError:
+            httpx2.get(f"{url}/healthz", timeout=5)
+        except httpx2.TransportError:
             return False
         return True
 

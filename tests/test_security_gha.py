@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
+import httpx2
 import pytest
 import zstandard
 from server import Server, start_server, unique
@@ -50,10 +50,10 @@ def mallory(server: Server) -> str:
     return server.token("--read", "*", "--write", "pr-*", "--name", "mallory")
 
 
-def twirp(server: Server, token: str | None, method: str, **body: object) -> httpx.Response:
+def twirp(server: Server, token: str | None, method: str, **body: object) -> httpx2.Response:
     """One Twirp JSON call."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.post(f"{server.url}{SERVICE}/{method}", json=body, headers=headers, timeout=30)
+    return httpx2.post(f"{server.url}{SERVICE}/{method}", json=body, headers=headers, timeout=30)
 
 
 def create(server: Server, token: str, key: str) -> str:
@@ -63,7 +63,7 @@ def create(server: Server, token: str, key: str) -> str:
     return str(r.json()["signedUploadUrl"])
 
 
-def finalize(server: Server, token: str, key: str, size: int) -> httpx.Response:
+def finalize(server: Server, token: str, key: str, size: int) -> httpx2.Response:
     return twirp(server, token, "FinalizeCacheEntryUpload", key=key, version=VERSION,
                  sizeBytes=str(size))
 
@@ -75,7 +75,7 @@ def lookup(server: Server, token: str, key: str) -> dict[str, object]:
     return dict(r.json())
 
 
-def twirp_error(r: httpx.Response, status: int, code: str) -> str:
+def twirp_error(r: httpx2.Response, status: int, code: str) -> str:
     """Check a Twirp JSON error (the client retries anything else); its message."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json"
@@ -106,7 +106,7 @@ def zstd_tar(files: dict[str, bytes]) -> bytes:
 
 def save_archive(server: Server, token: str, key: str, archive: bytes) -> None:
     url = create(server, token, key)
-    assert httpx.put(url, content=archive).status_code == 201
+    assert httpx2.put(url, content=archive).status_code == 201
     r = finalize(server, token, key, len(archive))
     assert r.status_code == 200 and r.json()["ok"], r.text
 
@@ -114,7 +114,7 @@ def save_archive(server: Server, token: str, key: str, archive: bytes) -> None:
 def download(server: Server, token: str, key: str) -> bytes:
     found = lookup(server, token, key)
     assert found["ok"] and found["matchedKey"] == key, found
-    r = httpx.get(str(found["signedDownloadUrl"]), timeout=30)
+    r = httpx2.get(str(found["signedDownloadUrl"]), timeout=30)
     assert r.status_code == 200
     return r.content
 
@@ -135,10 +135,10 @@ def test_twirp_failures_are_twirp_json(server: Server, alice: str) -> None:
                 400, "invalid_argument")
     twirp_error(twirp(server, alice, "GetCacheEntryDownloadURL", key="k", version=VERSION,
                       restoreKeys=[f"r{i}" for i in range(10)]), 400, "invalid_argument")
-    r = httpx.post(f"{server.url}{SERVICE}/CreateCacheEntry", content=b"{not json",
+    r = httpx2.post(f"{server.url}{SERVICE}/CreateCacheEntry", content=b"{not json",
                    headers={"authorization": f"Bearer {alice}"})
     twirp_error(r, 400, "invalid_argument")
-    r = httpx.post(f"{server.url}{SERVICE}/CreateCacheEntry", content=b" " * (65 * KiB),
+    r = httpx2.post(f"{server.url}{SERVICE}/CreateCacheEntry", content=b" " * (65 * KiB),
                    headers={"authorization": f"Bearer {alice}"})
     twirp_error(r, 400, "invalid_argument")
 
@@ -159,7 +159,7 @@ def test_finalize_of_another_tokens_upload_is_refused(server: Server, mallory: s
     key = unique("pr-shared")
     url = create(server, victim, key)
     archive = zstd_tar({"f": b"the victim's"})
-    assert httpx.put(url, content=archive).status_code == 201
+    assert httpx2.put(url, content=archive).status_code == 201
     # Same scope, another token: it may not finalize (publish) the victim's upload...
     twirp_error(finalize(server, mallory, key, len(archive)), 404, "not_found")
     # ...nor start a competing one for the same key while it is in progress.
@@ -173,14 +173,14 @@ def test_finalize_with_a_wrong_size_is_refused(server: Server, alice: str) -> No
     key = unique("size")
     url = create(server, alice, key)
     archive = zstd_tar({"f": os.urandom(1000)})
-    assert httpx.put(url, content=archive).status_code == 201
+    assert httpx2.put(url, content=archive).status_code == 201
     for wrong in (len(archive) + 1, len(archive) - 1, 0):
         msg = twirp_error(finalize(server, alice, key, wrong), 400, "invalid_argument")
         assert f"{len(archive)} were uploaded" in msg
         assert lookup(server, alice, key) == {"ok": False}
     assert finalize(server, alice, key, len(archive)).json()["ok"] is True
     # Finalized: the upload URL is spent, and the entry can never be replaced.
-    assert httpx.put(url, content=b"replacement").status_code == 404
+    assert httpx2.put(url, content=b"replacement").status_code == 404
     assert twirp(server, alice, "CreateCacheEntry", key=key, version=VERSION).json()["ok"] is False
 
 
@@ -204,7 +204,7 @@ def test_forged_and_expired_urls_are_refused(server: Server, alice: str) -> None
               url.split("?")[0],
               with_query(url, sig="")]
     for bad in forged:
-        r = httpx.put(bad, content=b"x")
+        r = httpx2.put(bad, content=b"x")
         assert r.status_code == 401, (bad, r.text)
     # Signed with the server's own key, but expired: a URL that leaked into an old log.
     key_hex = (server.state / "gha.key").read_text().strip()
@@ -212,7 +212,7 @@ def test_forged_and_expired_urls_are_refused(server: Server, alice: str) -> None
     past = int(time.time()) - 1
     old_sig = hmac.new(bytes.fromhex(key_hex), f"upload\n{entry_id}\n{past}".encode(),
                        hashlib.sha256).hexdigest()
-    r = httpx.put(with_query(url, exp=str(past), sig=old_sig), content=b"x")
+    r = httpx2.put(with_query(url, exp=str(past), sig=old_sig), content=b"x")
     assert r.status_code == 401 and "expired" in r.json()["error"]
     # None of them staged anything.
     msg = twirp_error(finalize(server, alice, key, 1), 400, "invalid_argument")
@@ -227,22 +227,22 @@ def test_a_url_works_only_for_its_entry_and_operation(server: Server, alice: str
     victim_path = urlsplit(victim_url).path
     own_query = urlsplit(own_url).query
     # Its own signature on the victim's entry id.
-    r = httpx.put(f"{server.url}{victim_path}?{own_query}", content=b"poison")
+    r = httpx2.put(f"{server.url}{victim_path}?{own_query}", content=b"poison")
     assert r.status_code == 401
     # Its own entry's upload signature as a download, and a download URL as an upload.
     archive = zstd_tar({"f": b"mallory's own"})
-    assert httpx.put(own_url, content=archive).status_code == 201
+    assert httpx2.put(own_url, content=archive).status_code == 201
     assert finalize(server, mallory, pr_key, len(archive)).json()["ok"]
     own_id = urlsplit(own_url).path.rsplit("/", 1)[1]
-    assert httpx.get(f"{server.url}/gha/download/{own_id}?{own_query}").status_code == 401
+    assert httpx2.get(f"{server.url}/gha/download/{own_id}?{own_query}").status_code == 401
     found = lookup(server, mallory, pr_key)
     dl = urlsplit(str(found["signedDownloadUrl"]))
     victim_id = victim_path.rsplit("/", 1)[1]
-    assert httpx.put(f"{server.url}/gha/upload/{victim_id}?{dl.query}",
+    assert httpx2.put(f"{server.url}/gha/upload/{victim_id}?{dl.query}",
                      content=b"poison").status_code == 401
     # The victim's upload is untouched and still completes.
     good = zstd_tar({"f": b"alice's"})
-    assert httpx.put(victim_url, content=good).status_code == 201
+    assert httpx2.put(victim_url, content=good).status_code == 201
     assert finalize(server, alice, key, len(good)).json()["ok"]
     assert untar(download(server, alice, key)) == untar(good)
 
@@ -253,15 +253,15 @@ def test_a_url_works_only_for_its_entry_and_operation(server: Server, alice: str
 def test_oversized_bodies_are_refused(server: Server, alice: str) -> None:
     key = unique("big")
     url = create(server, alice, key)
-    r = httpx.put(url, content=os.urandom(MiB + 1))
+    r = httpx2.put(url, content=os.urandom(MiB + 1))
     assert r.status_code == 413
     # Undeclared length (chunked): cut off as it passes the limit.
-    r = httpx.put(url, content=iter([os.urandom(512 * KiB)] * 3))
+    r = httpx2.put(url, content=iter([os.urandom(512 * KiB)] * 3))
     assert r.status_code == 413
     # Blocks: each under the limit, together over it.
     block = f"{with_query(url, comp='block')}&blockid="
-    assert httpx.put(block + "QUFBQQ==", content=os.urandom(600 * KiB)).status_code == 201
-    r = httpx.put(block + "QkJCQg==", content=os.urandom(600 * KiB))
+    assert httpx2.put(block + "QUFBQQ==", content=os.urandom(600 * KiB)).status_code == 201
+    r = httpx2.put(block + "QkJCQg==", content=os.urandom(600 * KiB))
     assert r.status_code == 413
     assert "never uploaded" in twirp_error(finalize(server, alice, key, 600 * KiB), 400,
                                            "invalid_argument")
@@ -271,23 +271,23 @@ def test_block_list_cannot_take_another_uploads_blocks(server: Server, alice: st
                                                        mallory: str) -> None:
     victim_url = create(server, alice, unique("main"))
     secret = os.urandom(1000)
-    assert httpx.put(f"{with_query(victim_url, comp='block')}&blockid=QUFBQQ==",
+    assert httpx2.put(f"{with_query(victim_url, comp='block')}&blockid=QUFBQQ==",
                      content=secret).status_code == 201
     pr_key = unique("pr-steal")
     own_url = create(server, mallory, pr_key)
     blocklist = b'<?xml version="1.0"?><BlockList><Latest>QUFBQQ==</Latest></BlockList>'
-    r = httpx.put(with_query(own_url, comp="blocklist"), content=blocklist)
+    r = httpx2.put(with_query(own_url, comp="blocklist"), content=blocklist)
     assert r.status_code == 400 and "was not uploaded for this entry" in r.json()["error"]
     assert "never uploaded" in twirp_error(finalize(server, mallory, pr_key, len(secret)),
                                            400, "invalid_argument")
     # Block ids are parsed, never paths; block lists carry no DOCTYPE or entities.
     for bad in ("../../gha.key", "Li4vLi4v%2F", ""):
-        r = httpx.put(f"{with_query(own_url, comp='block')}&blockid={bad}", content=b"x")
+        r = httpx2.put(f"{with_query(own_url, comp='block')}&blockid={bad}", content=b"x")
         assert r.status_code == 400, bad
     bomb = (b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaa">]>'
             b"<BlockList><Latest>&a;</Latest></BlockList>")
-    assert httpx.put(with_query(own_url, comp="blocklist"), content=bomb).status_code == 400
-    assert httpx.put(with_query(own_url, comp="appendblock"), content=b"x").status_code == 400
+    assert httpx2.put(with_query(own_url, comp="blocklist"), content=bomb).status_code == 400
+    assert httpx2.put(with_query(own_url, comp="appendblock"), content=b"x").status_code == 400
 
 
 def test_blocks_assemble_in_the_listed_order(server: Server, alice: str) -> None:
@@ -297,10 +297,10 @@ def test_blocks_assemble_in_the_listed_order(server: Server, alice: str) -> None
     parts = [archive[: len(archive) // 2], archive[len(archive) // 2 :]]
     ids = ["MDAwMQ==", "MDAwMg=="]
     for block_id, part in reversed(list(zip(ids, parts, strict=True))):
-        r = httpx.put(f"{with_query(url, comp='block')}&blockid={block_id}", content=part)
+        r = httpx2.put(f"{with_query(url, comp='block')}&blockid={block_id}", content=part)
         assert r.status_code == 201
     listing = "".join(f"<Latest>{i}</Latest>" for i in ids)
-    r = httpx.put(with_query(url, comp="blocklist"),
+    r = httpx2.put(with_query(url, comp="blocklist"),
                   content=f"<BlockList>{listing}</BlockList>".encode())
     assert r.status_code == 201
     assert finalize(server, alice, key, len(archive)).json()["ok"]
@@ -324,7 +324,7 @@ def test_undecodable_archives_are_stored_as_uploaded(server: Server, alice: str)
     key = unique("bomb")
     save_archive(server, alice, key, bomb)
     found = lookup(server, alice, key)
-    r = httpx.get(str(found["signedDownloadUrl"]))
+    r = httpx2.get(str(found["signedDownloadUrl"]))
     assert r.content == bomb and r.headers["content-length"] == str(len(bomb))
 
 

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from nix_helpers import Nix, client, fresh_path, narinfo, needs_nix, public_key, settled, upload
 from server import Server, error, start_server, store_dir
@@ -119,7 +119,7 @@ def test_a_narinfo_must_name_a_nar_the_server_hashed_in_the_same_cache(srv: Serv
 def test_names_that_are_not_nix_names_are_refused(srv: Server, url: str) -> None:
     auth = {"authorization": f"Bearer {srv.admin}"}
     for method in ("GET", "PUT"):
-        r = httpx.request(method, srv.url + url, content=b"x", headers=auth)
+        r = httpx2.request(method, srv.url + url, content=b"x", headers=auth)
         assert r.status_code in (400, 404), (method, url, r.status_code)
     assert not (store_dir(srv).parent / "x").exists()
     assert not any(store_dir(srv).parent.glob("etc*"))

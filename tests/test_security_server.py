@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from helpers import Env, commit_tree, one_line_error, read_tree, wait_for
 from server import Server, blob, error, remote, start_server, store_dir
@@ -73,7 +73,7 @@ def stored_indexes(server: Server) -> dict[str, list[IndexEntry]]:
     return {n: decode_index(n, local.get(n)) for n in local.list("index")}
 
 
-def pr_client(server: Server) -> tuple[str, httpx.Client]:
+def pr_client(server: Server) -> tuple[str, httpx2.Client]:
     token = server.token("--read", "pr-1-*", "--write", "pr-1-*")
     return token, server.client(token)
 

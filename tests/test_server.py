@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from helpers import Env, commit_tree, one_line_error, read_tree
 from prometheus_client.parser import text_string_to_metric_families
@@ -65,7 +65,7 @@ def stored_empty_tree(request: pytest.FixtureRequest) -> None:
 
 def metric(server: Server, name: str, **labels: str) -> float:
     """The sum of a metric's samples whose labels include ``labels``, scraped now."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    text = httpx2.get(f"{server.url}/metrics", timeout=10).text
     return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -220,7 +220,7 @@ def test_list_filters_refs_by_the_tokens_read_patterns(srv: Server) -> None:
     data = os.urandom(10)
     c.put(blob(pack(data)), content=data)
 
-    def listing(token: str | None, ns: str) -> httpx.Response:
+    def listing(token: str | None, ns: str) -> httpx2.Response:
         return srv.client(token).get(f"{p.PREFIX}/list/{ns}")
 
     everything = p.ListResponse.model_validate_json(listing(None, "refs").content).names
@@ -315,7 +315,7 @@ def test_evict_is_admin_only_and_removes_stale_disks(srv: Server) -> None:
 # --- operations --------------------------------------------------------------------------------
 
 def test_healthz_needs_no_token_and_names_no_path(srv: Server) -> None:
-    r = httpx.get(f"{srv.url}/healthz")
+    r = httpx2.get(f"{srv.url}/healthz")
     assert r.status_code == 200
     assert p.Health.model_validate_json(r.content) == p.Health(status="ok", store="file")
     assert str(store_dir(srv)) not in r.text
@@ -377,8 +377,8 @@ MATRIX: dict[str, tuple[object, ...]] = {
 }
 
 
-def _run_ops(c: httpx.Client, admin: httpx.Client, key: str, data: bytes
-             ) -> dict[str, httpx.Response]:
+def _run_ops(c: httpx2.Client, admin: httpx2.Client, key: str, data: bytes
+             ) -> dict[str, httpx2.Response]:
     """Every operation once as ``c``'s token: reads, then writes, then deletes."""
     ref, name = f"refs/{key}", pack(data)
 
@@ -388,7 +388,7 @@ def _run_ops(c: httpx.Client, admin: httpx.Client, key: str, data: bytes
     stored = DiskRef.decode(admin.get(blob(ref)).content)
     touched = DiskRef(stored.key, stored.created, time.time(), stored.generations)
     new = os.urandom(64)
-    ops: dict[str, Callable[[], httpx.Response]] = {
+    ops: dict[str, Callable[[], httpx2.Response]] = {
         "get": lambda: c.get(blob(ref)),
         "head": lambda: c.head(blob(ref)),
         "versioned": lambda: c.get(f"{p.PREFIX}/versioned/{ref}"),
@@ -452,10 +452,10 @@ def test_a_bad_token_is_401(srv: Server) -> None:
         assert r.status_code == 401 and "not valid" in error(r).error, bad
         assert secret not in r.text
     for header in (f"Token {token}", "Basic !!!", "Bearer"):
-        r = httpx.get(f"{srv.url}{p.PREFIX}/list/packs", headers={"authorization": header})
+        r = httpx2.get(f"{srv.url}{p.PREFIX}/list/packs", headers={"authorization": header})
         assert r.status_code == 401, header
     # ccache sends the token as the password of HTTP Basic; that form is as good as Bearer
-    r = httpx.get(f"{srv.url}{p.PREFIX}/list/packs", auth=("ci", token))
+    r = httpx2.get(f"{srv.url}{p.PREFIX}/list/packs", auth=("ci", token))
     assert r.status_code == 200
 
 
@@ -562,7 +562,7 @@ def test_token_secrets_never_reach_the_log_or_the_listing(srv: Server, env: Env)
     c.put(blob("refs/sec-a"), content=disk_ref("sec-a"))
     c.put(blob("refs/other"), content=disk_ref("other"))  # 403
     srv.client(token[:-2]).get(blob("refs/sec-a"))  # 401: a near miss of the secret
-    httpx.get(f"{srv.url}{p.PREFIX}/list/packs", auth=("ci", token))
+    httpx2.get(f"{srv.url}{p.PREFIX}/list/packs", auth=("ci", token))
     remote(env, srv, token).run("disk", "ls")
 
     log = srv.log.read_text()

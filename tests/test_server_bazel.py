@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server import Server, start_server
@@ -28,7 +28,7 @@ def blob(size: int = 64) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def metric(client: httpx.Client, name: str, **labels: str) -> float:
+def metric(client: httpx2.Client, name: str, **labels: str) -> float:
     """The value of one sample on ``/metrics`` (0 if the labelled series does not exist yet)."""
     text = client.get("/metrics").raise_for_status().text
     for family in text_string_to_metric_families(text):
@@ -58,7 +58,7 @@ def token_for(server: Server) -> Callable[..., str]:
 
 
 @pytest.fixture
-def admin(server: Server) -> Iterator[httpx.Client]:
+def admin(server: Server) -> Iterator[httpx2.Client]:
     with server.client() as c:
         yield c
 
@@ -67,7 +67,7 @@ def admin(server: Server) -> Iterator[httpx.Client]:
 
 
 @pytest.mark.parametrize("prefix", ["", "/ci-linux"])
-def test_cas_put_get_head(admin: httpx.Client, prefix: str) -> None:
+def test_cas_put_get_head(admin: httpx2.Client, prefix: str) -> None:
     data, digest = blob(3000)
     url = f"{prefix}/cas/{digest}"
     assert admin.get(url).status_code == 404
@@ -80,7 +80,7 @@ def test_cas_put_get_head(admin: httpx.Client, prefix: str) -> None:
 
 
 @pytest.mark.parametrize("prefix", ["", "/ci-linux"])
-def test_ac_put_get_head_and_overwrite(admin: httpx.Client, prefix: str) -> None:
+def test_ac_put_get_head_and_overwrite(admin: httpx2.Client, prefix: str) -> None:
     # An AC key is the action's digest, not the body's: any body is accepted under any key.
     _, key = blob()
     url = f"{prefix}/ac/{key}"
@@ -93,7 +93,7 @@ def test_ac_put_get_head_and_overwrite(admin: httpx.Client, prefix: str) -> None
 
 
 def test_cas_upload_that_does_not_hash_to_its_name_is_refused(server: Server,
-                                                               admin: httpx.Client) -> None:
+                                                               admin: httpx2.Client) -> None:
     data, digest = blob()
     _, other = blob()
     got = admin.put(f"/cas/{other}", content=data)
@@ -116,13 +116,13 @@ def test_cas_upload_that_does_not_hash_to_its_name_is_refused(server: Server,
     "/bad.instance/ac/" + "a" * 64,     # instance names are letters, digits, '_' and '-'
     "/-dash/cas/" + "a" * 64,
 ])
-def test_malformed_names_are_400(admin: httpx.Client, path: str) -> None:
+def test_malformed_names_are_400(admin: httpx2.Client, path: str) -> None:
     for method in ("GET", "HEAD", "PUT"):
         got = admin.request(method, path, content=b"x" if method == "PUT" else None)
         assert got.status_code == 400, (method, path, got.status_code)
 
 
-def test_unknown_entry_is_404_and_counted_as_a_miss(admin: httpx.Client) -> None:
+def test_unknown_entry_is_404_and_counted_as_a_miss(admin: httpx2.Client) -> None:
     _, digest = blob()
     misses = {k: metric(admin, "stickyci_cache_lookups_total", kind=k, result="miss")
               for k in ("ac", "cas")}
@@ -140,7 +140,7 @@ def test_unknown_entry_is_404_and_counted_as_a_miss(admin: httpx.Client) -> None
     assert metric(admin, "stickyci_cache_lookups_total", kind="cas", result="hit") == hits + 1
 
 
-def test_ac_and_cas_are_per_instance(admin: httpx.Client) -> None:
+def test_ac_and_cas_are_per_instance(admin: httpx2.Client) -> None:
     _, key = blob()
     admin.put(f"/team-a/ac/{key}", content=b"result of a").raise_for_status()
     assert admin.get(f"/team-a/ac/{key}").content == b"result of a"
@@ -161,7 +161,7 @@ def test_ac_and_cas_are_per_instance(admin: httpx.Client) -> None:
 
 
 def test_a_token_cannot_read_or_probe_another_instances_cas(server: Server,
-                                                            admin: httpx.Client) -> None:
+                                                            admin: httpx2.Client) -> None:
     """Attack: a pull request's token asks for main's content by a digest it guessed (a
     small file it can enumerate, say), in its own instance and in main's."""
     data, digest = blob()
@@ -178,7 +178,7 @@ def test_a_token_cannot_read_or_probe_another_instances_cas(server: Server,
 
 
 def test_reads_small_and_large_answer_and_count_alike(server: Server,
-                                                     admin: httpx.Client) -> None:
+                                                     admin: httpx2.Client) -> None:
     # A small entry is answered in front of the router, one over 256 KiB by the route: the
     # same bytes, one hit each, and an access-log line naming the token, not showing it.
     mark = server.log.stat().st_size
@@ -200,7 +200,7 @@ def test_reads_small_and_large_answer_and_count_alike(server: Server,
     assert server.admin.split("_", 2)[2] not in server.log.read_text()
 
 
-def test_an_instance_named_like_a_route_is_that_routes(admin: httpx.Client) -> None:
+def test_an_instance_named_like_a_route_is_that_routes(admin: httpx2.Client) -> None:
     # "/nix/ac/<64 hex>" is the Nix cache "ac"'s file, as the router has it, not Bazel's.
     _, digest = blob()
     misses = metric(admin, "stickyci_cache_lookups_total", kind="ac", result="miss")
@@ -290,7 +290,7 @@ LIMIT = 1024 * KiB
 ENTRY = 100 * KiB
 
 
-def put_entry(c: httpx.Client, i: int) -> str:
+def put_entry(c: httpx2.Client, i: int) -> str:
     """Upload a 100 KiB entry, CAS or AC by turn, and return its URL."""
     data, digest = blob(ENTRY)
     url = f"/cas/{digest}" if i % 2 else f"/ci/ac/{digest}"
@@ -298,7 +298,7 @@ def put_entry(c: httpx.Client, i: int) -> str:
     return url
 
 
-def present(c: httpx.Client, urls: list[str]) -> list[bool]:
+def present(c: httpx2.Client, urls: list[str]) -> list[bool]:
     # HEAD touches entries too; callers look only after the last upload.
     return [c.head(u).status_code == 200 for u in urls]
 

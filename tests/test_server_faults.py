@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from helpers import Env, commit_tree, names, one_line_error, read_tree, tmpfs, wait_for
 from server import Server, blob, error, free_port, pack, start_server, store_dir, unique
@@ -85,7 +85,7 @@ def test_malformed_names_are_400(srv: Server, path: str) -> None:
     c = srv.client()
     methods = ["GET", "PUT"] if path.startswith((blob(""), "/cas/", "/ac/")) else ["GET"]
     for method in methods:
-        r = c.request(method, httpx.URL(srv.url + path), content=b"x" if method == "PUT" else None)
+        r = c.request(method, httpx2.URL(srv.url + path), content=b"x" if method == "PUT" else None)
         assert r.status_code == 400, (method, r.text)
         assert error(r).kind == "UsageError"
     assert not (store_dir(srv).parent / "state" / "x").exists()
@@ -233,7 +233,7 @@ def test_a_client_gone_mid_upload_stores_nothing(srv: Server) -> None:
     wait_for(abandoned, "the server to log the abandoned upload")
     assert srv.client().head(blob(name)).status_code == 404
     assert not (store_dir(srv) / name).exists()
-    assert httpx.get(f"{srv.url}/healthz").status_code == 200
+    assert httpx2.get(f"{srv.url}/healthz").status_code == 200
 
 
 def test_the_client_retries_across_a_restart(tmp_path: Path,
@@ -523,7 +523,7 @@ def test_a_store_url_that_is_not_a_stickyci_server_is_an_error(tmp_path: Path,
 
 def _answers(url: str) -> bool:
     try:
-        httpx.get(url, timeout=1)
-    except httpx.TransportError:
+        httpx2.get(url, timeout=1)
+    except httpx2.TransportError:
         return False
     return True

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from helpers import MiB
 from nix_helpers import (
@@ -92,7 +92,7 @@ def _mirror(srv: Server, token: str, cache: str, paths: list[str], into: Path,
             tamper: str | None = None) -> str:
     """Copy paths' narinfos and NARs from the server into a ``file://`` binary cache,
     flipping a bit of the signature of the path ``tamper``; the cache's URL."""
-    client = httpx.Client(base_url=f"{srv.url}/nix/{cache}", headers=basic(token))
+    client = httpx2.Client(base_url=f"{srv.url}/nix/{cache}", headers=basic(token))
     (into / "nar").mkdir(parents=True)
     (into / "nix-cache-info").write_text("StoreDir: /nix/store\n")
     for path in paths:
@@ -229,7 +229,7 @@ def test_gc_keeps_what_narinfos_reach_and_frees_evicted_nars(tmp_path: Path) -> 
         new = writer.add_tree("new", random_files(3, 1, 600 << 10))
         assert writer.copy_to(url, new, netrc=netrc).returncode == 0
         settled(s.state)
-        client = httpx.Client(base_url=f"{s.url}/nix/lru", headers=basic(token))
+        client = httpx2.Client(base_url=f"{s.url}/nix/lru", headers=basic(token))
         assert client.get(f"/{Path(old).name[:32]}.narinfo").status_code == 404
         assert metric(s.url, "stickyci_evictions_total") >= 1
         before = tree_bytes(store_dir(s))

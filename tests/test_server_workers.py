@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from helpers import Env, commit_tree, read_tree, wait_for
 from nix_helpers import Nix, needs_nix, public_key, random_files, settled
@@ -60,15 +60,15 @@ def counted_by(server: Server) -> set[int]:
     return {int(f.stem.rpartition("_")[2]) for f in metrics_dir(server).glob("*.db")}
 
 
-def get(server: Server, path: str, token: str | None = None) -> httpx.Response:
+def get(server: Server, path: str, token: str | None = None) -> httpx2.Response:
     """One GET on a connection of its own."""
     tok = server.admin if token is None else token
-    return httpx.get(server.url + path, headers={"authorization": f"Bearer {tok}"}, timeout=30)
+    return httpx2.get(server.url + path, headers={"authorization": f"Bearer {tok}"}, timeout=30)
 
 
-def put(server: Server, path: str, body: bytes) -> httpx.Response:
+def put(server: Server, path: str, body: bytes) -> httpx2.Response:
     """One PUT on a connection of its own."""
-    return httpx.put(server.url + path, content=body, timeout=30,
+    return httpx2.put(server.url + path, content=body, timeout=30,
                      headers={"authorization": f"Bearer {server.admin}"})
 
 
@@ -304,7 +304,7 @@ def test_nix_copy_through_the_workers_is_spooled_stored_and_substituted(
     assert copied.returncode == 0, copied.stderr
     settled(server.state)
     # The backlog any worker reports is the shared spool's: drained.
-    assert "\nstickyci_nix_spool_nars 0.0\n" in httpx.get(f"{server.url}/metrics").text
+    assert "\nstickyci_nix_spool_nars 0.0\n" in httpx2.get(f"{server.url}/metrics").text
     pins = [p for p in (store_dir(server) / "roots").iterdir() if p.name.startswith("nix.wk.")]
     assert len(pins) == len(paths)
     reader = Nix(tmp_path / "reader")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import StickyError, UsageError
@@ -102,14 +102,14 @@ def _body(doc: dict[str, Any], tails: list[LogTail]) -> bytes:
     return json.dumps({"record": doc, "tails": [t.model_dump() for t in tails]}).encode()
 
 
-def _client(token: str | None, timeout: float) -> httpx.Client:
+def _client(token: str | None, timeout: float) -> httpx2.Client:
     token = token if token is not None else os.environ.get("STICKYCI_TOKEN")
     headers = {"authorization": f"Bearer {token}"} if token else {}
     # A server that does not answer a connection is given less time than one that is slow.
-    return httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=2.0))
+    return httpx2.Client(headers=headers, timeout=httpx2.Timeout(timeout, connect=2.0))
 
 
-def _check(response: httpx.Response, run_id: str) -> None:
+def _check(response: httpx2.Response, run_id: str) -> None:
     if response.status_code >= 400:
         try:
             why = str(response.json()["error"])
@@ -132,7 +132,7 @@ def push_runs(runs: list[RunRecord], store_url: str, token: str | None = None,
             try:
                 response = client.put(f"{url}/{run.id}", content=_body(run.to_dict(), tails),
                                       headers=_HEADERS)
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 raise StickyError(f"cannot reach {store_url} to push run {run.id}: "
                                   f"{exc.__class__.__name__}") from exc
             _check(response, run.id)
@@ -208,7 +208,7 @@ class Reporter:
         try:
             _check(self._client.put(self.url, content=_body(doc, _tails(self.run.run_dir, jobs)),
                                     headers=_HEADERS), self.run.id)
-        except (httpx.HTTPError, StickyError) as exc:
+        except (httpx2.HTTPError, StickyError) as exc:
             if not self._warned:
                 self._warned = True
                 why = str(exc) if isinstance(exc, StickyError) else exc.__class__.__name__

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
-import httpx
+import httpx2
 
 from ..digest import Digest
 from ..errors import NotFound, StoreMisconfigured, StoreUnavailable, UsageError
@@ -33,11 +33,11 @@ class HttpBackend:
     own client: one pool per process."""
 
     def __init__(self, url: str, token: str | None = None, *,
-                 client: httpx.Client | None = None) -> None:
+                 client: httpx2.Client | None = None) -> None:
         """Talk to the server at ``url`` with ``token`` (default ``STICKYCI_TOKEN``).
 
         ``client`` replaces the pooled client, as is: requests go to absolute URLs under
-        ``url``, so any ``httpx.Client`` serves, Starlette's ``TestClient`` included (the
+        ``url``, so any ``httpx2.Client`` serves, Starlette's ``TestClient`` included (the
         server in process, for tests of routing and auth). Its owner closes it, and keeps it
         out of forked children.
         """
@@ -52,7 +52,7 @@ class HttpBackend:
         self.cache_scope = f"{self.url}#{Digest.of((token or '').encode()).hex[:32]}"
         self._injected = client
         self._pid = -1
-        self._client: httpx.Client | None = None
+        self._client: httpx2.Client | None = None
         self._tls: ssl.SSLContext | None = None
         self._lock = threading.Lock()
 
@@ -60,7 +60,7 @@ class HttpBackend:
         return f"HttpBackend({self.url!r})"  # never the token
 
     @property
-    def _http(self) -> httpx.Client:
+    def _http(self) -> httpx2.Client:
         if self._injected is not None:
             return self._injected
         # A forked store worker must not share the parent's pooled connections.
@@ -70,22 +70,22 @@ class HttpBackend:
                     # Loading the CA bundle costs ~40 ms of CPU: do it once, and let forked
                     # workers, which each need a client of their own, inherit the context.
                     if self._tls is None:
-                        self._tls = httpx.create_ssl_context()
-                    self._client = httpx.Client(
+                        self._tls = httpx2.create_ssl_context()
+                    self._client = httpx2.Client(
                         verify=self._tls,
-                        timeout=httpx.Timeout(60.0, connect=5.0),
-                        limits=httpx.Limits(max_connections=POOL_SIZE,
+                        timeout=httpx2.Timeout(60.0, connect=5.0),
+                        limits=httpx2.Limits(max_connections=POOL_SIZE,
                                             max_keepalive_connections=POOL_SIZE))
                     self._pid = os.getpid()
         return self._client
 
     def _send(self, what: str, method: str, path: str, *, content: bytes | str | None = None,
-              headers: dict[str, str] | None = None) -> httpx.Response:
+              headers: dict[str, str] | None = None) -> httpx2.Response:
         """One request; a response whose status is in ``_OK`` or 404/409, else the error."""
         try:
             response = self._http.request(method, f"{self.url}{path}", content=content,
                                           headers={**self._auth, **(headers or {})})
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             problem = f"{type(exc).__name__}: {exc}".rstrip(": ")
         else:
             status = response.status_code
