@@ -13,7 +13,7 @@ import pytest
 
 from stickyci import codec
 from stickyci.errors import IntegrityError
-from stickyci.snapshot import Entry, Manifest, load_manifest, save_manifest
+from stickyci.snapshot import Entry, Manifest, load_manifest, save_manifest, validate
 from stickyci.store import LocalBackend, ObjectStore
 
 
@@ -96,6 +96,13 @@ def test_a_manifest_spliced_into_its_base_is_the_one_encoded_whole(
     assert new.encode_after(base, touched) == new.encode()
     assert Manifest.decode(new.encode_after(base, touched)) == new
 
+    # As an overlay commit does it: the base read lazily, the new tree that base patched.
+    lazy = Manifest.decode(_tree().encode(), lazy=True)
+    patched = Manifest.patched(lazy, {**dict.fromkeys(drop), **{e.path: e for e in put}})
+    assert (patched.files, patched.size) == (new.files, new.size)
+    assert patched.encode_after(lazy, touched) == new.encode()
+    assert patched == new
+
 
 def test_the_splice_copies_untouched_entries_from_the_base_bytes() -> None:
     """What makes the splice cheap: an untouched entry is not encoded again but taken as the
@@ -135,6 +142,79 @@ def test_format_2_is_one_entry_per_line() -> None:
     rows = [e.to_row() for e in m.sorted_entries()]
     for row in rows:
         row[9] = 1 if row[9] else 0
-    assert lines == [b'[{"format":2}', *(b"," + orjson.dumps(r) for r in rows), b"]"]
-    assert Manifest().encode() == b'[{"format":2}\n]'
+    head = b'[{"format":2,"files":9,"size":24}'  # two of the files share their 3 bytes
+    assert lines == [head, *(b"," + orjson.dumps(r) for r in rows), b"]"]
+    assert Manifest().encode() == b'[{"format":2,"files":0,"size":0}\n]'
     assert Manifest.decode(Manifest().encode()) == Manifest()
+
+
+def _with_line(data: bytes, path: str, line: bytes) -> bytes:
+    """``data`` with the entry line of ``path`` replaced by ``line``."""
+    lines = data.split(b"\n")
+    at = next(i for i, x in enumerate(lines) if x.startswith(b',["' + path.encode() + b'",'))
+    return b"\n".join([*lines[:at], line, *lines[at + 1:]])
+
+
+def test_a_lazy_manifest_reads_only_the_lines_it_is_asked_about() -> None:
+    """What makes it cheap, shown by a damaged line elsewhere: lookups, the paths under a
+    directory and the totals come from the lines asked about and the header; asking for
+    every entry reads the damaged line, and says so."""
+    tree = _tree()
+    data = _with_line(tree.encode(), "a/b-x", b',["a/b-x","file",420,"garbage"]')
+    lazy = Manifest.decode(data, "snapshot X", lazy=True)
+    assert lazy.get("z/f") == tree.entries["z/f"]
+    assert lazy.get("z/nothing") is None and lazy.get("0") is None and lazy.get("zz") is None
+    assert lazy.under({"a/b", "z"}) == {"a/b/f", "a/b/g", "z/f", "z/g", "z/h2", "z/l"}
+    assert (lazy.files, lazy.size) == (9, 24)
+    with pytest.raises(IntegrityError, match="snapshot X is not a valid manifest"):
+        lazy.get("a/b-x")
+    with pytest.raises(IntegrityError, match="snapshot X is not a valid manifest"):
+        _ = lazy.entries
+
+
+def test_a_lazy_manifest_is_the_eager_one() -> None:
+    """Every path, every directory's contents and the totals agree, names with escapes
+    (quotes, backslashes, control characters, non-ASCII) included."""
+    tree = _tree()
+    for name in ('a/q"uote', "a/back\\slash", "a/tab\tname", "a/é", "a/\u2603", 'a/x","y'):
+        tree.entries[name] = Entry(name, "file", 0o644, 1, size=2, chunks=[["cd" * 32, 2]])
+    data = tree.encode()
+    lazy, eager = Manifest.decode(data, lazy=True), Manifest.decode(data)
+    for path in [*eager.entries, "a/b/", "a/q", "a/é/x", "zzz", "", f"a/{SURROGATE}"]:
+        assert lazy.get(path) == eager.entries.get(path), path
+    roots = {p for p, e in eager.entries.items() if e.kind == "dir"}
+    assert lazy.under(roots) == eager.under(roots)
+    assert (lazy.files, lazy.size) == (eager.files, eager.size) == (15, 36)
+    assert lazy == eager
+
+
+def test_totals_of_a_patched_manifest_follow_its_changes() -> None:
+    """Counted from the base's header and the changes alone, hardlinks counted once: a
+    change to a linked path counts the whole tree."""
+    base = Manifest.decode(_tree().encode(), lazy=True)
+    added = Entry("z/new", "file", 0o644, 1, size=10, chunks=[["cd" * 32, 10]])
+    for changes in ({"z/f": None, "z/new": added}, {"a/b": None, "a/b/f": None, "a/b/g": None},
+                    {"z/h2": None}, {"a/ba/h1": added}):
+        patched = Manifest.patched(base, changes)  # type: ignore[arg-type]
+        whole = Manifest(dict(patched.entries))
+        assert (patched.files, patched.size) == (whole.files, whole.size), changes
+
+
+def test_a_manifest_whose_header_lies_about_its_totals_is_refused() -> None:
+    """The totals are read as a commit's counts, so a restore checks them like any field."""
+    data = _tree().encode().replace(b'"files":9', b'"files":90', 1)
+    m = Manifest.decode(data, "snapshot Y")
+    with pytest.raises(IntegrityError, match="snapshot Y: its header states 90 files"):
+        validate(m)
+    validate(Manifest.decode(_tree().encode()))
+
+
+def test_a_format_2_manifest_without_totals_reads_whole() -> None:
+    """Written before the header stated them (89411f9 to bb85d6f): read as it always was,
+    lazily too, and a commit on it encodes its manifest whole."""
+    m = _tree()
+    old = m.encode().replace(b'[{"format":2,"files":9,"size":24}', b'[{"format":2}', 1)
+    lazy = Manifest.decode(old, lazy=True)
+    assert lazy == Manifest.decode(m.encode()) and (lazy.files, lazy.size) == (9, 24)
+    new, touched = _changed(lazy, ["z/g"], [])
+    assert new.encode_after(lazy, touched) == new.encode()

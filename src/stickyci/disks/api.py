@@ -334,7 +334,8 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         return result
 
     objects = ObjectStore(backend, listing=False)  # the local index; check_present guards it
-    base = load_manifest(objects, state.base) if state.base else Manifest()
+    # Read lazily: an overlay commit looks up only the paths it changed.
+    base = load_manifest(objects, state.base, lazy=True) if state.base else Manifest()
     with _sealed(state, path) as sealed:  # from here until the ref moves, see _seal
         where = state.dir / SEALED_TREE if sealed and state.strategy in CLONES else path
         with ContentFill(objects) as fill:
@@ -359,8 +360,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         content_written = objects.bytes_written
         snapshot, hint = _save(objects, scan, content_root, state, current, base)
         result.manifest_bytes = objects.bytes_written - content_written
-        files = sum(1 for e in scan.manifest.entries.values() if e.kind == "file")
-        size = scan.manifest.size
+        files, size = scan.manifest.files, scan.manifest.size
         raced: list[Generation] = []
 
         def change(ref: DiskRef | None) -> DiskRef:

@@ -395,6 +395,6 @@ def snapshot_tree(store: ObjectStore, root: str,
     return save_manifest(store, scan.manifest), scan.manifest
 
 
-def load_manifest(store: ObjectStore, snapshot: Digest) -> Manifest:
-    """Read and validate a snapshot's manifest."""
-    return Manifest.decode(store.get(snapshot), f"snapshot {snapshot}")
+def load_manifest(store: ObjectStore, snapshot: Digest, *, lazy: bool = False) -> Manifest:
+    """Read a snapshot's manifest (``lazy``: see ``Manifest.decode``)."""
+    return Manifest.decode(store.get(snapshot), f"snapshot {snapshot}", lazy=lazy)

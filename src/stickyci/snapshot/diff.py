@@ -41,7 +41,7 @@ def diff(a: Manifest, b: Manifest, candidates: Iterable[str] | None = None) -> D
     if candidates is None or any_linked(paths, a, b):
         links_a, links_b = _link_leaders(a), _link_leaders(b)
     for path in sorted(paths):
-        old, new = a.entries.get(path), b.entries.get(path)
+        old, new = a.get(path), b.get(path)
         if old is None and new is None:
             continue
         if old is None:

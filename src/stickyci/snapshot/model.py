@@ -1,17 +1,18 @@
 """The manifest: a deterministic, immutable description of a directory tree.
 
 Entries are sorted by path (so a parent precedes its children) and serialised as compact JSON
-arrays, one per line, in one JSON array headed by the format::
+arrays, one per line, in one JSON array headed by the format and the tree's totals::
 
-    [{"format":2}
+    [{"format":2,"files":1,"size":1180}
     ,["src","dir",493,...]
     ,["src/main.c","file",420,...]
     ]
 
-The BLAKE3 of the serialised manifest is the snapshot id. One entry per line is what lets an
-incremental commit write its manifest by splicing the entries it changed into its base's
-bytes (``Manifest.encode_after``) instead of encoding every entry again; format 1 (one JSON
-object, every entry on one line) is still read. Paths are relative POSIX paths. A manifest
+The BLAKE3 of the serialised manifest is the snapshot id. One entry per line, in order, is
+what lets an incremental commit read only the lines of the paths it changed (``decode(...,
+lazy=True)``) and write its manifest by splicing them into its base's bytes
+(``Manifest.encode_after``), counting from the header; format 1 (one JSON object, every entry
+on one line) and format 2 without totals are still read. Paths are relative POSIX paths. A manifest
 can come from an untrusted store, so ``validate`` runs before anything is written from one
 (see ``restore``); reading one to compare or extend it does not need it.
 """
@@ -33,8 +34,6 @@ import orjson
 from ..errors import IntegrityError, UnsafePath
 
 FORMAT = 2
-_HEAD = b'[{"format":2}'
-_HEAD_ESCAPED = b'[{"format":2,"escaped":true}'
 _END = b',"\\u0000"]'  # how the NUL that ends each row while it is encoded comes out
 DIR, FILE, SYMLINK = "dir", "file", "symlink"
 KINDS = frozenset({DIR, FILE, SYMLINK})
@@ -88,32 +87,133 @@ class Entry:
             other.mode, other.mtime_ns, other.uid, other.gid)
 
 
-@dataclass(slots=True)
 class Manifest:
-    """A whole tree: entries by path."""
+    """A whole tree: entries by path.
 
-    entries: dict[str, Entry] = field(default_factory=dict)
-    name: str = field(default="manifest", compare=False)  # what errors call it
-    # The bytes this manifest was decoded from, entries in the order of ``entries``: what
-    # ``encode_after`` splices a change into.
-    encoded: bytes | None = field(default=None, compare=False, repr=False)
+    Read lazily from the store (``decode(..., lazy=True)``), a manifest answers ``get`` and
+    ``under`` from its bytes, parsing the lines it is asked about; ``patched`` describes a
+    tree as such a base plus changes. Both become a plain dict of entries only when something
+    asks for ``entries``: an incremental commit of a 52k-entry tree reads a few hundred lines
+    instead of all of them (decoding them all was 85 ms of its 0.3 s).
+    """
+
+    __slots__ = ("_base", "_changes", "_entries", "_lines", "_seen", "_totals", "encoded",
+                 "name")
+
+    def __init__(self, entries: dict[str, Entry] | None = None, name: str = "manifest",
+                 encoded: bytes | None = None) -> None:
+        self._entries: dict[str, Entry] | None = {} if entries is None else entries
+        self.name = name  # what errors call it
+        # The bytes this manifest was decoded from, entries in the order of ``entries``: what
+        # ``encode_after`` splices a change into.
+        self.encoded = encoded
+        self._lines: list[bytes] | None = None  # of ``encoded``: entry i is on line i + 1
+        # Where lookups in a lazy manifest found each path: its line (or where it would be)
+        # and its entry.
+        self._seen: dict[str, tuple[int, Entry | None]] = {}
+        self._totals: tuple[int, int] | None = None  # (files, size) its header states
+        self._base: Manifest | None = None
+        self._changes: dict[str, Entry | None] = {}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Manifest) and self.entries == other.entries
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.name!r})"
+
+    @property
+    def entries(self) -> dict[str, Entry]:
+        """Every entry by path (a lazy manifest is parsed whole the first time)."""
+        if self._entries is None:
+            if self._base is not None:
+                merged = dict(self._base.entries)
+                for p, e in self._changes.items():
+                    if e is None:
+                        merged.pop(p, None)
+                    else:
+                        merged[p] = e
+                self._entries = merged
+            else:
+                assert self.encoded is not None
+                self._entries = Manifest.decode(self.encoded, self.name).entries
+        return self._entries
+
+    @classmethod
+    def patched(cls, base: Manifest, changes: dict[str, Entry | None]) -> Manifest:
+        """``base`` with ``changes`` applied (``None`` removes a path), read lazily: only the
+        changed paths are looked up in ``base`` until something asks for every entry."""
+        m = cls(name=base.name)
+        m._entries, m._base, m._changes = None, base, changes
+        return m
+
+    def get(self, path: str) -> Entry | None:
+        """The entry at ``path``, if any."""
+        if self._entries is not None:
+            return self._entries.get(path)
+        if self._base is not None:
+            return self._changes[path] if path in self._changes else self._base.get(path)
+        return self._locate(path)[1]
+
+    def under(self, roots: Iterable[str]) -> set[str]:
+        """The paths below any of ``roots`` (the roots themselves not included)."""
+        # Whatever lies under a path is one run of the sorted paths: a search per root,
+        # instead of walking every ancestor of every path in the tree.
+        prefixes = {r + "/" for r in roots}
+        out: set[str] = set()
+        if not prefixes:
+            return out
+        if self._entries is None and self._base is None:
+            lines = self._lines_()
+            for prefix in prefixes:
+                i = self._find(prefix)
+                raw = prefix.encode(errors="surrogateescape")
+                while i < len(lines) - 1 and (p := _key(lines[i], self.name)).startswith(raw):
+                    out.add(p.decode())
+                    i += 1
+            return out
+        paths = sorted(self.entries)
+        for prefix in prefixes:
+            i = bisect.bisect_left(paths, prefix)
+            while i < len(paths) and paths[i].startswith(prefix):
+                out.add(paths[i])
+                i += 1
+        return out
 
     def sorted_entries(self) -> list[Entry]:
         """Entries in path order (parents first)."""
         return [self.entries[p] for p in sorted(self.entries)]
 
     @property
+    def files(self) -> int:
+        """How many files the tree holds."""
+        return self._counts()[0]
+
+    @property
     def size(self) -> int:
         """Total bytes of file content (hardlinked content counted once)."""
-        seen: set[int] = set()
-        total = 0
-        for e in self.entries.values():
-            if e.kind != FILE or (e.link and e.link in seen):
-                continue
-            if e.link:
-                seen.add(e.link)
-            total += e.size
-        return total
+        return self._counts()[1]
+
+    def _counts(self) -> tuple[int, int]:
+        known = self._known_totals()
+        return _totals(self.entries.values()) if known is None else known
+
+    def _known_totals(self) -> tuple[int, int] | None:
+        """(files, size) without parsing every entry, when the header or the base states
+        them; a change to a hardlinked path counts everything (groups are counted once)."""
+        if self._entries is not None:
+            return None
+        if self._base is None:
+            return self._totals
+        base = self._base._known_totals()
+        if base is None or any_linked(self._changes, self._base, self):
+            return None
+        files, size = base
+        for p, new in self._changes.items():
+            for e, sign in ((self._base.get(p), -1), (new, 1)):
+                if e is not None and e.kind == FILE:
+                    files += sign
+                    size += sign * e.size
+        return files, size
 
     def chunk_digests(self) -> set[str]:
         """Every chunk this tree references."""
@@ -127,13 +227,15 @@ class Manifest:
     def _encode(self) -> bytes:
         renumber: dict[int, int] = {}
         rows = []
-        for e in self.sorted_entries():
+        entries = self.sorted_entries()
+        for e in entries:
             row = e.to_row()
             if e.link:
                 row[9] = renumber.setdefault(e.link, len(renumber) + 1)
             row.append("\0")
             rows.append(row)
-        head = _HEAD
+        files, size = _totals(entries)
+        escaped = False
         try:
             body = orjson.dumps(rows)
         except TypeError:
@@ -141,7 +243,8 @@ class Manifest:
             # cannot be a JSON string; such values are stored as their raw bytes in base64.
             for row in rows:
                 row[0], row[8] = _escape(row[0]), _escape(row[8])
-            head, body = _HEAD_ESCAPED, orjson.dumps(rows)
+            escaped, body = True, orjson.dumps(rows)
+        head = _header(files, size, escaped)
         if not rows:
             return head + b"\n]"
         # One dumps for all rows, each ending in a NUL string, then a line break where each
@@ -158,48 +261,98 @@ class Manifest:
 
         The same bytes as ``encode()`` whenever ``base`` was written by it; a change to a
         hardlinked entry (groups are numbered across the whole manifest) or to a name that
-        is not UTF-8 encodes everything.
+        is not UTF-8 encodes everything, and so does a base whose header does not state its
+        totals (written before they were in it).
         """
         spliced = self._splice(base, sorted(touched)) if base.encoded else None
         return self.encode() if spliced is None else spliced
 
     def _splice(self, base: Manifest, changed: list[str]) -> bytes | None:
         assert base.encoded is not None
-        if not base.encoded.startswith(_HEAD + b"\n"):
+        if not base.encoded.startswith(b'[{"format":2,"files":'):
             return None
         if any_linked(changed, base, self):
             return None
-        olds, news = base.entries, self.entries
-        lines = base.encoded.split(b"\n")
-        order = list(olds)
-        if len(lines) != len(order) + 2:
-            return None
-        out = [lines[0]]
-        at = 1  # the next line of ``base`` not yet copied; line i + 1 holds order[i]
+        lines = base._lines_()
         try:
+            out = [_header(self.files, self.size, False)]
+            at = 1  # the next line of ``base`` not yet copied
             for p in changed:
-                i = bisect.bisect_left(order, p)
-                out += lines[at : i + 1]
-                at = i + 1
-                if i < len(order) and order[i] == p:
-                    if not lines[at].startswith(b",[" + orjson.dumps(p) + b","):
-                        return None  # not one entry per line: not written by encode()
-                    at += 1
-                if (e := news.get(p)) is not None:
+                i, old = base._locate(p)
+                out += lines[at:i]
+                at = i + (old is not None)
+                if (e := self.get(p)) is not None:
                     out.append(b"," + orjson.dumps(e.to_row()))
         except TypeError:  # a name that is not UTF-8
             return None
         out += lines[at:]
         return b"\n".join(out)
 
+    def _lines_(self) -> list[bytes]:
+        if self._lines is None:
+            assert self.encoded is not None
+            self._lines = self.encoded.split(b"\n")
+        return self._lines
+
+    def _locate(self, path: str) -> tuple[int, Entry | None]:
+        """The line of ``path`` in a lazy manifest (or where it would be) and its entry."""
+        found = self._seen.get(path)
+        if found is None:
+            i = self._find(path)
+            lines = self._lines_()
+            e = None
+            raw = path.encode(errors="surrogateescape")
+            if i < len(lines) - 1 and _key(lines[i], self.name) == raw:
+                try:
+                    e = Entry.from_row(orjson.loads(lines[i][1:]))
+                except (ValueError, TypeError) as exc:
+                    raise IntegrityError(f"{self.name} is not a valid manifest: {exc}") from exc
+            found = self._seen[path] = (i, e)
+        return found
+
+    def _find(self, path: str) -> int:
+        """The first line (of the entries') whose path does not sort before ``path``.
+
+        UTF-8 sorts as the code points do, so the lines' bytes are compared as they are. A
+        name that is not UTF-8 is in no manifest read lazily (those are read whole), but may
+        be asked about: its raw bytes find where it would be.
+        """
+        lines, key, name = self._lines_(), path.encode(errors="surrogateescape"), self.name
+        lo, hi = 1, len(lines) - 1
+        while lo < hi:  # bisect with a key function costs twice as much per probe
+            mid = (lo + hi) // 2
+            if _key(lines[mid], name) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
     @classmethod
-    def decode(cls, data: bytes, name: str = "manifest") -> Manifest:
-        """Parse a manifest; raise ``IntegrityError`` on a malformed one."""
+    def decode(cls, data: bytes, name: str = "manifest", *, lazy: bool = False) -> Manifest:
+        """Parse a manifest; raise ``IntegrityError`` on a malformed one.
+
+        ``lazy`` parses only the header of a format-2 manifest that states its totals, and
+        each line when it is asked about (see the class); a malformed line is then reported
+        when it is read.
+        """
         try:
+            if lazy and data.startswith(b'[{"format":2,"files":'):
+                return cls._lazy(data, name)
             with paused_gc():
                 return cls._decode(data, name)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise IntegrityError(f"{name} is not a valid manifest: {exc}") from exc
+
+    @classmethod
+    def _lazy(cls, data: bytes, name: str) -> Manifest:
+        head = orjson.loads(data[1 : data.index(b"\n")])
+        files, size = head["files"], head["size"]
+        if (set(head) != {"format", "files", "size"} or not _int(files, 0, SIZE_MAX)
+                or not _int(size, 0, SIZE_MAX) or not data.endswith(b"\n]")):
+            raise ValueError("a malformed header or end")
+        m = cls(name=name, encoded=data)
+        m._entries, m._totals = None, (files, size)
+        return m
 
     @classmethod
     def _decode(cls, data: bytes, name: str) -> Manifest:
@@ -215,13 +368,64 @@ class Manifest:
             for row in rows:
                 row[0], row[8] = _unescape(row[0]), _unescape(row[8])
         entries = [Entry.from_row(r) for r in rows]
-        return cls({e.path: e for e in entries}, name, encoded)
+        m = cls({e.path: e for e in entries}, name, encoded)
+        if "files" in head:
+            m._totals = (head["files"], head["size"])
+        return m
+
+    def check_totals(self) -> None:
+        """Raise ``IntegrityError`` if the header states totals its entries do not have."""
+        if self._totals is not None and self._entries is not None:
+            actual = _totals(self._entries.values())
+            if actual != self._totals:
+                raise IntegrityError(
+                    f"{self.name}: its header states {self._totals[0]} files of "
+                    f"{self._totals[1]} bytes, its entries {actual[0]} of {actual[1]}; the "
+                    "snapshot is corrupt or forged, refusing to restore it")
+
+
+def _header(files: int, size: int, escaped: bool) -> bytes:
+    head: dict[str, Any] = {"format": FORMAT, "escaped": True} if escaped else {"format": FORMAT}
+    return b"[" + orjson.dumps({**head, "files": files, "size": size})
+
+
+def _totals(entries: Iterable[Entry]) -> tuple[int, int]:
+    """(files, bytes of content) of ``entries``, hardlinked content counted once."""
+    seen: set[int] = set()
+    files = size = 0
+    for e in entries:
+        if e.kind != FILE:
+            continue
+        files += 1
+        if e.link:
+            if e.link in seen:
+                continue
+            seen.add(e.link)
+        size += e.size
+    return files, size
+
+
+def _key(line: bytes, name: str) -> bytes:
+    """The path of a format-2 entry line, as UTF-8.
+
+    The path is the line's first string and the kind its second, and a quote inside a JSON
+    string is always escaped, so the first ``","`` ends the path.
+    """
+    end = line.find(b'","', 3)
+    if end < 0 or not line.startswith(b',["'):
+        raise IntegrityError(f"{name} is not a valid manifest: a line is not an entry")
+    raw = line[3:end]
+    if b"\\" not in raw:
+        return raw
+    try:
+        return str(orjson.loads(line[2 : end + 1])).encode()
+    except ValueError as exc:
+        raise IntegrityError(f"{name} is not a valid manifest: {exc}") from exc
 
 
 def any_linked(paths: Iterable[str], *manifests: Manifest) -> bool:
     """True if any of ``paths`` is hardlinked in any of ``manifests``."""
-    return any((e := m.entries.get(p)) is not None and e.link for p in paths
-               for m in manifests)
+    return any((e := m.get(p)) is not None and e.link for p in paths for m in manifests)
 
 
 @contextlib.contextmanager
@@ -327,3 +531,4 @@ def validate(m: Manifest, name: str | None = None) -> None:
             raise UnsafePath(
                 f"manifest path {path!r} would be written through {parent!r}, which is not a "
                 "directory in the snapshot; refusing to restore it")
+    m.check_totals()

@@ -8,7 +8,6 @@ written, and the metadata set from the manifest as a restore sets it.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import errno
 import os
@@ -117,7 +116,7 @@ class Overlay:
                 continue
             e = to_entry(found)
             if not trust_owners:
-                keep_base_meta(e, base.entries.get(rel))
+                keep_base_meta(e, base.get(rel))
             # A non-dir in the upper layer hides everything under its path in the lower one
             # (a directory replaced by a file leaves no whiteouts for its children).
             if e.kind != DIR or _is_opaque(found):
@@ -127,13 +126,11 @@ class Overlay:
                     e.link = groups.setdefault(st.st_ino, -(len(groups) + 1))
                 scan.read_later(e)
             up[rel] = e
-        merged = dict(base.entries)
         hidden = _hidden(base, gone, opaque)
-        for p in hidden:
-            del merged[p]
-        merged.update(up)
-        scan.manifest = Manifest(merged)
-        scan.touched = {*up, *hidden}
+        changes: dict[str, Entry | None] = dict.fromkeys(hidden)
+        changes.update(up)
+        scan.manifest = Manifest.patched(base, changes)
+        scan.touched = set(changes)
         return scan, upper
 
 
@@ -147,19 +144,7 @@ def _is_opaque(found: Found) -> bool:
 def _hidden(base: Manifest, gone: set[str], opaque: set[str]) -> list[str]:
     """The lower paths deleted by a whiteout on them or an ancestor, or under an opaque
     directory or an upper non-directory."""
-    if not gone and not opaque:
-        return []
-    # Whatever lies under a path is one run of the sorted paths: a few searches, instead of
-    # walking every ancestor of every path in the tree.
-    paths = sorted(base.entries)
-    out = {p for p in gone if p in base.entries}
-    for root in gone | opaque:
-        prefix = root + "/"
-        i = bisect.bisect_left(paths, prefix)
-        while i < len(paths) and paths[i].startswith(prefix):
-            out.add(paths[i])
-            i += 1
-    return sorted(out)
+    return sorted({p for p in gone if base.get(p) is not None} | base.under(gone | opaque))
 
 
 def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched: set[str],
@@ -180,7 +165,7 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
     # Overlay keeps no hardlink between layers: a touched path never shares a group with one
     # left as it was, so its groups are its own.
     for p in touched:
-        e = new.entries.get(p)
+        e = new.get(p)
         if e is not None and e.link > 0:
             raise IntegrityError(f"{p} is linked to a path the commit did not touch")
     # What the patch removes (a rebuilt binary's old copy: 65 ms of a 0.57 s commit to
@@ -190,7 +175,7 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
         kept: set[str] = set()
         removed: set[str] = set()
         for p in sorted(touched):  # a directory sorts before what it holds
-            old, e = base.entries.get(p), new.entries.get(p)
+            old, e = base.get(p), new.get(p)
             if old is None or any(a in removed for a in _ancestors(p)):
                 continue
             if old.kind == DIR and e is not None and e.kind == DIR:
@@ -202,7 +187,7 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
         files: list[Entry] = []
         links: list[Entry] = []
         for p in sorted(touched):
-            e = new.entries.get(p)
+            e = new.get(p)
             if e is None or p in kept:
                 continue
             if e.kind == DIR:
@@ -234,12 +219,12 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
             forked_runs(files, copy)
         for e in links:
             out.link(leaders[e.link], e.path)
-        dirs = {d for p in touched for d in (p, *_ancestors(p))
-                if (e := new.entries.get(d)) is not None and e.kind == DIR}
+        dirs = {d: e for p in touched for d in (p, *_ancestors(p))
+                if (e := new.get(d)) is not None and e.kind == DIR}
         for d in sorted(dirs, reverse=True):  # children first: writing in a dir moves its mtime
             fd = out.open(d, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                Metadata(trust_owners).apply(fd, new.entries[d])
+                Metadata(trust_owners).apply(fd, dirs[d])
             finally:
                 os.close(fd)
 
