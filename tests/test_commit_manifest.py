@@ -189,15 +189,18 @@ def test_a_lazy_manifest_is_the_eager_one() -> None:
 
 
 def test_totals_of_a_patched_manifest_follow_its_changes() -> None:
-    """Counted from the base's header and the changes alone, hardlinks counted once: a
-    change to a linked path counts the whole tree."""
-    base = Manifest.decode(_tree().encode(), lazy=True)
+    """Counted from the base's totals (its header's, when read lazily) and the changes
+    alone, hardlinks counted once: a change to a linked path counts the whole tree."""
     added = Entry("z/new", "file", 0o644, 1, size=10, chunks=[["cd" * 32, 10]])
-    for changes in ({"z/f": None, "z/new": added}, {"a/b": None, "a/b/f": None, "a/b/g": None},
-                    {"z/h2": None}, {"a/ba/h1": added}):
-        patched = Manifest.patched(base, changes)  # type: ignore[arg-type]
-        whole = Manifest(dict(patched.entries))
-        assert (patched.files, patched.size) == (whole.files, whole.size), changes
+    for lazy in (True, False):
+        base = Manifest.decode(_tree().encode(), lazy=lazy)
+        for changes in ({"z/f": None, "z/new": added}, {"a/b": None, "a/b/f": None,
+                        "a/b/g": None}, {"z/h2": None}, {"a/ba/h1": added}):
+            patched = Manifest.patched(base, changes)  # type: ignore[arg-type]
+            totals = patched.totals  # before anything parses every entry
+            whole = Manifest(dict(patched.entries))
+            assert totals == (whole.files, whole.size), (lazy, changes)
+    assert Manifest.patched(Manifest(), {"z/new": added}).totals == (1, 10)
 
 
 def test_a_manifest_whose_header_lies_about_its_totals_is_refused() -> None:

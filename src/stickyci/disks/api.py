@@ -360,7 +360,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         content_written = objects.bytes_written
         snapshot, hint = _save(objects, scan, content_root, state, current, base)
         result.manifest_bytes = objects.bytes_written - content_written
-        files, size = scan.manifest.files, scan.manifest.size
+        files, size = scan.manifest.totals
         raced: list[Generation] = []
 
         def change(ref: DiskRef | None) -> DiskRef:

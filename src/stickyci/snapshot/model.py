@@ -158,8 +158,10 @@ class Manifest:
         """The paths below any of ``roots`` (the roots themselves not included)."""
         # Whatever lies under a path is one run of the sorted paths: a search per root,
         # instead of walking every ancestor of every path in the tree.
-        prefixes = {r + "/" for r in roots}
         out: set[str] = set()
+        if self._entries is not None and not self._entries:
+            return out  # a new disk's base: every path of its first commit is a root
+        prefixes = {r + "/" for r in roots}
         if not prefixes:
             return out
         if self._entries is None and self._base is None:
@@ -186,28 +188,26 @@ class Manifest:
     @property
     def files(self) -> int:
         """How many files the tree holds."""
-        return self._counts()[0]
+        return self.totals[0]
 
     @property
     def size(self) -> int:
         """Total bytes of file content (hardlinked content counted once)."""
-        return self._counts()[1]
+        return self.totals[1]
 
-    def _counts(self) -> tuple[int, int]:
-        known = self._known_totals()
-        return _totals(self.entries.values()) if known is None else known
-
-    def _known_totals(self) -> tuple[int, int] | None:
-        """(files, size) without parsing every entry, when the header or the base states
-        them; a change to a hardlinked path counts everything (groups are counted once)."""
+    @property
+    def totals(self) -> tuple[int, int]:
+        """``(files, size)`` in one pass; without parsing every entry when the header or the
+        base states them (a change to a hardlinked path counts everything: groups are
+        counted once)."""
         if self._entries is not None:
-            return None
+            return _totals(self._entries.values())
         if self._base is None:
+            assert self._totals is not None  # read lazily only when its header states them
             return self._totals
-        base = self._base._known_totals()
-        if base is None or any_linked(self._changes, self._base, self):
-            return None
-        files, size = base
+        if any_linked(self._changes, self._base, self):
+            return _totals(self.entries.values())
+        files, size = self._base.totals
         for p, new in self._changes.items():
             for e, sign in ((self._base.get(p), -1), (new, 1)):
                 if e is not None and e.kind == FILE:
@@ -227,14 +227,17 @@ class Manifest:
     def _encode(self) -> bytes:
         renumber: dict[int, int] = {}
         rows = []
-        entries = self.sorted_entries()
-        for e in entries:
+        files = size = 0
+        for e in self.sorted_entries():
             row = e.to_row()
+            if e.kind == FILE:
+                files += 1
+                if not e.link or e.link not in renumber:
+                    size += e.size
             if e.link:
                 row[9] = renumber.setdefault(e.link, len(renumber) + 1)
             row.append("\0")
             rows.append(row)
-        files, size = _totals(entries)
         escaped = False
         try:
             body = orjson.dumps(rows)
