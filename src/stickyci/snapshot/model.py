@@ -379,7 +379,7 @@ class Manifest:
     def check_totals(self) -> None:
         """Raise ``IntegrityError`` if the header states totals its entries do not have."""
         if self._totals is not None and self._entries is not None:
-            actual = _totals(self._entries.values())
+            actual = self.totals
             if actual != self._totals:
                 raise IntegrityError(
                     f"{self.name}: its header states {self._totals[0]} files of "
