@@ -342,7 +342,7 @@ def scan_tree(root: Tree | str, reuse: Reuse | None = None, base: Manifest | Non
 
 
 def _scan_into(out: Scan, tree: Tree, reuse: Reuse | None, base: Manifest | None) -> None:
-    m = out.manifest
+    entries, known = out.manifest.entries, base.entries if base is not None else None
     groups: dict[tuple[int, int], int] = {}
     for found in tree.walk():
         path, st = found.path, found.stat
@@ -352,8 +352,8 @@ def _scan_into(out: Scan, tree: Tree, reuse: Reuse | None, base: Manifest | None
             out.skipped += 1
             continue
         e = to_entry(found)
-        if base is not None:
-            keep_base_meta(e, base.entries.get(path))
+        if known is not None:
+            keep_base_meta(e, known.get(path))
         if e.kind == FILE:
             if st.st_nlink > 1:
                 e.link = groups.setdefault((st.st_dev, st.st_ino), len(groups) + 1)
@@ -364,7 +364,7 @@ def _scan_into(out: Scan, tree: Tree, reuse: Reuse | None, base: Manifest | None
                 e.chunks, e.mode, e.uid, e.gid = old.chunks, old.mode, old.uid, old.gid
             else:
                 out.read_later(e)
-        m.entries[path] = e
+        entries[path] = e
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

@@ -36,12 +36,15 @@ def diff(a: Manifest, b: Manifest, candidates: Iterable[str] | None = None) -> D
     """
     out = Diff()
     paths = a.entries.keys() | b.entries.keys() if candidates is None else set(candidates)
+    # Every path compared: the parsed entries; only some: lookups, which a lazily read
+    # manifest answers without parsing the rest.
+    get_a, get_b = (a.entries.get, b.entries.get) if candidates is None else (a.get, b.get)
     links_a = links_b = {}
     # Only a hardlinked path can have a new group; finding the groups walks both trees whole.
     if candidates is None or any_linked(paths, a, b):
         links_a, links_b = _link_leaders(a), _link_leaders(b)
     for path in sorted(paths):
-        old, new = a.get(path), b.get(path)
+        old, new = get_a(path), get_b(path)
         if old is None and new is None:
             continue
         if old is None:

@@ -127,9 +127,11 @@ class Clone:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise UsageError(f"the mount record of {path} is damaged ({exc}); unmount it") from exc
 
+        entries = base.entries  # a rescan reads them all
+
         def reuse(e: Entry, st: os.stat_result) -> Entry | None:
             if stats.get(e.path) == StatKey.of(st):
-                return base.entries.get(e.path)
+                return entries.get(e.path)
             return None
 
         return scan_tree(tree, reuse, None if trust_owners else base, fill), tree
