@@ -187,7 +187,7 @@ def fill(root: Path, n: int, gens: int, scratch: Path) -> None:
                                                 manifest.entries.values() for h, _ in e.chunks)])
             assert packs is not None
             gen = refs.Generation(g, snap, now, manifest.size, FILES, store.bytes_written,
-                                  "bench-scale", disks_api.as_hint(packs))
+                                  "bench-scale", refs.as_hint(packs))
 
             def change(ref: refs.DiskRef | None, gen: refs.Generation = gen,
                        key: str = key, now: float = now) -> refs.DiskRef:
