@@ -212,6 +212,16 @@ def test_a_manifest_whose_header_lies_about_its_totals_is_refused() -> None:
     validate(Manifest.decode(_tree().encode()))
 
 
+def test_reading_lazily_accepts_what_reading_whole_accepts() -> None:
+    """Lazy reading is a shortcut, not a stricter reader: a header it cannot use (another
+    key, totals that are not counts) is parsed whole, as without it."""
+    data = _tree().encode()
+    for head in (b'[{"format":2,"files":9,"size":24,"note":"x"}',
+                 b'[{"format":2,"files":"9","size":24}'):
+        other = data.replace(b'[{"format":2,"files":9,"size":24}', head, 1)
+        assert Manifest.decode(other, lazy=True) == Manifest.decode(other)
+
+
 def test_a_format_2_manifest_without_totals_reads_whole() -> None:
     """Written before the header stated them (89411f9 to bb85d6f): read as it always was,
     lazily too, and a commit on it encodes its manifest whole."""

@@ -34,6 +34,7 @@ import orjson
 from ..errors import IntegrityError, UnsafePath
 
 FORMAT = 2
+_HEAD_TOTALS = b'[{"format":2,"files":'  # a header a commit can splice and read lazily
 _END = b',"\\u0000"]'  # how the NUL that ends each row while it is encoded comes out
 DIR, FILE, SYMLINK = "dir", "file", "symlink"
 KINDS = frozenset({DIR, FILE, SYMLINK})
@@ -167,8 +168,8 @@ class Manifest:
         if self._entries is None and self._base is None:
             lines = self._lines_()
             for prefix in prefixes:
-                i = self._find(prefix)
                 raw = prefix.encode(errors="surrogateescape")
+                i = self._find(raw)
                 while i < len(lines) - 1 and (p := _key(lines[i], self.name)).startswith(raw):
                     out.add(p.decode())
                     i += 1
@@ -227,13 +228,9 @@ class Manifest:
     def _encode(self) -> bytes:
         renumber: dict[int, int] = {}
         rows = []
-        files = size = 0
-        for e in self.sorted_entries():
+        entries = self.sorted_entries()
+        for e in entries:
             row = e.to_row()
-            if e.kind == FILE:
-                files += 1
-                if not e.link or e.link not in renumber:
-                    size += e.size
             if e.link:
                 row[9] = renumber.setdefault(e.link, len(renumber) + 1)
             row.append("\0")
@@ -247,7 +244,7 @@ class Manifest:
             for row in rows:
                 row[0], row[8] = _escape(row[0]), _escape(row[8])
             escaped, body = True, orjson.dumps(rows)
-        head = _header(files, size, escaped)
+        head = _header(*_totals(entries), escaped)
         if not rows:
             return head + b"\n]"
         # One dumps for all rows, each ending in a NUL string, then a line break where each
@@ -272,13 +269,13 @@ class Manifest:
 
     def _splice(self, base: Manifest, changed: list[str]) -> bytes | None:
         assert base.encoded is not None
-        if not base.encoded.startswith(b'[{"format":2,"files":'):
+        if not base.encoded.startswith(_HEAD_TOTALS):
             return None
         if any_linked(changed, base, self):
             return None
         lines = base._lines_()
         try:
-            out = [_header(self.files, self.size, False)]
+            out = [_header(*self.totals, False)]
             at = 1  # the next line of ``base`` not yet copied
             for p in changed:
                 i, old = base._locate(p)
@@ -301,10 +298,10 @@ class Manifest:
         """The line of ``path`` in a lazy manifest (or where it would be) and its entry."""
         found = self._seen.get(path)
         if found is None:
-            i = self._find(path)
-            lines = self._lines_()
-            e = None
+            # A name that is not UTF-8 is in no manifest read lazily (those are read whole),
+            # but may be asked about: its raw bytes find where it would be.
             raw = path.encode(errors="surrogateescape")
+            i, lines, e = self._find(raw), self._lines_(), None
             if i < len(lines) - 1 and _key(lines[i], self.name) == raw:
                 try:
                     e = Entry.from_row(orjson.loads(lines[i][1:]))
@@ -313,14 +310,11 @@ class Manifest:
             found = self._seen[path] = (i, e)
         return found
 
-    def _find(self, path: str) -> int:
-        """The first line (of the entries') whose path does not sort before ``path``.
-
-        UTF-8 sorts as the code points do, so the lines' bytes are compared as they are. A
-        name that is not UTF-8 is in no manifest read lazily (those are read whole), but may
-        be asked about: its raw bytes find where it would be.
-        """
-        lines, key, name = self._lines_(), path.encode(errors="surrogateescape"), self.name
+    def _find(self, key: bytes) -> int:
+        """The first line (of the entries') whose path, as UTF-8, does not sort before
+        ``key``: UTF-8 sorts as the code points do, so the lines' bytes are compared as they
+        are."""
+        lines, name = self._lines_(), self.name
         lo, hi = 1, len(lines) - 1
         while lo < hi:  # bisect with a key function costs twice as much per probe
             mid = (lo + hi) // 2
@@ -336,23 +330,30 @@ class Manifest:
 
         ``lazy`` parses only the header of a format-2 manifest that states its totals, and
         each line when it is asked about (see the class); a malformed line is then reported
-        when it is read.
+        when it is read. Any other manifest is parsed whole, as without ``lazy``.
         """
         try:
-            if lazy and data.startswith(b'[{"format":2,"files":'):
-                return cls._lazy(data, name)
+            if lazy and (m := cls._lazy(data, name)) is not None:
+                return m
             with paused_gc():
                 return cls._decode(data, name)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise IntegrityError(f"{name} is not a valid manifest: {exc}") from exc
 
     @classmethod
-    def _lazy(cls, data: bytes, name: str) -> Manifest:
-        head = orjson.loads(data[1 : data.index(b"\n")])
-        files, size = head["files"], head["size"]
+    def _lazy(cls, data: bytes, name: str) -> Manifest | None:
+        """``data`` read lazily, or None where its header is not one this reads lazily."""
+        end = data.find(b"\n")
+        if not data.startswith(_HEAD_TOTALS) or end < 0 or not data.endswith(b"\n]"):
+            return None
+        try:
+            head = orjson.loads(data[1:end])
+        except ValueError:
+            return None  # a header on several lines: only a whole parse can tell
+        files, size = head.get("files"), head.get("size")
         if (set(head) != {"format", "files", "size"} or not _int(files, 0, SIZE_MAX)
-                or not _int(size, 0, SIZE_MAX) or not data.endswith(b"\n]")):
-            raise ValueError("a malformed header or end")
+                or not _int(size, 0, SIZE_MAX)):
+            return None
         m = cls(name=name, encoded=data)
         m._entries, m._totals = None, (files, size)
         return m
