@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def cluster(n: int, work: Path) -> Iterator[str]:
                                   "--nthreads", "1", "--name", f"w{i}", "--no-dashboard",
                                   "--memory-limit", "0", "--resources", "cpu=2",
                                   log=work / f"worker-{n}-{i}.log", env=env))
-        with distributed.Client(scheduler_file=str(sched_file), timeout=60) as client:
+        # distributed's Client has no annotations.
+        with distributed.Client(scheduler_file=str(sched_file),  # type: ignore[no-untyped-call]
+                                timeout=60) as client:
             client.wait_for_workers(n, timeout=120)
             address: str = client.scheduler_info()["address"]
         yield address
@@ -140,7 +143,7 @@ def markdown(results: dict[str, dict[str, Any]], runs: int, services: str, jobs:
     lines = ["## Dask executor: the example's fan-out on 1, 2 and 3 workers", "",
              f"- **Command:** `{command}`",
              f"- **Machine:** {os.cpu_count()} CPUs, Linux {os.uname().release}; **date** "
-             f"{time.strftime('%Y-%m-%d %H:%M')} (UTC); distributed {distributed.__version__}"
+             f"{time.strftime('%Y-%m-%d %H:%M')} (UTC); distributed {version('distributed')}"
              f"; medians of {runs} warm runs, the configurations taking turns (workers' base "
              "caches filled by a first run). "
              f"Load average {load:.1f} when it started (the machine was shared).",

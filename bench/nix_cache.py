@@ -405,13 +405,13 @@ class NixCacheBench:
 
     def copy_argv(self, rnd: Round, cache: str, b: Built) -> list[str]:
         """``nix copy --to`` one version."""
-        argv = self.writer.argv("nix", "copy", "--to", rnd.upload_url[cache], b.top)
+        argv: list[str] = self.writer.argv("nix", "copy", "--to", rnd.upload_url[cache], b.top)
         return argv + (["--option", "netrc-file", rnd.netrc[cache]] if cache in rnd.netrc
                        else [])
 
     def realise_argv(self, rnd: Round, cache: str, b: Built, reader: Nix) -> list[str]:
         """Realise one version into ``reader``'s store from the cache alone, trusting its key."""
-        argv = reader.argv("nix-store", "--realise", b.top, "--option", "substituters",
+        argv: list[str] = reader.argv("nix-store", "--realise", b.top, "--option", "substituters",
                            rnd.read_url[cache], "--option", "trusted-public-keys",
                            rnd.key[cache])
         return argv + (["--option", "netrc-file", rnd.netrc[cache]] if cache in rnd.netrc

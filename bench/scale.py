@@ -49,6 +49,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -380,17 +381,16 @@ class ScaleBench:
         for r in range(self.args.runs):
             if "file" in self.args.backends:
                 for n, root in stores.items():
-                    self.measure("file", n, lambda root=root: file_client(f"file://{root}"), r)
+                    self.measure("file", n, partial(file_client, f"file://{root}"), r)
             if "s3" in self.args.backends:
                 with self.seaweed(stores) as server:
                     for n in sizes:
-                        self.measure("s3", n, lambda n=n: s3_client(f"s3://{BUCKET}/n{n}"), r)
+                        self.measure("s3", n, partial(s3_client, f"s3://{BUCKET}/n{n}"), r)
                     del server
             if "serve" in self.args.backends:
                 for n, root in stores.items():
                     with self.serving(root) as (url, token):
-                        self.measure("serve", n, lambda url=url, token=token:
-                                     http_client(url, token), r)
+                        self.measure("serve", n, partial(http_client, url, token), r)
         unmount_leftovers(self.run_dir)
 
     @contextlib.contextmanager
@@ -477,14 +477,15 @@ class ScaleBench:
                 + " |", "|---|---|" + "---:|" * len(self.args.sizes)]
         for kind in self.args.backends:
             for op in [*OPS, *(o + NO_INDEX for o in PEER_OPS)]:
-                got = [self.figures.cpu.get((kind, n, op)) for n in self.args.sizes]
-                if not got[0]:
+                cpus = [self.figures.cpu.get((kind, n, op)) for n in self.args.sizes]
+                first = cpus[0]
+                if not first:
                     continue
-                base = statistics.median(got[0])
+                cpu10 = statistics.median(first)
                 out.append(f"| {kind} | {op} | " + " | ".join(
                     "" if not xs else f"{statistics.median(xs):.4f} s"
-                    + ("" if i == 0 else f" ({statistics.median(xs) / base:.2f}x)")
-                    for i, xs in enumerate(got)) + " |")
+                    + ("" if i == 0 else f" ({statistics.median(xs) / cpu10:.2f}x)")
+                    for i, xs in enumerate(cpus)) + " |")
         out += ["", *(f"- FAILED: {f}" for f in self.failures)] if self.failures else []
         return "\n".join(out) + "\n"
 

@@ -62,7 +62,8 @@ def free_port() -> int:
     tests_helpers()
     from server import free_port as tests_free_port
 
-    return tests_free_port()
+    port: int = tests_free_port()
+    return port
 
 
 def create_token(state: Path, *args: str) -> str:
@@ -70,7 +71,8 @@ def create_token(state: Path, *args: str) -> str:
     tests_helpers()
     from server import create_token as tests_create_token
 
-    return tests_create_token(state, *args)
+    token: str = tests_create_token(state, *args)
+    return token
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
