@@ -23,6 +23,10 @@ from typing import Any
 
 import pytest
 
+from stickyci.digest import Digest
+from stickyci.snapshot import Content, load_manifest
+from stickyci.store import LocalBackend, ObjectStore, decode_index
+
 IS_ROOT = os.geteuid() == 0
 MiB = 1 << 20
 
@@ -200,3 +204,22 @@ def tree_digest(root: Path) -> dict[str, str]:
             with open(p, "rb") as f:
                 out[os.path.relpath(p, root)] = hashlib.blake2b(f.read()).hexdigest()
     return out
+
+
+def described(store: ObjectStore, snapshot: Digest) -> dict[str, tuple[object, ...]]:
+    """The tree a snapshot describes, each file's content as its bytes rather than chunk
+    references: two snapshots of one tree whose small files were bundled otherwise (a full
+    commit and an incremental one) describe it alike."""
+    m = load_manifest(store, snapshot)
+    content = Content(store, whole_pack=False)
+    return {e.path: (e.kind, e.mode, e.mtime_ns, e.uid, e.gid, e.size, e.target, e.link,
+                     b"".join(content.read(ref, e.path) for ref in e.chunks))
+            for e in m.entries.values()}
+
+
+def stored_objects(store_dir: Path) -> Iterator[bytes]:
+    """Every object in the ``file://`` store at ``store_dir``, read and verified."""
+    store = ObjectStore(LocalBackend(store_dir))
+    for index in sorted((store_dir / "index").iterdir()):
+        for e in decode_index(index.name, index.read_bytes()):
+            yield store.get(e.digest)

@@ -17,7 +17,16 @@ from stickyci.digest import Digest
 from stickyci.disks import api, basecache, mounts
 from stickyci.disks.strategies import overlay
 from stickyci.disks.strategies.overlay import apply_upper
-from stickyci.snapshot import FILE, Manifest, load_manifest, restore, scan_tree
+from stickyci.snapshot import (
+    FILE,
+    Content,
+    Manifest,
+    fill_content,
+    load_manifest,
+    restore,
+    scan_tree,
+)
+from stickyci.snapshot.build import SMALL_FILE
 from stickyci.store import LocalBackend, ObjectStore
 
 Tree = dict[str, tuple[object, ...]]
@@ -162,35 +171,39 @@ def test_a_trusted_overlay_base_keeps_owners_and_special_bits(env: Env) -> None:
 
 
 @pytest.mark.parametrize("forked", [False, True], ids=["in-process", "forked"])
+@pytest.mark.parametrize("bundled", [True, False], ids=["bundled", "alone"])
 def test_an_upper_file_changed_after_the_commit_read_it_is_not_adopted(
-        env: Env, monkeypatch: pytest.MonkeyPatch, forked: bool) -> None:
+        env: Env, monkeypatch: pytest.MonkeyPatch, forked: bool, bundled: bool) -> None:
     """A process that still writes to the upper dir once the commit has read it (through a
     descriptor opened before the commit, or the overlay mounted in another namespace) must not
     get its bytes into the base, whether the adoption copies in this process or, for a large
-    commit, in forked workers. The write is made by hand between the commit's read and the
-    adoption, which no test can time for real."""
+    commit, in forked workers, and whether the files are small ones stored in a bundle (each
+    checked against its slice of it) or objects of their own. The write is made by hand
+    between the commit's read and the adoption, which no test can time for real."""
     if forked:
         monkeypatch.setattr(overlay, "PARALLEL_MIN_BYTES", 0)
     upper = env.root / "upper"
     upper.mkdir()
-    content = {f"f{i:02}": os.urandom(1 << 12) for i in range(40)}
+    size_each = 1 << 12 if bundled else SMALL_FILE + 1
+    content = {f"f{i:02}": os.urandom(size_each) for i in range(40)}
     for name, data in content.items():
         (upper / name).write_bytes(data)
     os.link(upper / "f00", upper / "link")
-    new = Manifest()
-    for found in scan_tree(str(upper)).manifest.entries.values():
-        if found.kind == FILE:
-            data = content["f00" if found.path == "link" else found.path]
-            found.chunks = [[Digest.of(data).hex, len(data)]]
-            found.link = -found.link  # a group of the upper dir's own, as the overlay numbers it
-        new.entries[found.path] = found
+    objects = ObjectStore(LocalBackend(env.store))
+    new = scan_tree(str(upper)).manifest
+    files = [e for e in new.entries.values() if e.kind == FILE]
+    fill_content(objects, str(upper), files)
+    for e in files:
+        assert len(e.chunks[0]) == (3 if bundled else 2)
+        e.link = -e.link  # a group of the upper dir's own, as the overlay numbers it
     snapshot = Digest.of(b"the new snapshot")
     size = sum(map(len, content.values()))
 
     def adopt() -> bool:
         return basecache.adopt_changes(None, snapshot, size, False, str(env.root / "ws"),
                                        lambda tree: apply_upper(tree, upper, Manifest(), new,
-                                                                set(new.entries), False))
+                                                                set(new.entries), False,
+                                                                Content(objects)))
 
     with open(upper / "f27", "r+b") as f:
         f.write(b"slipped in")  # same size, other bytes
@@ -211,6 +224,7 @@ def test_a_copy_mount_still_held_open_is_not_adopted(env: Env) -> None:
     tree = env.root / "clone"
     tree.mkdir()
     data = b"committed bytes\n"
+    content = Content(ObjectStore(LocalBackend(env.store)))  # whole objects: it reads none
     (tree / "f").write_bytes(data)
     scan = scan_tree(str(tree))
     for e in scan.todo:
@@ -222,7 +236,7 @@ def test_a_copy_mount_still_held_open_is_not_adopted(env: Env) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "\n"  # it is open
         snapshot = Digest.of(b"held")
-        assert basecache.adopt(tree, snapshot, len(data), scan)  # moved away...
+        assert basecache.adopt(tree, snapshot, len(data), scan, content)  # moved away...
         assert not base_of(env, snapshot.hex).exists()  # ...and dropped
     finally:
         holder.communicate("")
@@ -233,7 +247,7 @@ def test_a_copy_mount_still_held_open_is_not_adopted(env: Env) -> None:
     for e in scan.todo:
         e.chunks = [[Digest.of(data).hex, len(data)]]
     snapshot = Digest.of(b"free")
-    assert basecache.adopt(tree, snapshot, len(data), scan)
+    assert basecache.adopt(tree, snapshot, len(data), scan, content)
     assert (base_of(env, snapshot.hex) / "f").read_bytes() == data
 
 

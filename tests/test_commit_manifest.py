@@ -130,11 +130,11 @@ def test_format_1_manifests_still_read() -> None:
     escaped = {"format": 1, "escaped": True, "entries": [
         [{"raw": base64.b64encode(os.fsencode(r[0])).decode()}, *r[1:]] for r in rows]}
     assert Manifest.decode(orjson.dumps(escaped)).entries.keys() == m.entries.keys()
-    with pytest.raises(IntegrityError, match="format 3"):
-        Manifest.decode(b'[{"format":3}\n]')
+    with pytest.raises(IntegrityError, match="format 4"):
+        Manifest.decode(b'[{"format":4}\n]')
 
 
-def test_format_2_is_one_entry_per_line() -> None:
+def test_format_3_is_one_entry_per_line() -> None:
     """Each entry on a line of its own, exactly as ``orjson`` writes it alone (what a splice
     puts in), hardlink groups numbered in path order; an empty tree is the header alone."""
     m = _tree()
@@ -142,10 +142,25 @@ def test_format_2_is_one_entry_per_line() -> None:
     rows = [e.to_row() for e in m.sorted_entries()]
     for row in rows:
         row[9] = 1 if row[9] else 0
-    head = b'[{"format":2,"files":9,"size":24}'  # two of the files share their 3 bytes
+    head = b'[{"format":3,"files":9,"size":24}'  # two of the files share their 3 bytes
     assert lines == [head, *(b"," + orjson.dumps(r) for r in rows), b"]"]
-    assert Manifest().encode() == b'[{"format":2,"files":0,"size":0}\n]'
+    assert Manifest().encode() == b'[{"format":3,"files":0,"size":0}\n]'
     assert Manifest.decode(Manifest().encode()) == Manifest()
+
+
+def test_a_format_2_manifest_reads_and_a_commit_splices_it_into_format_3() -> None:
+    """Format 2 (before bundles) has format 3's lines: read lazily or whole, it is the same
+    tree, and a commit on it splices its lines under a format 3 header."""
+    m = _tree()
+    old = m.encode().replace(b'"format":3', b'"format":2', 1)
+    lazy = Manifest.decode(old, lazy=True)
+    assert lazy.get("z/f") == m.entries["z/f"] and (lazy.files, lazy.size) == (9, 24)
+    assert lazy == Manifest.decode(old) == Manifest.decode(m.encode())
+    bundled = Entry("z/new", "file", 0o644, 1, size=3, chunks=[["ab" * 32, 3, 7]])
+    new, touched = _changed(lazy, ["z/g"], [bundled])
+    assert new.encode_after(lazy, touched) == new.encode()
+    assert new.encode().startswith(b'[{"format":3,')
+    assert Manifest.decode(new.encode(), lazy=True).get("z/new") == bundled
 
 
 def _with_line(data: bytes, path: str, line: bytes) -> bytes:
@@ -216,9 +231,9 @@ def test_reading_lazily_accepts_what_reading_whole_accepts() -> None:
     """Lazy reading is a shortcut, not a stricter reader: a header it cannot use (another
     key, totals that are not counts) is parsed whole, as without it."""
     data = _tree().encode()
-    for head in (b'[{"format":2,"files":9,"size":24,"note":"x"}',
-                 b'[{"format":2,"files":"9","size":24}'):
-        other = data.replace(b'[{"format":2,"files":9,"size":24}', head, 1)
+    for head in (b'[{"format":3,"files":9,"size":24,"note":"x"}',
+                 b'[{"format":3,"files":"9","size":24}'):
+        other = data.replace(b'[{"format":3,"files":9,"size":24}', head, 1)
         assert Manifest.decode(other, lazy=True) == Manifest.decode(other)
 
 
@@ -226,7 +241,7 @@ def test_a_format_2_manifest_without_totals_reads_whole() -> None:
     """Written before the header stated them (89411f9 to bb85d6f): read as it always was,
     lazily too, and a commit on it encodes its manifest whole."""
     m = _tree()
-    old = m.encode().replace(b'[{"format":2,"files":9,"size":24}', b'[{"format":2}', 1)
+    old = m.encode().replace(b'[{"format":3,"files":9,"size":24}', b'[{"format":2}', 1)
     lazy = Manifest.decode(old, lazy=True)
     assert lazy == Manifest.decode(m.encode()) and (lazy.files, lazy.size) == (9, 24)
     new, touched = _changed(lazy, ["z/g"], [])

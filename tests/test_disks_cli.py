@@ -144,7 +144,7 @@ def test_gc_removes_what_no_disk_references(env: Env) -> None:
 
 def test_gc_points_the_pack_hints_at_where_it_moved_the_objects(env: Env) -> None:
     ws = env.root / "ws"
-    files = {f"f{i:02}.bin": os.urandom(40 << 10) for i in range(24)}  # one pack
+    files = {f"f{i:02}.bin": os.urandom(80 << 10) for i in range(24)}  # one pack, no bundle
     env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
     for name, data in files.items():
         (ws / name).write_bytes(data)

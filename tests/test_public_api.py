@@ -19,7 +19,8 @@ PUBLIC = {
         "read_at", "repack", "verify_index",
     ],
     "stickyci.snapshot": [
-        "ContentFill", "DIR", "Diff", "Entry", "FILE", "Manifest", "Metadata", "SYMLINK", "Scan",
+        "Content", "ContentFill", "DIR", "Diff", "Entry", "FILE", "Manifest", "Metadata",
+        "SYMLINK", "Scan",
         "StatKey", "diff",
         "fill_content", "is_special", "keep_base_meta", "load_manifest", "materialize",
         "restore", "save_manifest", "scan_tree", "skip_special", "snapshot_tree", "to_entry",

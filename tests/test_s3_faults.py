@@ -180,9 +180,11 @@ def test_object_damaged_in_the_bucket_is_refused_and_named(
     use_s3(env, seaweed, prefix)
     ws = env.root / "ws"
     env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
-    payload = os.urandom(40 * KiB)  # incompressible, under the chunking minimum: one raw object
+    # Incompressible, under the chunking minimum and the only small file (a bundle of one):
+    # one raw object.
+    payload = os.urandom(40 * KiB)
     (ws / "b.bin").write_bytes(payload)
-    (ws / "a.txt").write_text("hello\n")
+    (ws / "a.txt").write_text("hello\n" * 20_000)  # too big for a bundle
     assert env.json("disk", "commit", str(ws))["generation"] == 1
 
     digest = Digest.of(payload)
@@ -217,7 +219,7 @@ def test_gc_repacks_a_mostly_dead_pack_on_s3(env: Env, seaweed: Seaweed) -> None
     prefix = f"repack-{uuid.uuid4().hex[:12]}"
     use_s3(env, seaweed, prefix)
     ws = env.root / "ws"
-    files = {f"f{i:02}.bin": os.urandom(40 * KiB) for i in range(24)}  # one object each
+    files = {f"f{i:02}.bin": os.urandom(80 * KiB) for i in range(24)}  # too big to bundle
     env.run("disk", "mount", "k", str(ws), "--strategy", "copy")
     for name, data in files.items():
         (ws / name).write_bytes(data)

@@ -311,6 +311,44 @@ def test_a_token_reads_nothing_only_other_scopes_hold(env: Env, server: Server) 
             assert not index_is_partial(f.read_bytes())
 
 
+def test_a_bundle_of_small_files_is_read_only_through_its_disks(env: Env,
+                                                                 server: Server) -> None:
+    """Small files are stored several to an object (a bundle): a token of another scope sees
+    no byte of it, and cannot name a slice of it in a manifest of its own; the disk's own
+    readers restore every file from it."""
+    team_a = server.token("--read", "team-a-*", "--write", "team-a-*")
+    team_b = server.token("--read", "team-b-*", "--write", "team-b-*")
+    small = {f"conf/{i}.env": os.urandom(3000) for i in range(8)}
+    commit_tree(remote(env, server, team_a, cache="a"), "team-a-small", small, ws="a-ws")
+    files = _files(server, "team-a-small")
+    bundles = {bytes.fromhex(e.chunks[0][0]) for e in files.values()}
+    assert len(bundles) == 1 and all(len(e.chunks[0]) == 3 for e in files.values())
+    envelopes = [e for entries in stored_indexes(server).values() for e in entries
+                 if e.digest.raw in bundles]
+    b = server.client(team_b)
+    for name in b.get(f"{p.PREFIX}/list/index").json()["names"]:
+        assert not {e.digest.raw for e in decode_index(name, b.get(blob(name)).content)} & bundles
+    for name in b.get(f"{p.PREFIX}/list/packs").json()["names"]:
+        whole = b.get(blob(name)).content
+        for e in envelopes:
+            assert whole[e.offset : e.offset + e.length] == bytes(e.length)
+
+    store = ObjectStore(HttpBackend(server.url, team_b), load_index=False)
+    one = files["conf/3.env"]
+    forged = Manifest({"loot": Entry("loot", FILE, one.mode, 0, size=one.size,
+                                     chunks=one.chunks)})
+    gen = Generation(1, save_manifest(store, forged), time.time(), 1, 1, 1, "x")
+    r = b.put(blob("refs/team-b-loot"),
+              content=DiskRef("team-b-loot", time.time(), time.time(), [gen]).encode(),
+              headers={"if-none-match": "*"})
+    assert r.status_code == 403 and "may not read" in error(r).error, r.text
+
+    ws = env.root / "a-again"
+    remote(env, server, team_a, cache="a-fresh").run("disk", "mount", "team-a-small", str(ws),
+                                                     "--strategy", "copy")
+    assert read_tree(ws) == small
+
+
 def test_a_partial_index_grows_when_the_token_may_read_more(env: Env, server: Server) -> None:
     team_a = server.token("--read", "team-a-*", "--write", "team-a-*")
     team_b = server.token("--read", "team-b-*", "--write", "team-b-*")

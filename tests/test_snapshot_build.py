@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from stickyci.digest import Digest
 from stickyci.errors import BusyError
 from stickyci.fsutil import Tree
 from stickyci.snapshot import (
     FILE,
+    Content,
     ContentFill,
     Entry,
     build,
@@ -122,8 +122,8 @@ def test_workers_start_while_the_scan_is_still_handing_files_over(
         fill.finish()
     assert not multiprocessing.active_children()
 
-    again = ObjectStore(LocalBackend(tmp_path / "store"))
-    assert {e.path: b"".join(again.get(Digest(bytes.fromhex(h))) for h, _ in e.chunks)
+    again = Content(ObjectStore(LocalBackend(tmp_path / "store")))
+    assert {e.path: b"".join(again.read(ref, e.path) for ref in e.chunks)
             for e in entries} == files
 
 

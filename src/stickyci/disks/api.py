@@ -35,6 +35,7 @@ from ..digest import Digest
 from ..errors import ConflictError, NotFound, StickyError, UsageError
 from ..fsutil import Tree, empty_dir
 from ..snapshot import (
+    Content,
     ContentFill,
     Diff,
     Entry,
@@ -338,7 +339,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
     base = load_manifest(objects, state.base, lazy=True) if state.base else Manifest()
     with _sealed(state, path) as sealed:  # from here until the ref moves, see _seal
         where = state.dir / SEALED_TREE if sealed and state.strategy in CLONES else path
-        with ContentFill(objects) as fill:
+        with ContentFill(objects, base) as fill:
             scan, content_root = strategy.changes(where, state.dir, base, state.trust_owners,
                                                   fill)
             fill.finish()
@@ -351,7 +352,8 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
         if mode == "on-change" and changes.empty and not new_disk:
             # A cold copy mount leaves no base (it restores straight into the path): the
             # unchanged tree becomes one.
-            if not _adopt_clone(state, path, state.base, scan.manifest.size, scan, sealed):
+            if not _adopt_clone(state, path, state.base, scan.manifest.size, scan, sealed,
+                                objects):
                 _discard(state, path)
             result.reason = "nothing changed (on-change)"
             result.seconds = time.perf_counter() - start
@@ -395,7 +397,7 @@ def commit(path: Path, *, mode: str = "on-change", on_conflict: str = "lww",
                     state.key, ", ".join(str(g.gen) for g in raced))
     # The ref has moved: the commit has happened whatever the unmount does, and says so.
     try:
-        _finish(state, path, snapshot, size, scan, base, sealed)
+        _finish(state, path, snapshot, size, scan, base, sealed, objects)
     except (OSError, StickyError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         held = "; ".join(str(h) for h in holders.find(path)) or "no process holds it"
@@ -419,7 +421,7 @@ def _save(objects: ObjectStore, scan: Scan, content_root: Tree, state: mounts.Mo
     base_kept = not state.base or any(g.snapshot == state.base
                                       for g in (current.generations if current else []))
     fresh = scan.todo if base_kept else scan.manifest.entries.values()
-    present = [snapshot.raw, *(bytes.fromhex(h) for e in fresh for h, _ in e.chunks)]
+    present = [snapshot.raw, *(bytes.fromhex(ref[0]) for e in fresh for ref in e.chunks)]
     try:
         packs = objects.check_present(present)
     except NotFound:
@@ -449,18 +451,19 @@ def _pack_hint(objects: ObjectStore, packs: set[str], base: Generation,
     every object located again; none when one is nowhere known."""
     hinted = packs | base.pack_names
     if not base.packs or len(hinted) > HINT_UNION:
-        every = objects.packs_of(bytes.fromhex(h) for e in manifest.entries.values()
-                                 for h, _ in e.chunks)
+        every = objects.packs_of(bytes.fromhex(ref[0]) for e in manifest.entries.values()
+                                 for ref in e.chunks)
         hinted = packs | every if every is not None else set()
     return hinted
 
 
 def _new_content(objects: ObjectStore, read: list[Entry]) -> int:
     """Bytes of content in the files ``read`` that this commit was first to store: chunks
-    whose objects are in the packs it wrote, each counted once."""
+    (or slices of bundles) whose objects are in the packs it wrote, each counted once."""
     written = {e.digest.hex for pack, index in objects.written.items()
                for e in decode_index(pack, index)}
-    new = {h: n for e in read for h, n in e.chunks if h in written}
+    new = {(ref[0], ref[2] if len(ref) == 3 else 0): ref[1] for e in read for ref in e.chunks
+           if ref[0] in written}
     return sum(new.values())
 
 
@@ -470,7 +473,7 @@ UNMOUNT_BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest | None, size: int,
-                 scan: Scan, sealed: bool | None) -> bool:
+                 scan: Scan, sealed: bool | None, objects: ObjectStore) -> bool:
     """Move a clone mount's tree into the base cache as the base of ``snapshot`` (what
     ``scan`` walked, now committed), leaving ``path`` an empty dir; True if it did, or if
     the tree was sealed (:func:`_seal`): then ``path`` is left empty and the record gone
@@ -485,7 +488,7 @@ def _adopt_clone(state: mounts.MountState, path: Path, snapshot: Digest | None, 
     if not snapshot or not scan.adoptable:
         return False
     mode = path.stat().st_mode & 0o7777
-    if not basecache.adopt(path, snapshot, size, scan):
+    if not basecache.adopt(path, snapshot, size, scan, Content(objects, whole_pack=False)):
         return False
     path.mkdir(mode=mode)
     os.chmod(path, mode)
@@ -590,14 +593,14 @@ def _unseal(state: mounts.MountState, path: Path) -> bool:
 
 
 def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, scan: Scan,
-            base: Manifest, sealed: bool | None) -> None:
+            base: Manifest, sealed: bool | None, objects: ObjectStore) -> None:
     """Unmount after a commit; the committed tree becomes the new snapshot's base when it can
     (a clone or a sealed upper dir is moved into the base cache, an overlay's changes patch
     its old base)."""
     # The ref has moved: from here on a failure must not put the mount back for another
     # commit of the same tree.
     (state.dir / SEALED).unlink(missing_ok=True)
-    if _adopt_clone(state, path, snapshot, size, scan, sealed):
+    if _adopt_clone(state, path, snapshot, size, scan, sealed, objects):
         return
     if sealed is None:
         for delay in (*UNMOUNT_BACKOFF, None):
@@ -617,7 +620,8 @@ def _finish(state: mounts.MountState, path: Path, snapshot: Digest, size: int, s
         basecache.adopt_changes(
             state.base, snapshot, size, state.trust_owners, state.path,
             lambda tree: apply_upper(tree, state.dir / "upper", base, scan.manifest, touched,
-                                     state.trust_owners, sealed=bool(sealed)))
+                                     state.trust_owners, Content(objects, whole_pack=False),
+                                     sealed=bool(sealed)))
     state.forget()
 
 

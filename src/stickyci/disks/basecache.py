@@ -25,7 +25,7 @@ from ..errors import IntegrityError, StickyError, UsageError
 from ..forked import PARALLEL_MIN_BYTES, forked_runs
 from ..fsutil import Opener, Tree, remove_tree
 from ..paths import cache_home
-from ..snapshot import Entry, Scan, load_manifest, restore
+from ..snapshot import Content, Entry, Scan, load_manifest, restore
 from ..store import ObjectStore
 from ..units import parse_size
 from . import holders, mounts
@@ -130,14 +130,15 @@ def _ensure(objects: ObjectStore, snapshot: Digest | None,
         return path, False
 
 
-def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan) -> bool:
+def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan, content: Content) -> bool:
     """Publish an existing tree (a just-committed copy mount) as the base of ``snapshot``.
 
     The tree is first moved out of reach of the paths processes use, then checked: no
     process may still hold anything in it (an open file could be written after the check),
     it must still be the tree ``scan`` walked, and the files whose content the commit read
-    must still hold the chunks it stored. If any check fails it is dropped, as a base must
-    match its manifest. True if ``tree`` was moved away (published or dropped).
+    must still hold the chunks it stored (``content`` reads the bundles of small files). If
+    any check fails it is dropped, as a base must match its manifest. True if ``tree`` was
+    moved away (published or dropped).
     """
     path = base_path(snapshot)
     with _lock(snapshot.hex):
@@ -149,7 +150,7 @@ def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan) -> bool:
         except OSError:
             return False
         try:
-            ok = not holders.find(tmp) and scan.unchanged(tmp) and _holds(tmp, scan.todo)
+            ok = not holders.find(tmp) and scan.unchanged(tmp) and _holds(tmp, scan.todo, content)
         except (OSError, StickyError) as exc:
             log.info("the committed tree of %s is not kept as a base: %s", snapshot, exc)
             ok = False
@@ -161,7 +162,7 @@ def adopt(tree: Path, snapshot: Digest, size: int, scan: Scan) -> bool:
         return True
 
 
-def _holds(tree: Path, files: list[Entry]) -> bool:
+def _holds(tree: Path, files: list[Entry], content: Content) -> bool:
     """True if every file in ``files`` under ``tree`` holds exactly its chunks (read on
     every core when they are many: a whole tree, for a new disk's copy mount)."""
     def check(run: Iterable[Entry]) -> None:
@@ -169,9 +170,9 @@ def _holds(tree: Path, files: list[Entry]) -> bool:
             for e in run:
                 fd = op.open(e.path, os.O_RDONLY)
                 try:
-                    # A short read is a changed file too: its digest cannot match.
-                    if (any(Digest.of(os.read(fd, n)).hex != h for h, n in e.chunks)
-                            or os.read(fd, 1)):
+                    # A short read is a changed file too: it cannot match.
+                    if (not all(content.holds(ref, os.read(fd, ref[1]), e.path)
+                                for ref in e.chunks) or os.read(fd, 1)):
                         raise IntegrityError(f"{e.path} changed after the commit read it")
                 finally:
                     os.close(fd)

@@ -193,6 +193,7 @@ class _Worker:
         self.prefetch_ok = True
         self.readers: queue.SimpleQueue[fanotify.Event] = queue.SimpleQueue()
         self.lock = threading.Lock()  # the status and the per-file locks
+        self.bundle = threading.local()  # each thread's last bundle read: (hex, bytes)
         self.filling: dict[str, threading.Lock] = {}
         self._saved = 0.0
 
@@ -335,13 +336,29 @@ class _Worker:
             raise StickyError(f"the chunks of {e.path} hold {offset} bytes, not {e.size}")
 
     def _chunks(self, e: Entry, whole_pack: bool) -> Iterator[tuple[Digest, int, bytes]]:
-        """The file's chunks, each verified, with its manifest length.
+        """The file's chunks, each verified (a bundle's slice: the bundle), with its
+        manifest length.
 
         The prefetch reads whole packs (it goes through them in order). A reader waits on
         its file only: its chunks are read by ranges, one read per run of chunks stored side
         by side in a pack, not the packs around them.
         """
-        digests = [(Digest(bytes.fromhex(hexd)), length) for hexd, length in e.chunks]
+        if len(e.chunks) == 1 and len(e.chunks[0]) == 3:
+            # A small file's slice of a bundle: the files of a bundle come in a row in
+            # the prefetch, and a reader of one often reads its neighbours.
+            hexd, length, offset = e.chunks[0]
+            digest = Digest(bytes.fromhex(hexd))
+            last = getattr(self.bundle, "last", None)
+            if last is None or last[0] != hexd:
+                try:
+                    last = self.bundle.last = (hexd, self.objects.get(
+                        digest, whole_pack=whole_pack))
+                except StickyError as exc:
+                    raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
+            yield digest, length, last[1][offset:offset + length]
+            return
+        digests = [(Digest(bytes.fromhex(ref[0])), ref[1]) for ref in e.chunks]
+        offsets = iter([ref[2] if len(ref) == 3 else None for ref in e.chunks])
         chunks = [(d, length, self.objects.locate(d)) for d, length in digests]
         for run in ([[c] for c in chunks] if whole_pack else _runs(chunks)):
             span, start = b"", 0
@@ -366,7 +383,8 @@ class _Worker:
                                                                          whole_pack=whole_pack)
                 except StickyError as exc:
                     raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
-                yield digest, length, got
+                offset = next(offsets)
+                yield digest, length, got if offset is None else got[offset:offset + length]
 
     def _prefetch(self) -> None:
         """Fill every file in pack order, so each pack is read once, front to back."""

@@ -17,11 +17,11 @@ from .build import (
 )
 from .diff import Diff, diff
 from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
-from .restore import Metadata, materialize, restore
+from .restore import Content, Metadata, materialize, restore
 from .scan import StatKey, is_special, keep_base_meta, skip_special, to_entry
 
-__all__ = ["DIR", "FILE", "SYMLINK", "ContentFill", "Diff", "Entry", "Manifest", "Metadata",
-           "Scan", "StatKey", "diff",
+__all__ = ["DIR", "FILE", "SYMLINK", "Content", "ContentFill", "Diff", "Entry", "Manifest",
+           "Metadata", "Scan", "StatKey", "diff",
            "fill_content", "is_special", "keep_base_meta", "load_manifest", "materialize",
            "restore", "save_manifest", "scan_tree", "skip_special", "snapshot_tree", "to_entry",
            "validate"]

@@ -13,6 +13,7 @@ import gc
 import heapq
 import mmap
 import os
+import zlib
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,27 @@ from types import TracebackType
 
 from .. import chunking, codec
 from ..digest import Digest
+from ..errors import IntegrityError, NotFound
 from ..forked import PARALLEL_MIN_BYTES, ForkedPool, aborted
 from ..fsutil import Opener, Tree
 from ..store import ObjectStore
 from .model import FILE, ChunkRef, Entry, Manifest, paused_gc
+from .restore import Content
 from .scan import is_special, keep_base_meta, skip_special, to_entry
 
 # Reading small files whole is cheaper than mapping them; big ones are mapped to bound memory.
 _MMAP_MIN = 8 << 20
+SMALL_FILE = 64 << 10
+"""Files up to this size are stored in bundles: concatenated in path order, several to an
+object. One by one they compress badly and each costs a call: the 1 GB benchmark tree's 31k
+files under 64 KiB take 115 MiB at zstd -3 one by one, 64 MiB at -1 in bundles."""
+BUNDLE_MIN, BUNDLE_MAX, BOUNDARY = 256 << 10, 1 << 20, 16
+"""A bundle ends at the first file past ``BUNDLE_MIN`` bytes whose path hashes to a multiple of
+``BOUNDARY``, or at ``BUNDLE_MAX``: by name, so that a file added or removed moves no other
+bundle's edges, and the same files give the same bundles (deduplicated) in any tree."""
+CONTENT_LEVEL = 1
+"""zstd level of file content. With small files bundled, -1 stores less than -3 did one by
+one, for a quarter less CPU (the 1 GB benchmark tree: 364 MiB against 398 MiB)."""
 _BATCH_BYTES = 32 << 20
 # A manifest is mostly hex digests: zstd -1 packs it as small as -3 does, 2.4x faster (the
 # 6.4 MB manifest of the 1 GB benchmark tree: 1.90 MB in 11 ms, against 1.96 MB in 27 ms).
@@ -37,32 +51,102 @@ _ROOT = os.geteuid() == 0
 Reuse = Callable[[Entry, os.stat_result], Entry | None]
 
 
-def store_file(store: ObjectStore, opener: Opener, path: str) -> tuple[int, list[ChunkRef]]:
-    """Chunk the file at ``path`` below the opener's tree into the store; return its size and
-    chunk list."""
-    fd = opener.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 0, []
-        mapped = None
-        if size < _MMAP_MIN:
-            data = os.read(fd, size + 1)
-            if len(data) > size:  # the file grew since fstat
-                data += _read_rest(fd)
-            view = memoryview(data)
-        else:
-            mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-            view = memoryview(mapped)
+def store_files(store: ObjectStore, opener: Opener, paths: Iterable[str],
+                stop: Callable[[], bool] | None = None,
+                base: Manifest | None = None) -> list[tuple[int, list[ChunkRef]]] | None:
+    """Chunk the files at ``paths`` below the opener's tree into the store, small ones in
+    bundles; return each one's size and chunk list, in order (None if ``stop()`` turned true
+    before the last one).
+
+    A small file whose bytes are those of its path in ``base`` keeps its chunk list: in a
+    bundle, it would be stored again (a file copied up or rewritten unchanged is common).
+    """
+    out: list[tuple[int, list[ChunkRef]]] = []
+    bundle = _Bundle(store, out)
+    before = Content(store, whole_pack=False) if base is not None else None
+    for path in paths:
+        if stop is not None and stop():
+            return None
+        fd = opener.open(path, os.O_RDONLY)
         try:
-            chunks = [[store.put(piece).hex, len(piece)] for piece in chunking.cut(view)]
-            return len(view), chunks
+            size = os.fstat(fd).st_size
+            if size == 0:
+                out.append((0, []))
+                continue
+            if size < _MMAP_MIN:
+                data = os.read(fd, size + 1)
+                if len(data) > size:  # the file grew since fstat
+                    data += _read_rest(fd)
+                if len(data) <= SMALL_FILE:
+                    old = base.get(path) if base is not None else None
+                    if old is not None and before is not None and _holds(before, old, data):
+                        out.append((len(data), old.chunks))
+                    else:
+                        bundle.add(path, data)
+                    continue
+                view = memoryview(data)
+                mapped = None
+            else:
+                mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                view = memoryview(mapped)
+            try:
+                out.append((len(view), [[store.put(piece, level=CONTENT_LEVEL).hex, len(piece)]
+                                        for piece in chunking.cut(view)]))
+            finally:
+                view.release()
+                if mapped is not None:
+                    mapped.close()
         finally:
-            view.release()
-            if mapped is not None:
-                mapped.close()
-    finally:
-        os.close(fd)
+            os.close(fd)
+    bundle.close()
+    return out
+
+
+def _holds(content: Content, e: Entry, data: bytes) -> bool:
+    """True if ``data`` is the content of the file entry ``e`` (False where that cannot be
+    read: the file is then stored anew)."""
+    try:
+        return (e.kind == FILE and e.size == len(data)
+                and all(content.holds(ref, data, e.path) for ref in e.chunks))
+    except (NotFound, IntegrityError):
+        return False
+
+
+class _Bundle:
+    """Small files' content gathered into one object: each file's entry then names its slice
+    (``[digest, length, offset]``); a file left alone in a bundle is an object of its own."""
+
+    def __init__(self, store: ObjectStore, out: list[tuple[int, list[ChunkRef]]]) -> None:
+        self.store = store
+        self.out = out
+        self.parts: list[bytes] = []
+        self.slots: list[int] = []  # where each part's file is in ``out``
+        self.size = 0
+
+    def add(self, path: str, data: bytes) -> None:
+        """Add the file ``path`` holding ``data``; its place in ``out`` is filled at
+        :meth:`close`."""
+        self.slots.append(len(self.out))
+        self.out.append((len(data), []))
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size >= BUNDLE_MAX or (
+                self.size >= BUNDLE_MIN and zlib.crc32(os.fsencode(path)) % BOUNDARY == 0):
+            self.close()
+
+    def close(self) -> None:
+        """Store the bundle and fill in its files' chunk lists."""
+        if len(self.parts) == 1:
+            data = self.parts[0]
+            self.out[self.slots[0]] = (len(data), [[self.store.put(
+                data, level=CONTENT_LEVEL).hex, len(data)]])
+        elif self.parts:
+            hexd = self.store.put(b"".join(self.parts), level=CONTENT_LEVEL).hex
+            offset = 0
+            for slot, data in zip(self.slots, self.parts, strict=True):
+                self.out[slot] = (len(data), [[hexd, len(data), offset]])
+                offset += len(data)
+        self.parts, self.slots, self.size = [], [], 0
 
 
 def _read_rest(fd: int) -> bytes:
@@ -100,8 +184,9 @@ class ContentFill:
     Use it as a context manager: leaving it on an error stops the workers cleanly.
     """
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, base: Manifest | None = None) -> None:
         self.store = store
+        self.base = base  # what the files were: see ``store_files``
         self.tree: Tree | None = None
         self._leaders: dict[int, Entry] = {}
         self._followers: list[Entry] = []
@@ -150,8 +235,11 @@ class ContentFill:
         if self._pool is None:
             assert self.tree is not None
             with Opener(self.tree) as opener:
-                for e in self._early:
-                    e.size, e.chunks = store_file(self.store, opener, e.path)
+                done = store_files(self.store, opener, [e.path for e in self._early],
+                                   base=self.base)
+            assert done is not None
+            for e, (size, chunks) in zip(self._early, done, strict=True):
+                e.size, e.chunks = size, chunks
             self._early = []
         else:
             self._tasks.close()
@@ -166,7 +254,7 @@ class ContentFill:
             e.size, e.chunks = leader.size, leader.chunks
 
     def _start(self) -> None:
-        store, tree = self.store, self.tree
+        store, tree, base = self.store, self.tree, self.base
         assert tree is not None
         store.flush()
 
@@ -174,15 +262,13 @@ class ContentFill:
             i, paths = task
             before = store.bytes_written, store.objects_written
             known = set(store.written)
-            out = []
             # Failing or aborted, this worker may end next (os._exit): no pack write cut off.
             try:
                 with Opener(tree) as opener:
-                    for path in paths:
-                        if aborted():  # another batch failed: publish nothing more
-                            store.settle()
-                            return i, [], 0, 0, []
-                        out.append(store_file(store, opener, path))
+                    out = store_files(store, opener, paths, aborted, base)
+                if out is None:  # another batch failed: publish nothing more
+                    store.settle()
+                    return i, [], 0, 0, []
             except BaseException:
                 store.settle()
                 raise

@@ -3,16 +3,21 @@
 Entries are sorted by path (so a parent precedes its children) and serialised as compact JSON
 arrays, one per line, in one JSON array headed by the format and the tree's totals::
 
-    [{"format":2,"files":1,"size":1180}
+    [{"format":3,"files":1,"size":1180}
     ,["src","dir",493,...]
     ,["src/main.c","file",420,...]
     ]
+
+A file's content is a list of chunk references: ``[hex digest, length]`` names a whole object;
+``[hex digest, length, offset]`` (format 3) names ``length`` bytes at ``offset`` of one, a
+*bundle*: small files are stored concatenated, several to an object, so that they compress
+together (see ``build``).
 
 The BLAKE3 of the serialised manifest is the snapshot id. One entry per line, in order, is
 what lets an incremental commit read only the lines of the paths it changed (``decode(...,
 lazy=True)``) and write its manifest by splicing them into its base's bytes
 (``Manifest.encode_after``), counting from the header; format 1 (one JSON object, every entry
-on one line) and format 2 without totals are still read. Paths are relative POSIX paths. A manifest
+on one line) and format 2 (no bundles) are still read. Paths are relative POSIX paths. A manifest
 can come from an untrusted store, so ``validate`` runs before anything is written from one
 (see ``restore``); reading one to compare or extend it does not need it.
 """
@@ -33,8 +38,9 @@ import orjson
 
 from ..errors import IntegrityError, UnsafePath
 
-FORMAT = 2
-_HEAD_TOTALS = b'[{"format":2,"files":'  # a header a commit can splice and read lazily
+FORMAT = 3
+# Headers a commit can splice into and read lazily (format 2 lines are format 3's, no bundles).
+_HEAD_TOTALS = (b'[{"format":3,"files":', b'[{"format":2,"files":')
 _END = b',"\\u0000"]'  # how the NUL that ends each row while it is encoded comes out
 DIR, FILE, SYMLINK = "dir", "file", "symlink"
 KINDS = frozenset({DIR, FILE, SYMLINK})
@@ -45,14 +51,15 @@ MTIME_LIMIT = 2**63 * 10**9  # nanoseconds whose seconds fit a 64-bit time_t
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
-# A chunk reference: [hex digest, length]. A list, not a tuple, because that is what JSON
-# gives back, and converting 50 000 of them on every commit was a measurable cost.
+# A chunk reference: [hex digest, length] or [hex digest, length, offset in a bundle]. A list,
+# not a tuple, because that is what JSON gives back, and converting 50 000 of them on every
+# commit was a measurable cost.
 ChunkRef = list[Any]
 
 
 @dataclass(slots=True)
 class Entry:
-    """One path in a tree. ``chunks`` holds ``[hex digest, length]`` pairs for files."""
+    """One path in a tree. ``chunks`` holds a file's chunk references, in order."""
 
     path: str
     kind: str
@@ -218,7 +225,7 @@ class Manifest:
 
     def chunk_digests(self) -> set[str]:
         """Every chunk this tree references."""
-        return {h for e in self.entries.values() for h, _ in e.chunks}
+        return {ref[0] for e in self.entries.values() for ref in e.chunks}
 
     def encode(self) -> bytes:
         """Deterministic serialisation; hardlink groups are renumbered in path order."""
@@ -328,7 +335,7 @@ class Manifest:
     def decode(cls, data: bytes, name: str = "manifest", *, lazy: bool = False) -> Manifest:
         """Parse a manifest; raise ``IntegrityError`` on a malformed one.
 
-        ``lazy`` parses only the header of a format-2 manifest that states its totals, and
+        ``lazy`` parses only the header of a format 2 or 3 manifest that states its totals, and
         each line when it is asked about (see the class); a malformed line is then reported
         when it is read. Any other manifest is parsed whole, as without ``lazy``.
         """
@@ -366,7 +373,7 @@ class Manifest:
         else:  # format 1
             head, rows, encoded = doc, doc["entries"], None
         version = head.get("format")
-        if version not in (1, FORMAT) or (version == 1) != (encoded is None):
+        if version not in (1, 2, FORMAT) or (version == 1) != (encoded is None):
             raise IntegrityError(f"{name} has format {version}; upgrade stickyci")
         if head.get("escaped"):
             for row in rows:
@@ -410,7 +417,7 @@ def _totals(entries: Iterable[Entry]) -> tuple[int, int]:
 
 
 def _key(line: bytes, name: str) -> bytes:
-    """The path of a format-2 entry line, as UTF-8.
+    """The path of an entry line (format 2 or 3), as UTF-8.
 
     The path is the line's first string and the kind its second, and a quote inside a JSON
     string is always escaped, so the first ``","`` ends the path.
@@ -502,9 +509,10 @@ def _check_fields(e: Entry) -> str | None:
         return f"link target {e.target!r} (only symlinks have one, without NUL)"
     total = 0
     for ref in e.chunks:
-        if (not isinstance(ref, list) or len(ref) != 2 or not isinstance(ref[0], str)
-                or not _HEX.fullmatch(ref[0]) or not _int(ref[1], 1, SIZE_MAX)):
-            return f"chunk reference {ref!r} (not [64 hex digits, length])"
+        if (not isinstance(ref, list) or len(ref) not in (2, 3) or not isinstance(ref[0], str)
+                or not _HEX.fullmatch(ref[0]) or not _int(ref[1], 1, SIZE_MAX)
+                or (len(ref) == 3 and not _int(ref[2], 0, SIZE_MAX))):
+            return f"chunk reference {ref!r} (not [64 hex digits, length(, offset)])"
         total += ref[1]
     if e.kind == FILE and total != e.size:
         return f"chunks of {total} bytes for a size of {e.size}"

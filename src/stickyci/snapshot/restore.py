@@ -16,11 +16,11 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 from ..digest import Digest
-from ..errors import UsageError
+from ..errors import IntegrityError, UsageError
 from ..forked import PARALLEL_MIN_BYTES, forked_runs
 from ..fsutil import Opener, Tree, changed_error
 from ..store import ObjectStore
-from .model import DIR, FILE, SYMLINK, Entry, Manifest, validate
+from .model import DIR, FILE, SYMLINK, ChunkRef, Entry, Manifest, validate
 
 _ROOT = os.geteuid() == 0
 
@@ -32,9 +32,11 @@ def restore(store: ObjectStore, m: Manifest, root: str, *, trust_owners: bool = 
     """Write the tree ``m`` describes into ``root`` (existing, empty), content from the store;
     owners and setuid/setgid bits only with ``trust_owners``."""
 
+    content = Content(store)
+
     def write(e: Entry, fd: int) -> None:
-        for hexd, _ in e.chunks:
-            data = memoryview(store.get(Digest(bytes.fromhex(hexd)), whole_pack=True))
+        for ref in e.chunks:
+            data = content.read(ref, e.path)
             while data:
                 data = data[os.write(fd, data):]
 
@@ -44,6 +46,50 @@ def restore(store: ObjectStore, m: Manifest, root: str, *, trust_owners: bool = 
 
     # In pack order, each pack is read once, front to back, however the tree was walked.
     materialize(m, root, write, order=where, trust_owners=trust_owners)
+
+
+class Content:
+    """The bytes chunk references name, read from ``store`` and verified: a whole object, or a
+    slice of a bundle, which is decoded once for the files of it that come in a row (a
+    restore in pack order reads them so).
+
+    ``whole_pack`` is passed on to ``ObjectStore.get``: for readers that go through packs in
+    order.
+    """
+
+    def __init__(self, store: ObjectStore, *, whole_pack: bool = True) -> None:
+        self.store = store
+        self.whole_pack = whole_pack
+        self._bundle: tuple[str, bytes] = ("", b"")
+
+    def read(self, ref: ChunkRef, path: str) -> memoryview:
+        """The content ``ref`` names, of the file ``path``; ``IntegrityError`` when the object
+        does not hold the bytes the reference claims."""
+        hexd, length = ref[0], ref[1]
+        if len(ref) == 2:
+            data = memoryview(self.object(hexd))
+            offset = 0
+        else:
+            if self._bundle[0] != hexd:
+                self._bundle = (hexd, self.object(hexd))
+            data, offset = memoryview(self._bundle[1]), ref[2]
+        piece = data[offset:offset + length]
+        if len(piece) != length:
+            raise IntegrityError(f"object {hexd} holds {len(data)} bytes, but the manifest "
+                                 f"reads {length} at {offset} of it for {path}; the snapshot "
+                                 "is corrupt or forged")
+        return piece
+
+    def holds(self, ref: ChunkRef, data: bytes, path: str) -> bool:
+        """True if ``data``, read from the file ``path``, is the content ``ref`` names: a
+        whole object's by its digest, a bundle's slice by the bundle's bytes (read here)."""
+        if len(ref) == 2:
+            return len(data) == ref[1] and Digest.of(data).hex == str(ref[0])
+        return self.read(ref, path) == data
+
+    def object(self, hexd: str) -> bytes:
+        """The object ``hexd``, verified."""
+        return self.store.get(Digest(bytes.fromhex(hexd)), whole_pack=self.whole_pack)
 
 
 def materialize(m: Manifest, root: str, write_content: WriteContent,

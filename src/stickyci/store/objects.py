@@ -353,12 +353,14 @@ class ObjectStore:
             self._load(names)
         return bool(names)
 
-    def put(self, plain: bytes | memoryview, digest: Digest | None = None) -> Digest:
-        """Store ``plain`` unless an object with its digest exists; return the digest."""
+    def put(self, plain: bytes | memoryview, digest: Digest | None = None, *,
+            level: int = codec.LEVEL) -> Digest:
+        """Store ``plain`` (compressed at zstd ``level``) unless an object with its digest
+        exists; return the digest."""
         d = digest or Digest.of(plain)
         if self.has(d):
             return d
-        self.put_envelope(d, codec.encode(plain))
+        self.put_envelope(d, codec.encode(plain, level))
         return d
 
     def put_envelope(self, digest: Digest, envelope: bytes) -> None:

@@ -15,7 +15,6 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ...digest import Digest
 from ...errors import IntegrityError, UsageError
 from ...forked import PARALLEL_MIN_BYTES, forked_runs
 from ...fsutil import Found, Opener, Tree, discarding, remove_tree
@@ -23,6 +22,7 @@ from ...snapshot import (
     DIR,
     FILE,
     SYMLINK,
+    Content,
     ContentFill,
     Entry,
     Manifest,
@@ -148,15 +148,16 @@ def _hidden(base: Manifest, gone: set[str], opaque: set[str]) -> list[str]:
 
 
 def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched: set[str],
-                trust_owners: bool, *, sealed: bool = False) -> None:
+                trust_owners: bool, content: Content, *, sealed: bool = False) -> None:
     """Turn ``tree``, a private copy of the base that ``base`` describes, into the tree ``new``
     describes, taking new content from the overlay's ``upper`` dir.
 
     Only ``touched`` paths (the commit's scan of the upper dir) can differ. Every file among
-    them is written afresh, its bytes checked against its chunk digests as they are copied: a
-    process still writing to the upper dir (through a descriptor opened before the commit, or
-    a copy of the mount in another namespace) makes this fail with ``IntegrityError``, never
-    puts its bytes in the tree. Owners and modes are set as a restore with or without
+    them is written afresh, its bytes checked against its chunks as they are copied (a small
+    file's against its slice of a bundle, which ``content`` reads from the store): a process
+    still writing to the upper dir (through a descriptor opened before the commit, or a copy
+    of the mount in another namespace) makes this fail with ``IntegrityError``, never puts
+    its bytes in the tree. Owners and modes are set as a restore with or without
     ``trust_owners`` sets them.
 
     A ``sealed`` upper dir is one nothing can write to any more (the commit read it after
@@ -205,16 +206,16 @@ def apply_upper(tree: Path, upper: Path, base: Manifest, new: Manifest, touched:
                 files.append(e)
         if sealed:
             for e in files:
-                _move_file(src, out, e, trust_owners)
+                _move_file(src, out, e, trust_owners, content)
         elif sum(e.size for e in files) < PARALLEL_MIN_BYTES:
             for e in files:
-                _copy_file(src, out, e, trust_owners)
+                _copy_file(src, out, e, trust_owners, content)
         else:
             # A full commit copies the whole tree: on every core, as the restore writes it.
             def copy(run: Iterable[Entry]) -> None:
                 with Opener(Tree.at(tree)) as mine, Opener(Tree.at(upper)) as theirs:
                     for e in run:
-                        _copy_file(theirs, mine, e, trust_owners)
+                        _copy_file(theirs, mine, e, trust_owners, content)
 
             forked_runs(files, copy)
         for e in links:
@@ -234,7 +235,8 @@ def _ancestors(p: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _move_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
+def _move_file(src: Opener, out: Opener, e: Entry, trust_owners: bool,
+               content: Content) -> None:
     """Move the file ``e`` from a sealed upper dir into the tree (copied, checked, where the
     two are on different filesystems)."""
     src_dir, src_name = src.parent(e.path)
@@ -244,7 +246,7 @@ def _move_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        _copy_file(src, out, e, trust_owners)
+        _copy_file(src, out, e, trust_owners, content)
         return
     fd = out.open(e.path, os.O_RDONLY)
     try:
@@ -257,15 +259,16 @@ def _move_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
         os.close(fd)
 
 
-def _copy_file(src: Opener, out: Opener, e: Entry, trust_owners: bool) -> None:
-    """Write the file ``e`` from the upper dir, checking each chunk's digest as it is copied."""
+def _copy_file(src: Opener, out: Opener, e: Entry, trust_owners: bool,
+               content: Content) -> None:
+    """Write the file ``e`` from the upper dir, checking each chunk as it is copied."""
     fd_in = src.open(e.path, os.O_RDONLY)
     try:
         fd_out = out.open(e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            for hexd, length in e.chunks:
-                data = os.read(fd_in, length)  # a short read cannot match the digest either
-                if Digest.of(data).hex != hexd:
+            for ref in e.chunks:
+                data = os.read(fd_in, ref[1])  # a short read cannot match either
+                if not content.holds(ref, data, e.path):
                     raise IntegrityError(f"{e.path} changed after the commit read it")
                 view = memoryview(data)
                 while view:

@@ -98,8 +98,10 @@ class Sharing:
             log.warning("snapshot %s of a disk is unreadable, so its sharing is not shown: %s",
                         snapshot, exc)
             return None
-        # validate() checked every chunk reference: 64 hex digits and a length.
-        return {bytes.fromhex(h): n for e in manifest.entries.values() for h, n in e.chunks}
+        # validate() checked every chunk reference: 64 hex digits, a length, maybe an offset
+        # (a slice of a bundle, told apart from the bundle's other files by it).
+        return {bytes.fromhex(ref[0]) + (ref[2].to_bytes(8, "little") if len(ref) == 3 else b""):
+                ref[1] for e in manifest.entries.values() for ref in e.chunks}
 
     def shared(self, found: list[DiskRef]) -> dict[str, int | None]:
         """For each disk, the bytes of its latest tree's chunks that another of ``found``
