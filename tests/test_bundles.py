@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from stickyci.digest import Digest
 from stickyci.errors import IntegrityError
 from stickyci.snapshot import (
     FILE,
+    Content,
     ContentFill,
+    Entry,
     Manifest,
     build,
     load_manifest,
@@ -196,3 +199,36 @@ def test_a_malformed_slice_reference_is_refused(ref: list[object]) -> None:
                         b'],"",0]\n]')
     with pytest.raises(IntegrityError, match="chunk reference"):
         validate(m)
+
+
+@pytest.mark.parametrize("ref", [
+    ["zz" * 32, 5], ["ab" * 31, 5], ["ab" * 32, -1], ["ab" * 32, 5, -1], ["ab" * 32, 5, "0"],
+    ["ab" * 32, "5"], ["ab" * 32, 5, 0, 0], [7, 5], "ab" * 32,
+])
+def test_what_is_no_reference_is_refused_before_anything_is_read(tmp_path: Path,
+                                                                  ref: object) -> None:
+    """Content is read from manifests a commit extends without validating them: a value
+    that is no reference is an IntegrityError naming the file, not a crash or a wrong
+    slice (a negative offset would count from the end)."""
+    content = Content(ObjectStore(LocalBackend(tmp_path / "store")))
+    with pytest.raises(IntegrityError, match="content of f"):
+        content.read(ref, "f")  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError, match="content of f"):
+        content.holds(ref, b"12345", "f")  # type: ignore[arg-type]
+
+
+def test_a_base_entry_that_cannot_be_read_only_means_storing_the_file_anew(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _write(src, {"f": b"12345", "g": b"67890"})
+    store = ObjectStore(LocalBackend(tmp_path / "store"))
+    base = Manifest({p: Entry(p, FILE, 0o644, 0, size=5, chunks=[chunks]) for p, chunks in (
+        ("f", ["ab" * 32, 5, -1]),            # no reference
+        ("g", [Digest.of(b"x").hex, 5, 0]))})  # an object the store does not have
+    with ContentFill(store, base) as fill:
+        new = scan_tree(str(src), fill=fill).manifest
+        fill.finish()
+    bundle = new.entries["f"].chunks[0][0]
+    assert new.entries["f"].chunks == [[bundle, 5, 0]] and new.entries["g"].chunks == [
+        [bundle, 5, 5]]
+    assert bytes(Content(store).read(new.entries["g"].chunks[0], "g")) == b"67890"

@@ -47,7 +47,7 @@ from .. import codec, fanotify
 from ..digest import Digest
 from ..errors import StickyError
 from ..fsutil import Opener, Tree
-from ..snapshot import FILE, Entry, Manifest
+from ..snapshot import FILE, Content, Entry, Manifest
 from ..store import Location, ObjectStore, open_backend
 
 log = logging.getLogger("stickyci")
@@ -193,7 +193,7 @@ class _Worker:
         self.prefetch_ok = True
         self.readers: queue.SimpleQueue[fanotify.Event] = queue.SimpleQueue()
         self.lock = threading.Lock()  # the status and the per-file locks
-        self.bundle = threading.local()  # each thread's last bundle read: (hex, bytes)
+        self.readers_of = threading.local()  # each thread's Content (it keeps a bundle)
         self.filling: dict[str, threading.Lock] = {}
         self._saved = 0.0
 
@@ -344,18 +344,14 @@ class _Worker:
         by side in a pack, not the packs around them.
         """
         if len(e.chunks) == 1 and len(e.chunks[0]) == 3:
-            # A small file's slice of a bundle: the files of a bundle come in a row in
-            # the prefetch, and a reader of one often reads its neighbours.
-            hexd, length, offset = e.chunks[0]
-            digest = Digest(bytes.fromhex(hexd))
-            last = getattr(self.bundle, "last", None)
-            if last is None or last[0] != hexd:
-                try:
-                    last = self.bundle.last = (hexd, self.objects.get(
-                        digest, whole_pack=whole_pack))
-                except StickyError as exc:
-                    raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
-            yield digest, length, last[1][offset:offset + length]
+            # A small file's slice of a bundle: the files of a bundle come in a row in the
+            # prefetch, and a reader of one often reads its neighbours next.
+            ref = e.chunks[0]
+            try:
+                piece = bytes(self._content(whole_pack).read(ref, e.path))
+            except StickyError as exc:
+                raise StickyError(f"object {ref[0]} of {e.path}: {exc}") from exc
+            yield Digest(bytes.fromhex(ref[0])), ref[1], piece
             return
         digests = [(Digest(bytes.fromhex(ref[0])), ref[1]) for ref in e.chunks]
         offsets = iter([ref[2] if len(ref) == 3 else None for ref in e.chunks])
@@ -385,6 +381,15 @@ class _Worker:
                     raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
                 offset = next(offsets)
                 yield digest, length, got if offset is None else got[offset:offset + length]
+
+    def _content(self, whole_pack: bool) -> Content:
+        """This thread's reader of bundles, which keeps the last one it decoded."""
+        name = "whole_packs" if whole_pack else "ranges"
+        content: Content | None = getattr(self.readers_of, name, None)
+        if content is None:
+            content = Content(self.objects, whole_pack=whole_pack)
+            setattr(self.readers_of, name, content)
+        return content
 
     def _prefetch(self) -> None:
         """Fill every file in pack order, so each pack is read once, front to back."""

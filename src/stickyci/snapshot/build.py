@@ -79,7 +79,7 @@ def store_files(store: ObjectStore, opener: Opener, paths: Iterable[str],
                     data += _read_rest(fd)
                 if len(data) <= SMALL_FILE:
                     old = base.get(path) if base is not None else None
-                    if old is not None and before is not None and _holds(before, old, data):
+                    if old is not None and before is not None and _unchanged(before, old, data):
                         out.append((len(data), old.chunks))
                     else:
                         bundle.add(path, data)
@@ -102,7 +102,7 @@ def store_files(store: ObjectStore, opener: Opener, paths: Iterable[str],
     return out
 
 
-def _holds(content: Content, e: Entry, data: bytes) -> bool:
+def _unchanged(content: Content, e: Entry, data: bytes) -> bool:
     """True if ``data`` is the content of the file entry ``e`` (False where that cannot be
     read: the file is then stored anew)."""
     try:

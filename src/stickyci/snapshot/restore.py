@@ -60,22 +60,21 @@ class Content:
     def __init__(self, store: ObjectStore, *, whole_pack: bool = True) -> None:
         self.store = store
         self.whole_pack = whole_pack
-        self._bundle: tuple[str, bytes] = ("", b"")
+        self._bundle: tuple[Digest | None, bytes] = (None, b"")
 
     def read(self, ref: ChunkRef, path: str) -> memoryview:
         """The content ``ref`` names, of the file ``path``; ``IntegrityError`` when the object
         does not hold the bytes the reference claims."""
-        hexd, length = ref[0], ref[1]
-        if len(ref) == 2:
-            data = memoryview(self.object(hexd))
-            offset = 0
+        digest, length, offset = _parse(ref, path)
+        if offset is None:
+            data, offset = memoryview(self.object(digest)), 0
         else:
-            if self._bundle[0] != hexd:
-                self._bundle = (hexd, self.object(hexd))
-            data, offset = memoryview(self._bundle[1]), ref[2]
+            if self._bundle[0] != digest:
+                self._bundle = (digest, self.object(digest))
+            data = memoryview(self._bundle[1])
         piece = data[offset:offset + length]
         if len(piece) != length:
-            raise IntegrityError(f"object {hexd} holds {len(data)} bytes, but the manifest "
+            raise IntegrityError(f"object {digest} holds {len(data)} bytes, but the manifest "
                                  f"reads {length} at {offset} of it for {path}; the snapshot "
                                  "is corrupt or forged")
         return piece
@@ -83,13 +82,31 @@ class Content:
     def holds(self, ref: ChunkRef, data: bytes, path: str) -> bool:
         """True if ``data``, read from the file ``path``, is the content ``ref`` names: a
         whole object's by its digest, a bundle's slice by the bundle's bytes (read here)."""
-        if len(ref) == 2:
-            return len(data) == ref[1] and Digest.of(data).hex == str(ref[0])
+        digest, length, offset = _parse(ref, path)
+        if offset is None:
+            return len(data) == length and Digest.of(data) == digest
         return self.read(ref, path) == data
 
-    def object(self, hexd: str) -> bytes:
-        """The object ``hexd``, verified."""
-        return self.store.get(Digest(bytes.fromhex(hexd)), whole_pack=self.whole_pack)
+    def object(self, digest: Digest) -> bytes:
+        """The object ``digest``, verified."""
+        return self.store.get(digest, whole_pack=self.whole_pack)
+
+
+def _parse(ref: ChunkRef, path: str) -> tuple[Digest, int, int | None]:
+    """A chunk reference's digest, length and offset (None: the whole object). Checked here as
+    well as by ``validate``: a manifest read to extend it is not validated."""
+    try:
+        hexd, length, *rest = ref
+        digest = Digest(bytes.fromhex(hexd))
+        offset = rest[0] if rest else None
+        ok = (len(rest) <= 1 and type(length) is int and length >= 0
+              and (offset is None or (type(offset) is int and offset >= 0)))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise IntegrityError(f"the manifest names {ref!r} as the content of {path}; the "
+                             "snapshot is corrupt or forged")
+    return digest, length, offset
 
 
 def materialize(m: Manifest, root: str, write_content: WriteContent,
