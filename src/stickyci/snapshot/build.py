@@ -41,7 +41,8 @@ BUNDLE_MIN, BUNDLE_MAX, BOUNDARY = 256 << 10, 1 << 20, 16
 bundle's edges, and the same files give the same bundles (deduplicated) in any tree."""
 CONTENT_LEVEL = 1
 """zstd level of file content. With small files bundled, -1 stores less than -3 did one by
-one, for a quarter less CPU (the 1 GB benchmark tree: 364 MiB against 398 MiB)."""
+one, and the commit's workers use 30% less CPU (the 1 GB benchmark tree's store: 387 MB
+against 421 MB, docs/benchmarks.md)."""
 _BATCH_BYTES = 32 << 20
 # A manifest is mostly hex digests: zstd -1 packs it as small as -3 does, 2.4x faster (the
 # 6.4 MB manifest of the 1 GB benchmark tree: 1.90 MB in 11 ms, against 1.96 MB in 27 ms).
