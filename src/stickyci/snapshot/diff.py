@@ -40,8 +40,9 @@ def diff(a: Manifest, b: Manifest, candidates: Iterable[str] | None = None) -> D
     # manifest answers without parsing the rest.
     get_a, get_b = (a.entries.get, b.entries.get) if candidates is None else (a.get, b.get)
     links_a = links_b = {}
-    # Only a hardlinked path can have a new group; finding the groups walks both trees whole.
-    if candidates is None or any_linked(paths, a, b):
+    # Only a hardlinked path in both trees can have a new group; finding the groups walks both
+    # trees whole. (A new disk's first commit: no path is in both.)
+    if candidates is None or any_linked([p for p in paths if get_a(p) is not None], a, b):
         links_a, links_b = _link_leaders(a), _link_leaders(b)
     for path in sorted(paths):
         old, new = get_a(path), get_b(path)
