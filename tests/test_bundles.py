@@ -172,6 +172,7 @@ def test_bundles_store_less_than_files_one_by_one(tmp_path: Path,
 @pytest.mark.parametrize("bad, why", [
     (lambda ref: [ref[0], ref[1], ref[2] + 1 << 20], "holds"),   # past the bundle's end
     (lambda ref: [ref[0], ref[1] + 1, ref[2]], "holds"),          # runs past it (and size)
+    (lambda ref: [ref[0], ref[1]], "holds"),                      # the whole bundle, shorter
 ])
 def test_a_slice_that_does_not_fit_its_bundle_is_refused(tmp_path: Path, bad: object,
                                                          why: str) -> None:

@@ -66,13 +66,14 @@ class Content:
         """The content ``ref`` names, of the file ``path``; ``IntegrityError`` when the object
         does not hold the bytes the reference claims."""
         digest, length, offset = _parse(ref, path)
-        if offset is None:
+        if offset is None:  # the whole object, which must be as long as the reference says
             data, offset = memoryview(self.object(digest)), 0
+            piece = data if len(data) == length else data[:0]
         else:
             if self._bundle[0] != digest:
                 self._bundle = (digest, self.object(digest))
             data = memoryview(self._bundle[1])
-        piece = data[offset:offset + length]
+            piece = data[offset:offset + length]
         if len(piece) != length:
             raise IntegrityError(f"object {digest} holds {len(data)} bytes, but the manifest "
                                  f"reads {length} at {offset} of it for {path}; the snapshot "
