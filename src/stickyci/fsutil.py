@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import operator
 import os
 import shutil
 import stat
@@ -98,7 +99,10 @@ class Tree:
         return fd
 
     def walk(self) -> Iterator[Found]:
-        """Every entry below the root with its ``lstat``, each directory before its entries.
+        """Every entry below the root with its ``lstat``, each directory before its entries,
+        a directory's entries by name (the order of ``scandir`` is the filesystem's: ext4
+        hashes names with a seed of its own, so the same tree on two machines would be read,
+        and its small files bundled, in two orders).
 
         A directory is entered through its parent's fd and must be the inode its ``lstat``
         described; only the directories on the current path are open at any time.
@@ -110,12 +114,13 @@ class Tree:
                 subdirs: list[tuple[str, os.stat_result]] = []
                 frames.append((fd, rel, subdirs))
                 with os.scandir(fd) as it:
-                    for de in it:
-                        st = de.stat(follow_symlinks=False)
-                        yield Found(f"{rel}/{de.name}" if rel else de.name, de.name, st, fd,
-                                    self.path)
-                        if stat.S_ISDIR(st.st_mode):
-                            subdirs.append((de.name, st))
+                    listed = sorted(it, key=operator.attrgetter("name"))
+                for de in listed:
+                    st = de.stat(follow_symlinks=False)
+                    yield Found(f"{rel}/{de.name}" if rel else de.name, de.name, st, fd,
+                                self.path)
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append((de.name, st))
                 subdirs.reverse()
                 while frames and not frames[-1][2]:
                     os.close(frames.pop()[0])
