@@ -32,9 +32,10 @@ from .scan import is_special, keep_base_meta, skip_special, to_entry
 # Reading small files whole is cheaper than mapping them; big ones are mapped to bound memory.
 _MMAP_MIN = 8 << 20
 SMALL_FILE = 64 << 10
-"""Files up to this size are stored in bundles: concatenated in path order, several to an
-object. One by one they compress badly and each costs a call: the 1 GB benchmark tree's 31k
-files under 64 KiB take 115 MiB at zstd -3 one by one, 64 MiB at -1 in bundles."""
+"""Files up to this size are stored in bundles: concatenated in the order they are read,
+several to an object. One by one they compress badly and each costs a call: the 1 GB
+benchmark tree's 31k files under 64 KiB take 115 MiB at zstd -3 one by one, 64 MiB at -1 in
+bundles."""
 BUNDLE_MIN, BUNDLE_MAX, BOUNDARY = 256 << 10, 1 << 20, 16
 """A bundle ends at the first file past ``BUNDLE_MIN`` bytes whose path hashes to a multiple of
 ``BOUNDARY``, or at ``BUNDLE_MAX``: by name, so that a file added or removed moves no other
