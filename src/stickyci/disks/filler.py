@@ -343,18 +343,18 @@ class _Worker:
         its file only: its chunks are read by ranges, one read per run of chunks stored side
         by side in a pack, not the packs around them.
         """
-        if len(e.chunks) == 1 and len(e.chunks[0]) == 3:
+        if any(len(ref) == 3 for ref in e.chunks):
             # A small file's slice of a bundle: the files of a bundle come in a row in the
             # prefetch, and a reader of one often reads its neighbours next.
-            ref = e.chunks[0]
-            try:
-                piece = bytes(self._content(whole_pack).read(ref, e.path))
-            except StickyError as exc:
-                raise StickyError(f"object {ref[0]} of {e.path}: {exc}") from exc
-            yield Digest(bytes.fromhex(ref[0])), ref[1], piece
+            content = self._content(whole_pack)
+            for ref in e.chunks:
+                try:
+                    piece = bytes(content.read(ref, e.path))
+                except StickyError as exc:
+                    raise StickyError(f"object {ref[0]} of {e.path}: {exc}") from exc
+                yield Digest(bytes.fromhex(ref[0])), ref[1], piece
             return
         digests = [(Digest(bytes.fromhex(ref[0])), ref[1]) for ref in e.chunks]
-        offsets = iter([ref[2] if len(ref) == 3 else None for ref in e.chunks])
         chunks = [(d, length, self.objects.locate(d)) for d, length in digests]
         for run in ([[c] for c in chunks] if whole_pack else _runs(chunks)):
             span, start = b"", 0
@@ -379,8 +379,7 @@ class _Worker:
                                                                          whole_pack=whole_pack)
                 except StickyError as exc:
                     raise StickyError(f"object {digest} of {e.path}: {exc}") from exc
-                offset = next(offsets)
-                yield digest, length, got if offset is None else got[offset:offset + length]
+                yield digest, length, got
 
     def _content(self, whole_pack: bool) -> Content:
         """This thread's reader of bundles, which keeps the last one it decoded."""

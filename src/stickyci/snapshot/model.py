@@ -489,6 +489,16 @@ def _int(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
 
 
+def ref_parts(ref: object) -> tuple[str, int, int | None] | None:
+    """A chunk reference's hex digest, length and offset (None: the whole object); None if
+    ``ref`` is no ``[64 hex digits, length]`` or ``[64 hex digits, length, offset]``."""
+    if (isinstance(ref, list) and len(ref) in (2, 3) and isinstance(ref[0], str)
+            and _HEX.fullmatch(ref[0]) and _int(ref[1], 1, SIZE_MAX)
+            and (len(ref) == 2 or _int(ref[2], 0, SIZE_MAX))):
+        return ref[0], ref[1], ref[2] if len(ref) == 3 else None
+    return None
+
+
 def _check_fields(e: Entry) -> str | None:
     """What is impossible about ``e``'s fields, if anything: no filesystem gives such values."""
     if not isinstance(e.kind, str) or e.kind not in KINDS:
@@ -509,9 +519,7 @@ def _check_fields(e: Entry) -> str | None:
         return f"link target {e.target!r} (only symlinks have one, without NUL)"
     total = 0
     for ref in e.chunks:
-        if (not isinstance(ref, list) or len(ref) not in (2, 3) or not isinstance(ref[0], str)
-                or not _HEX.fullmatch(ref[0]) or not _int(ref[1], 1, SIZE_MAX)
-                or (len(ref) == 3 and not _int(ref[2], 0, SIZE_MAX))):
+        if ref_parts(ref) is None:
             return f"chunk reference {ref!r} (not [64 hex digits, length(, offset)])"
         total += ref[1]
     if e.kind == FILE and total != e.size:

@@ -20,7 +20,7 @@ from ..errors import IntegrityError, UsageError
 from ..forked import PARALLEL_MIN_BYTES, forked_runs
 from ..fsutil import Opener, Tree, changed_error
 from ..store import ObjectStore
-from .model import DIR, FILE, SYMLINK, ChunkRef, Entry, Manifest, validate
+from .model import DIR, FILE, SYMLINK, ChunkRef, Entry, Manifest, ref_parts, validate
 
 _ROOT = os.geteuid() == 0
 
@@ -96,18 +96,12 @@ class Content:
 def _parse(ref: ChunkRef, path: str) -> tuple[Digest, int, int | None]:
     """A chunk reference's digest, length and offset (None: the whole object). Checked here as
     well as by ``validate``: a manifest read to extend it is not validated."""
-    try:
-        hexd, length, *rest = ref
-        digest = Digest(bytes.fromhex(hexd))
-        offset = rest[0] if rest else None
-        ok = (len(rest) <= 1 and type(length) is int and length >= 0
-              and (offset is None or (type(offset) is int and offset >= 0)))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    parts = ref_parts(ref)
+    if parts is None:
         raise IntegrityError(f"the manifest names {ref!r} as the content of {path}; the "
                              "snapshot is corrupt or forged")
-    return digest, length, offset
+    hexd, length, offset = parts
+    return Digest(bytes.fromhex(hexd)), length, offset
 
 
 def materialize(m: Manifest, root: str, write_content: WriteContent,
