@@ -27,7 +27,6 @@ import random
 import shlex
 import stat
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -42,8 +41,12 @@ from harness.datasets import (
     real_dataset,
 )
 from harness.fs import (
+    can_make_filesystems,
     drop_caches,
     du_bytes,
+    filesystem_of,
+    fresh_filesystem,
+    no_journal,
     read_tree,
     remove,
     settle,
@@ -205,6 +208,7 @@ class Bench(TreeBench[Row]):
         self.warm_cache = self.run_dir / "cache-warm"
         self.cold_ok = True
         self.snapshot = ""
+        self.fresh_fs = can_make_filesystems()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -362,72 +366,85 @@ class Bench(TreeBench[Row]):
     # -- 2. cold restore ---------------------------------------------------------------------
 
     def phase_restore(self) -> None:
-        """Cold restore: page cache dropped, empty base cache (and empty restic cache)."""
+        """Cold restore: page cache dropped, empty base cache (and empty restic cache), each
+        onto a filesystem of its own where one can be made (``restore_root``)."""
         log("== cold restore (page cache dropped before each)")
         for i in range(self.args.runs):
             log(f" run {i + 1}/{self.args.runs}")
-            # Both start from an empty cache; the overlay run's stays, as the base of the warm
-            # and incremental runs.
             self.attempt(RESTORE, ST_MOUNT_COPY, lambda: self.restore_stickyci("copy"))
             self.attempt(RESTORE, ST_MOUNT_OVL, lambda: self.restore_stickyci("overlay"))
             if not self.args.stickyci_only:
                 self.attempt(RESTORE, TAR_RESTORE, self.restore_tar)
                 self.attempt(RESTORE, RESTIC_RESTORE, self.restore_restic)
                 self.attempt(RESTORE, CP, self.restore_cp)
+        # The warm and incremental runs need the snapshot's base in the warm cache (untimed).
+        remove(self.warm_cache)
+        with self.mounted(self.fresh_mnt(), "overlay", self.saved_store, self.warm_cache):
+            pass
 
-    @property
-    def target(self) -> Path:
-        """Where restores go."""
-        return self.run_dir / "restore"
+    @contextlib.contextmanager
+    def restore_root(self) -> Iterator[Path]:
+        """An empty directory for one cold restore (its target, base cache, restic cache),
+        removed afterwards: on a new filesystem (``fresh_filesystem``, with the work dir's
+        journal setting) where one can be made, else in the run dir."""
+        if not self.fresh_fs:
+            root = self.run_dir / "cold"
+            remove(root)
+            root.mkdir()
+            try:
+                yield root
+            finally:
+                remove(root)
+            return
+        size = 3 * self.ds.stats.bytes + 2**30  # the copy strategy's base and clone, and slack
+        with fresh_filesystem(self.run_dir / "cold.img", size,
+                              journal=not no_journal(*filesystem_of(self.run_dir))) as root:
+            yield root
 
     def restore_stickyci(self, strategy: str) -> None:
         """A mount with an empty base cache: the snapshot is restored from the store."""
         tool = ST_MOUNT_OVL if strategy == "overlay" else ST_MOUNT_COPY
-        cache = self.warm_cache
-        remove(cache)
-        remove(self.target)
-        self.target.mkdir()
-        self.cold()
-        with self.mounted(self.target, strategy, self.saved_store, cache) as (res, seconds):
-            synced = seconds + sync_seconds()
-            self.snapshot = res.snapshot
-            if res.base_cached:
-                log("WARNING: the cold mount found its base cached")
-            self.check_tree(self.target, tool)
-            self.sample_disk()
-        self.record(RESTORE, tool, "cold", seconds, synced=synced)
+        with self.restore_root() as root:
+            target = root / "restore"
+            self.cold()
+            with self.mounted(target, strategy, self.saved_store, root / "cache") as (res,
+                                                                                     seconds):
+                synced = seconds + sync_seconds()
+                self.snapshot = res.snapshot
+                if res.base_cached:
+                    log("WARNING: the cold mount found its base cached")
+                self.check_tree(target, tool)
+                self.sample_disk()
+            self.record(RESTORE, tool, "cold", seconds, synced=synced)
 
     def restore_tar(self) -> None:
         """``zstd -d | tar -x`` of the full save's archive."""
-        remove(self.target)
-        self.target.mkdir()
-        self.cold()
-        seconds = timed(f"zstd -d -c -q {shlex.quote(str(self.tar_out))} "
-                        f"| tar -x -C {shlex.quote(str(self.target))}")
-        self.record(RESTORE, TAR_RESTORE, "cold", seconds, synced=seconds + sync_seconds())
-        self.check_tree(self.target, TAR_RESTORE)
-        remove(self.target)
+        with self.restore_root() as root:
+            self.cold()
+            seconds = timed(f"zstd -d -c -q {shlex.quote(str(self.tar_out))} "
+                            f"| tar -x -C {shlex.quote(str(root))}")
+            self.record(RESTORE, TAR_RESTORE, "cold", seconds, synced=seconds + sync_seconds())
+            self.check_tree(root, TAR_RESTORE)
 
     def restore_restic(self) -> None:
         """``restic restore latest`` with an empty restic cache."""
-        remove(self.target)
-        remove(self.restic_cache)
-        self.cold()
-        seconds = timed(["restic", "restore", "latest", "-q", "--target", str(self.target)],
-                        env=self.restic_env())
-        self.record(RESTORE, RESTIC_RESTORE, "cold", seconds, synced=seconds + sync_seconds())
-        # restic restores under the absolute path it backed up.
-        self.check_tree(self.target / self.tree.relative_to("/"), RESTIC_RESTORE)
-        remove(self.target)
+        with self.restore_root() as root:
+            env = {**self.restic_env(), "RESTIC_CACHE_DIR": str(root / "restic-cache")}
+            self.cold()
+            seconds = timed(["restic", "restore", "latest", "-q", "--target",
+                             str(root / "restore")], env=env)
+            self.record(RESTORE, RESTIC_RESTORE, "cold", seconds,
+                        synced=seconds + sync_seconds())
+            # restic restores under the absolute path it backed up.
+            self.check_tree(root / "restore" / self.tree.relative_to("/"), RESTIC_RESTORE)
 
     def restore_cp(self) -> None:
         """``cp -a`` back from the full save's copy."""
-        remove(self.target)
-        self.cold()
-        seconds = timed(["cp", "-a", str(self.cp_out), str(self.target)])
-        self.record(RESTORE, CP, "cold", seconds, synced=seconds + sync_seconds())
-        self.check_tree(self.target, CP)
-        remove(self.target)
+        with self.restore_root() as root:
+            self.cold()
+            seconds = timed(["cp", "-a", str(self.cp_out), str(root / "restore")])
+            self.record(RESTORE, CP, "cold", seconds, synced=seconds + sync_seconds())
+            self.check_tree(root / "restore", CP)
 
     # -- 3. warm mount -----------------------------------------------------------------------
 
@@ -662,28 +679,16 @@ def targets(bench: Bench, sizes: list[tuple[str, int]]) -> list[Target]:
     ]
 
 
-def no_journal(fstype: str, source: str) -> bool:
-    """True for an ext4 filesystem mounted without a journal (jbd2 lists none for it)."""
-    if fstype != "ext4":
-        return False
-    dev = os.path.basename(source)
-    try:
-        return not any(n.startswith(f"{dev}-") for n in os.listdir("/proc/fs/jbd2"))
-    except FileNotFoundError:  # no journal is in use on this machine at all
-        return True
-
-
 def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: str,
            revision: str) -> str:
     """The Markdown section for this data set."""
     m = machine()
-    fs = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(bench.run_dir.parent)],
-                        capture_output=True, text=True, check=False).stdout.split()
+    fs = filesystem_of(bench.run_dir.parent)
     restic_cfg = bench.facts.get("restic_config", {})
     notes = [
         f"- **Data set:** {bench.ds.description}. {bench.ds.stats.summary()}.",
         f"- **Machine:** {m['cpu']}, {m['nproc']} CPUs, {m['ram']} RAM, Linux {m['kernel']}; "
-        f"work dir `{bench.run_dir.parent}` on {' on '.join(fs) or '?'}."
+        f"work dir `{bench.run_dir.parent}` on {' on '.join(fs)}."
         + (f" A VM with {m['vm']}: idle page cache is reclaimed proactively and large copies "
            "vary a lot, nearly all in system time (by hand, `cp -a` of the 1 GB generated tree "
            "took from 1.8 s to 30 s on an idle machine); the `cp -a` rows are the least "
@@ -700,14 +705,23 @@ def report(bench: Bench, command: str, sizes: list[tuple[str, int]], started: st
         "previous run had added, so runs 2 and 3 deduplicated against packs that were gone and "
         "stored their content twice).",
     ]
-    if len(fs) == 2 and no_journal(*fs):
+    if no_journal(*fs):
         notes.append("- **File creation:** the work dir is on ext4 without a journal, where "
                      "creating a file passes over every inode freed in the last 60 s (360 s "
                      "while its inode table block is dirty), one at a time (`recently_deleted` "
                      "in `find_inode_bit`): right after a run deletes a tree, each new file "
                      "costs up to ~0.7 ms of system time. That inflates what creates files "
-                     "(`cp -a`, restores, and stickyci's commit, which writes the committed "
-                     "tree into the base cache), not tar's or restic's save.")
+                     "(`cp -a`, and stickyci's commit, which writes the committed tree into "
+                     "the base cache), not tar's or restic's save.")
+    notes.append(
+        "- **Cold restores** each write to a new ext4 filesystem (a sparse image on the work "
+        "dir, loop device with direct I/O, the work dir's journal setting), made and deleted "
+        "around the measurement, so no restore pays for the inodes the one before it freed "
+        "(until 2026-12-01 they shared the work dir, and a restore's time depended on what "
+        "had just been deleted)." if bench.fresh_fs else
+        "- **Cold restores** write to the work dir (no new filesystem could be made: that "
+        "needs root, `mkfs.ext4` and `losetup`): a restore's time depends on what the "
+        "measurement before it deleted.")
     if bench.facts.get("src_changed"):
         notes.append("- **Warning:** stickyci's source changed while the benchmark ran; the CLI "
                      "rows may have run newer code than the in-process rows.")
