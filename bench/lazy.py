@@ -35,7 +35,14 @@ from pathlib import Path
 
 from harness import cli
 from harness.datasets import Dataset, generated_dataset, real_dataset
-from harness.fs import drop_caches, remove, unmount_leftovers, walk
+from harness.fs import (
+    can_make_filesystems,
+    drop_caches,
+    remove,
+    restore_root,
+    unmount_leftovers,
+    walk,
+)
 from harness.machine import machine, stickyci_revision
 from harness.noise import WATCH
 from harness.proc import create_token, free_port, log, run, started, wait_http
@@ -89,8 +96,7 @@ def _tenth(files: list[tuple[str, int]], seed: int) -> list[str]:
     return picked
 
 
-def _cold(work: Path, store: str, name: str, token: str = "") -> dict[str, str]:
-    cache = work / "caches" / name
+def _cold(cache: Path, store: str, token: str = "") -> dict[str, str]:
     remove(cache)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STICKYCI_")}
     return {**env, "STICKYCI_STORE": store, "STICKYCI_CACHE_DIR": str(cache),
@@ -149,7 +155,7 @@ class LazyBench:
 
     def seed(self) -> None:
         """Commit the data set to the ``file://`` store, and make the tar archive."""
-        env = _cold(self.run_dir, f"file://{self.store}", "seed")
+        env = _cold(self.run_dir / "caches" / "seed", f"file://{self.store}")
         log(f"committing {self.ds.root} to {self.store}")
         _stickyci(env, "disk", "mount", KEY, str(self.ws), "--strategy", "copy")
         run(["cp", "-a", f"{self.ds.root}/.", f"{self.ws}/"])
@@ -174,23 +180,30 @@ class LazyBench:
         log(f"  {job:17} {source:15} {tool:6} first byte {secs(got[0])} s, job "
             f"{secs(got[1])} s (other CPU {got[2]:.0%})")
 
+    def root(self) -> contextlib.AbstractContextManager[Path]:
+        """Where one measurement creates its tree (a base cache, an extraction): a new
+        filesystem where one can be made, so none pays for the inodes the one before freed
+        (``harness.fs.restore_root``)."""
+        return restore_root(self.run_dir, 2 * self.ds.stats.bytes + 2**30,
+                            fresh=can_make_filesystems())
+
     def stickyci(self, i: int, source: str, store_url: str, token: str) -> None:
         """Every job, eager then lazy (lazy then eager on odd runs), from one store."""
         order = (EAGER, LAZY) if i % 2 == 0 else (LAZY, EAGER)
         for job, reads in self.jobs.items():
             for tool in order:
-                env = _cold(self.run_dir, store_url, f"{tool}-{i}", token)
-                mount = [sys.executable, "-m", "stickyci", "disk", "mount", KEY, str(self.ws),
-                         "--strategy", STRATEGY[tool]]
-                cache = Path(env["STICKYCI_CACHE_DIR"])
-                try:
-                    self.add(job, source, tool, _timed_reads(mount, self.ws, reads, env))
-                except OSError:
-                    for path in cache.glob(f"mounts/*/{FILLER_LOG}"):
-                        log(f"  {path}:\n{path.read_text()[-3000:]}")
-                    raise
-                _stickyci(env, "disk", "unmount", str(self.ws))
-                remove(cache)  # a 1 GB base per job would fill a small disk
+                with self.root() as root:
+                    cache = root / "cache"
+                    env = _cold(cache, store_url, token)
+                    mount = [sys.executable, "-m", "stickyci", "disk", "mount", KEY,
+                             str(self.ws), "--strategy", STRATEGY[tool]]
+                    try:
+                        self.add(job, source, tool, _timed_reads(mount, self.ws, reads, env))
+                    except OSError:
+                        for path in cache.glob(f"mounts/*/{FILLER_LOG}"):
+                            log(f"  {path}:\n{path.read_text()[-3000:]}")
+                        raise
+                    _stickyci(env, "disk", "unmount", str(self.ws))
 
     def _skeleton(self, target: Path) -> None:
         target.mkdir(parents=True)
@@ -202,34 +215,31 @@ class LazyBench:
             os.close(group)
 
     def skeletons(self, i: int) -> None:
-        """The lazy skeleton alone against GNU tar extracting the same placeholders, in the
-        base cache's filesystem (nothing read, so the page cache is not dropped)."""
-        target = self.run_dir / "caches" / SKELETON
+        """The lazy skeleton alone against GNU tar extracting the same placeholders, each on a
+        filesystem of its own (nothing read, so the page cache is not dropped)."""
         for tool in (LAZY, TAR) if i % 2 == 0 else (TAR, LAZY):
-            remove(target)
-            if tool == TAR:
-                target.mkdir(parents=True)
-            os.sync()
-            start = WATCH.begin()
-            if tool == LAZY:
-                self._skeleton(target)
-            else:
-                run(["tar", "-C", str(target), "-xf", str(self.run_dir / PLACEHOLDERS)])
-            took = WATCH.end() - start
-            self.add(SKELETON, "", tool, (took, took, WATCH.other_share))
-        remove(target)
+            with self.root() as root:
+                target = root / SKELETON
+                if tool == TAR:
+                    target.mkdir()
+                os.sync()
+                start = WATCH.begin()
+                if tool == LAZY:
+                    self._skeleton(target)
+                else:
+                    run(["tar", "-C", str(target), "-xf", str(self.run_dir / PLACEHOLDERS)])
+                took = WATCH.end() - start
+                self.add(SKELETON, "", tool, (took, took, WATCH.other_share))
 
     def tar(self) -> None:
         """The reference: extract the whole archive, then read."""
-        target = self.run_dir / "tar-target"
         for job, reads in self.jobs.items():
-            remove(target)
-            target.mkdir()
-            got = _timed_reads(["bash", "-o", "pipefail", "-c",
-                                f"zstd -d -q -c {shlex.quote(str(self.run_dir / 'tree.tar.zst'))}"
-                                f" | tar -x -C {shlex.quote(str(target))}"], target, reads)
-            self.add(job, "local archive", TAR, got)
-        remove(target)
+            with self.root() as target:
+                got = _timed_reads(["bash", "-o", "pipefail", "-c",
+                                    "zstd -d -q -c "
+                                    f"{shlex.quote(str(self.run_dir / 'tree.tar.zst'))}"
+                                    f" | tar -x -C {shlex.quote(str(target))}"], target, reads)
+                self.add(job, "local archive", TAR, got)
 
     def run(self, runs: int) -> None:
         """Seed, then ``runs`` rounds of every job from both stores and from the archive."""
@@ -257,7 +267,10 @@ class LazyBench:
             f"kernel {m['kernel']}, Python {m['python']}. This checkout: "
             f"{stickyci_revision()}. Other processes used at most {noisiest:.0%} of the CPUs "
             "during a measurement (a shared machine).", "",
-            "Every mount starts on an empty base cache with the page cache dropped; the times "
+            "Every mount starts on an empty base cache with the page cache dropped"
+            + (", on a new ext4 filesystem (a loop device, the work dir's journal setting), as "
+               "does every extraction, so none pays for the inodes the one before it freed"
+               if can_make_filesystems() else "") + "; the times "
             "run from the start of `stickyci disk mount` (process start-up included) to the "
             "first byte of the first file read and to the end of the job. Eager is today's "
             "`--strategy overlay` cold mount, which restores the whole base first. The "
@@ -277,7 +290,7 @@ class LazyBench:
         files = sum(e.kind == FILE_KIND for e in self.manifest.entries.values())
         ours, floor = (self.median(SKELETON, "", t, 1) for t in (LAZY, TAR))
         lines += ["", f"The skeleton alone ({files:,} placeholders and the tree's directories, "
-                  "links and metadata), written into the base cache's filesystem: the lazy "
+                  "links and metadata), written to a filesystem of its own as above: the lazy "
                   "mount's, in one process from the manifest, and GNU `tar -x` of an archive of "
                   "the same placeholders (its floor: the kernel's cost of creating them).", "",
                   "| skeleton | lazy (stickyci) | `tar -x` of the placeholders | lazy / tar |",

@@ -112,6 +112,25 @@ def fresh_filesystem(image: Path, size: int, *, journal: bool) -> Iterator[Path]
         mountpoint.rmdir()
 
 
+@contextlib.contextmanager
+def restore_root(run_dir: Path, size: int, *, fresh: bool) -> Iterator[Path]:
+    """An empty directory for one measurement that creates a tree (a restore: its target,
+    base cache, restic cache), removed afterwards: on a new filesystem of ``size`` bytes with
+    ``run_dir``'s journal setting (``fresh_filesystem``), else in ``run_dir``."""
+    if fresh:
+        with fresh_filesystem(run_dir / "cold.img", size,
+                              journal=not no_journal(*filesystem_of(run_dir))) as root:
+            yield root
+        return
+    root = run_dir / "cold"
+    remove(root)
+    root.mkdir()
+    try:
+        yield root
+    finally:
+        remove(root)
+
+
 def settle(cache: Path, since: float) -> float:
     """Wait for deletions stickyci left running in the background under ``cache`` (an overlay's
     upper dir goes to ``mounts/.trash`` and a detached ``rm`` deletes it), so they do not run
