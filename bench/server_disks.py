@@ -39,7 +39,15 @@ from pathlib import Path
 
 from harness import cli
 from harness.datasets import Dataset, TreeStats, generated_dataset
-from harness.fs import drop_caches, read_tree, remove, settle, unmount_leftovers
+from harness.fs import (
+    can_make_filesystems,
+    drop_caches,
+    read_tree,
+    remove,
+    restore_root,
+    settle,
+    unmount_leftovers,
+)
 from harness.machine import machine, stickyci_revision
 from harness.noise import WATCH, timed
 from harness.proc import free_port, log, run, started, wait_http
@@ -100,51 +108,59 @@ class ServerDisksBench:
         """Time one command (once: a commit cannot be repeated on the same mount)."""
         self.rows.add(op, tool, timed(argv, env=env))
 
+    def cold_root(self) -> contextlib.AbstractContextManager[Path]:
+        """Where a cold mount or an extraction writes: a new filesystem where one can be
+        made (``harness.fs.restore_root``)."""
+        return restore_root(self.run_dir, 2 * self.ds.stats.bytes + 2**30,
+                            fresh=can_make_filesystems())
+
     def stickyci(self, rev: Revision) -> None:
         """Commit the tree through ``rev``'s server, then mount it cold."""
         root = self.run_dir / rev.label
-        mnt, target = self.run_dir / "mnt", self.run_dir / "target"
+        mnt = self.run_dir / "mnt"
         with serving(rev, root / "server") as (url, token):
-            for i, (path, cache) in enumerate(((mnt, "cache-commit"), (target, "cache-mount"))):
-                remove(path)
-                path.mkdir(parents=True)
-                env = rev.environ(STICKYCI_STORE=url, STICKYCI_TOKEN=token,
-                                  STICKYCI_CACHE_DIR=str(root / cache))
-                if i == 0:
-                    run(rev.cli("disk", "mount", KEY, str(mnt), "--strategy", "overlay"),
-                             env=env)
-                    run(["cp", "-a", f"{self.ds.root}/.", f"{mnt}/"])
-                    read_tree(mnt)
-                    os.sync()
-                    since = time.perf_counter()
-                    self.measure(COMMIT, rev.label, rev.cli("disk", "commit", str(mnt)), env)
-                    settle(root / cache, since)  # the upper dir is deleted in the background
-                else:
-                    drop_caches()
-                    self.measure(MOUNT, rev.label, rev.cli("disk", "mount", KEY, str(target),
-                                                           "--strategy", "overlay"), env)
-                    got = TreeStats.of(target)
-                    if (got.files, got.bytes) != (self.ds.stats.files, self.ds.stats.bytes):
-                        raise RuntimeError(f"{rev.label} restored {got.summary()}")
-                    run(rev.cli("disk", "unmount", str(target)), env=env)
+            def env(cache: Path) -> dict[str, str]:
+                return rev.environ(STICKYCI_STORE=url, STICKYCI_TOKEN=token,
+                                   STICKYCI_CACHE_DIR=str(cache))
+
+            remove(mnt)
+            mnt.mkdir(parents=True)
+            run(rev.cli("disk", "mount", KEY, str(mnt), "--strategy", "overlay"),
+                env=env(root / "cache-commit"))
+            run(["cp", "-a", f"{self.ds.root}/.", f"{mnt}/"])
+            read_tree(mnt)
+            os.sync()
+            since = time.perf_counter()
+            self.measure(COMMIT, rev.label, rev.cli("disk", "commit", str(mnt)),
+                         env(root / "cache-commit"))
+            settle(root / "cache-commit", since)  # the upper dir is deleted in the background
+            with self.cold_root() as cold:
+                target = cold / "target"
+                target.mkdir()
+                drop_caches()
+                self.measure(MOUNT, rev.label, rev.cli("disk", "mount", KEY, str(target),
+                                                       "--strategy", "overlay"),
+                             env(cold / "cache"))
+                got = TreeStats.of(target)
+                if (got.files, got.bytes) != (self.ds.stats.files, self.ds.stats.bytes):
+                    raise RuntimeError(f"{rev.label} restored {got.summary()}")
+                run(rev.cli("disk", "unmount", str(target)), env=env(cold / "cache"))
         unmount_leftovers(self.run_dir)
         remove(root)
 
     def tar(self) -> None:
         """The reference: the tree through ``tar | zstd`` and back."""
-        archive, target = self.run_dir / "tree.tar.zst", self.run_dir / "tar-target"
+        archive = self.run_dir / "tree.tar.zst"
         read_tree(self.ds.root)
         self.measure(COMMIT, TAR, ["bash", "-o", "pipefail", "-c",
                                    f"tar -C {shlex.quote(str(self.ds.root))} -cf - . | zstd "
                                    f"-T0 -3 -q -f -o {shlex.quote(str(archive))}"],
                      dict(os.environ))
-        remove(target)
-        target.mkdir()
-        drop_caches()
-        self.measure(MOUNT, TAR, ["bash", "-o", "pipefail", "-c",
-                                  f"zstd -d -q -c {shlex.quote(str(archive))} | tar -x -C "
-                                  f"{shlex.quote(str(target))}"], dict(os.environ))
-        remove(target)
+        with self.cold_root() as target:
+            drop_caches()
+            self.measure(MOUNT, TAR, ["bash", "-o", "pipefail", "-c",
+                                      f"zstd -d -q -c {shlex.quote(str(archive))} | tar -x -C "
+                                      f"{shlex.quote(str(target))}"], dict(os.environ))
         archive.unlink()
 
     def run(self) -> None:
@@ -176,7 +192,9 @@ class ServerDisksBench:
             "Each stickyci row runs that revision's server over a fresh `file://` store and its "
             "CLI with a token scoped to `bench-*` (`--write`), the local read tier on, overlay "
             "mounts; the cold mount starts from an empty cache dir with the page cache "
-            "dropped. Revisions alternate order from run to run.", "",
+            "dropped" + (", on a new ext4 filesystem (a loop device, the work dir's journal "
+                         "setting), as does the extraction" if can_make_filesystems() else "")
+            + ". Revisions alternate order from run to run.", "",
             "| operation | " + " | ".join(r.label for r in self.revisions)
             + f" | {TAR.replace('|', chr(92) + '|')} | "
             + " | ".join(f"{this.label} / {o.label}" for o in others) + " |",
