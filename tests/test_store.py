@@ -15,6 +15,7 @@ from stickyci.errors import IntegrityError, NotFound, StorageFull, UsageError
 from stickyci.store import LocalBackend, ObjectStore, open_backend
 from stickyci.store.local import DIRECT_MIN
 from stickyci.store.objects import PACK_TARGET, decode_index
+from stickyci.store.tier import TieredBackend
 
 
 def test_roundtrip_through_a_pack(tmp_path: Path) -> None:
@@ -68,19 +69,35 @@ def test_packs_bypass_the_page_cache_and_read_back_whole(tmp_path: Path) -> None
     # A size that is no multiple of the block size: the padding the direct write needs must
     # not stay in the blob.
     data = os.urandom(DIRECT_MIN + 12_345)
-    store, tier = LocalBackend(tmp_path / "store"), LocalBackend(tmp_path / "tier", direct=False)
-    for backend in (store, tier):
-        backend.put("packs/big", data)
-        backend.put("packs/small", data[:1000])
-    written = tmp_path / "store" / "packs" / "big"
-    assert written.stat().st_size == len(data)
-    assert _cached_pages(written) == 0
-    assert _cached_pages(tmp_path / "tier" / "packs" / "big") > 0
-    assert _cached_pages(tmp_path / "store" / "packs" / "small") > 0  # small blobs as before
-    for backend in (store, tier):
-        assert backend.get("packs/big") == data
-        assert backend.get("packs/small") == data[:1000]
+    store = LocalBackend(tmp_path / "store")
+    store.put("packs/big", data)
+    store.put("packs/kept", data, cached=True)
+    store.put("packs/small", data[:1000])
+    packs = tmp_path / "store" / "packs"
+    assert (packs / "big").stat().st_size == len(data)
+    assert _cached_pages(packs / "big") == 0
+    assert _cached_pages(packs / "kept") > 0
+    assert _cached_pages(packs / "small") > 0  # small blobs as before
+    assert store.get("packs/big") == store.get("packs/kept") == data
+    assert store.get("packs/small") == data[:1000]
     assert os.listdir(tmp_path / "store" / "tmp") == []
+
+
+def test_the_tier_caches_what_it_fetches_and_not_what_it_committed(tmp_path: Path) -> None:
+    # What a runner commits is read back later if at all; what it fetched on a miss, the rest
+    # of the pack is read right after.
+    remote = LocalBackend(tmp_path / "remote")
+    tier = TieredBackend(LocalBackend(tmp_path / "tier"), remote, 1 << 30)
+    committed, fetched = os.urandom(DIRECT_MIN + 1), os.urandom(DIRECT_MIN + 2)
+    ours, theirs = (f"packs/{Digest.of(d).hex}" for d in (committed, fetched))
+    tier.put(ours, committed)
+    remote.put(theirs, fetched)
+    assert tier.get(theirs, 10, 5) == fetched[10:15]
+    local = tmp_path / "tier"
+    assert _cached_pages(local / ours) == 0
+    assert _cached_pages(local / theirs) > 0
+    assert (local / ours).read_bytes() == remote.get(ours) == committed
+    assert (local / theirs).read_bytes() == fetched
 
 
 @pytest.mark.root

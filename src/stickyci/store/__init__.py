@@ -76,7 +76,7 @@ def open_backend(url: str | None = None) -> Backend:
             return remote
         tier = cache_home() / "tier" / re.sub(r"[^A-Za-z0-9.-]", "_", parsed.netloc)
         limit = parse_size(os.environ.get("STICKYCI_TIER_SIZE", DEFAULT_TIER_SIZE))
-        return TieredBackend(LocalBackend(tier, direct=False), remote, limit)
+        return TieredBackend(LocalBackend(tier), remote, limit)
     if parsed.scheme == "s3":
         from .s3 import S3Backend  # boto3 is imported only for s3:// stores (CLI start-up)
 

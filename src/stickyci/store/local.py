@@ -79,12 +79,10 @@ _buffers = _Buffers()
 class LocalBackend:
     """Blobs as files under ``root``; temp files live in ``root/tmp`` until renamed."""
 
-    def __init__(self, root: Path, *, direct: bool = True) -> None:
-        """``direct=False`` keeps every write in the page cache: for a copy whose blobs
-        are read right after they are written (a tier)."""
+    def __init__(self, root: Path) -> None:
         self.root = root
         self.url = f"file://{root}"
-        self._direct = direct
+        self._direct = True  # until the filesystem refuses O_DIRECT
         try:
             (root / "tmp").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -102,13 +100,15 @@ class LocalBackend:
         except OSError as exc:
             raise _translate(exc, self.root, what) from exc
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
-        """Write to a temp file, fsync it, rename it into place, fsync the directory."""
+    def put(self, name: str, data: bytes | memoryview, *, cached: bool = False) -> None:
+        """Write to a temp file, fsync it, rename it into place, fsync the directory.
+        ``cached`` keeps the write in the page cache even where this backend writes direct."""
         target = self._path(name)
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.tmp"
         try:
             target.parent.mkdir(exist_ok=True)
-            if not (self._direct and len(data) >= DIRECT_MIN and self._write_direct(tmp, data)):
+            if not (self._direct and not cached and len(data) >= DIRECT_MIN
+                    and self._write_direct(tmp, data)):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
                 try:
                     _write_all(fd, memoryview(data))

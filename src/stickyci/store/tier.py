@@ -49,7 +49,10 @@ class TieredBackend:
         """Write through: remote first (the commit is durable there), then local."""
         self.remote.put(name, data)
         if name.startswith(_IMMUTABLE):
-            self._keep(name, data)
+            # What this runner committed is read back later if at all (its tree became the
+            # base): past the page cache, whose fresh pages cost this VM more system time than
+            # the write (a full commit of the 1 GB tree through a server: 0.7 s of 2.3 s).
+            self._keep(name, data, cached=False)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Local hit, else fetch the whole blob from the remote, keep it, and slice it."""
@@ -66,15 +69,15 @@ class TieredBackend:
             return self.remote.get(name, offset, length)
         data = self.remote.get(name)
         if _is_whole(name, data):
-            self._keep(name, data)
+            self._keep(name, data, cached=True)  # the rest of the pack is read next
         else:
             self._views.add(name)
         return data[offset:] if length is None else data[offset : offset + length]
 
-    def _keep(self, name: str, data: bytes | memoryview) -> None:
+    def _keep(self, name: str, data: bytes | memoryview, *, cached: bool) -> None:
         # The local tier is a cache: failing to fill it (a full disk) must not fail the job.
         with contextlib.suppress(StickyError):
-            self.local.put(name, data)
+            self.local.put(name, data, cached=cached)
             self._added += len(data)
             if self._added > self.limit // 10:
                 self._added = 0
