@@ -69,9 +69,7 @@ class TieredBackend:
             return self.remote.get(name, offset, length)
         data = self.remote.get(name)
         if _is_whole(name, data):
-            # A reader by ranges (the lazy filler) reads the rest of the pack from the copy
-            # next; a reader of the whole blob (a restore) has it all in hand.
-            self._keep(name, data, cached=offset != 0 or length is not None)
+            self._keep(name, data, cached=True)  # the rest of the pack is read next
         else:
             self._views.add(name)
         return data[offset:] if length is None else data[offset : offset + length]
