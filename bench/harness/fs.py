@@ -94,22 +94,25 @@ def fresh_filesystem(image: Path, size: int, *, journal: bool) -> Iterator[Path]
     60 s (``recently_deleted``), so on a shared work dir a restore's time depends on what the
     measurement before it deleted. On a new filesystem every tool starts alike."""
     mountpoint = image.with_name(image.name + ".d")
-    run(["truncate", "-s", str(size), str(image)])
-    run(["mkfs.ext4", "-q", "-F", "-m", "0", *([] if journal else ["-O", "^has_journal"]),
-         "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", str(image)])
-    device = run(["losetup", "--find", "--show", "--direct-io=on", str(image)]).stdout
     try:
-        mountpoint.mkdir(exist_ok=True)
-        run(["mount", device.decode().strip(), str(mountpoint)])
+        run(["truncate", "-s", str(size), str(image)])
+        run(["mkfs.ext4", "-q", "-F", "-m", "0", *([] if journal else ["-O", "^has_journal"]),
+             "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", str(image)])
+        device = run(["losetup", "--find", "--show", "--direct-io=on",
+                      str(image)]).stdout.decode().strip()
         try:
-            yield mountpoint
+            mountpoint.mkdir(exist_ok=True)
+            run(["mount", device, str(mountpoint)])
+            try:
+                yield mountpoint
+            finally:
+                unmount_leftovers(mountpoint)
+                run(["umount", str(mountpoint)])
         finally:
-            unmount_leftovers(mountpoint)
-            run(["umount", str(mountpoint)])
+            run(["losetup", "--detach", device])
+            mountpoint.rmdir()
     finally:
-        run(["losetup", "--detach", device.decode().strip()])
-        image.unlink()
-        mountpoint.rmdir()
+        image.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
