@@ -75,8 +75,9 @@ from stickyci.store.tier import TieredBackend
 tests_helpers()
 from seaweed import Seaweed, start_seaweed  # noqa: E402
 
-FILL_FORMAT = 2
-"""Bumped when filled stores change shape (2: refs name their packs), so old ones refill."""
+FILL_FORMAT = 3
+"""Bumped when filled stores change shape (2: refs name their packs; 3: small files in
+bundles, manifest format 3), so old ones refill."""
 FILES = 3
 OPS = ("commit", "cold mount", "first mount", "warm mount", "disk ls", "evict", "gc",
        "commit, CLI", "cold mount, CLI")
@@ -184,8 +185,7 @@ def fill(root: Path, n: int, gens: int, scratch: Path) -> None:
             snap, manifest = snapshot_tree(store, str(tree))
             now = time.time()
             # The packs holding the snapshot, as a commit names them for a new runner.
-            packs = store.packs_of([snap.raw, *(bytes.fromhex(h) for e in
-                                                manifest.entries.values() for h, _ in e.chunks)])
+            packs = store.packs_of([snap.raw, *map(bytes.fromhex, manifest.chunk_digests())])
             assert packs is not None
             gen = refs.Generation(g, snap, now, manifest.size, FILES, store.bytes_written,
                                   "bench-scale", refs.as_hint(packs))
