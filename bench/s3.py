@@ -39,7 +39,14 @@ from harness.datasets import (
     Dataset,
     generated_dataset,
 )
-from harness.fs import drop_caches, read_tree, remove, settle
+from harness.fs import (
+    can_make_filesystems,
+    drop_caches,
+    read_tree,
+    remove,
+    restore_root,
+    settle,
+)
 from harness.machine import machine, stickyci_revision, versions
 from harness.noise import NCPU, TICK, WATCH, timed
 from harness.proc import log, run, tests_helpers, tree_ticks
@@ -184,7 +191,6 @@ class S3Bench(TreeBench[Row]):
     def __init__(self, args: argparse.Namespace, ds: Dataset, work: Path) -> None:
         super().__init__(args, ds, work / "s3-run")
         self.mnt = self.run_dir / "mnt"
-        self.target = self.run_dir / "restore"
         self.restic_cache = self.run_dir / "restic-cache"
         self.attempts = 0
         # Where the latest commit / backup went: each attempt writes to a prefix of its own.
@@ -267,27 +273,30 @@ class S3Bench(TreeBench[Row]):
 
     def stickyci_mount(self, req: Requests, tool: str = ST_MOUNT) -> None:
         """A mount with an empty base cache and a dropped page cache: restored from S3."""
-        cache = self.run_dir / "cache-mount"
-        remove(cache)
-        remove(self.target)
-        self.target.mkdir()
-        os.environ["STICKYCI_CACHE_DIR"] = str(cache)
-        drop_caches()
-        before, cpu = req.now(), req.cpu()
-        start = WATCH.begin()
-        res = disks.mount(KEY, self.target, strategy="overlay", store=self.url)
-        seconds = WATCH.end() - start
-        requests, cpu = req.now() - before, req.cpu() - cpu
-        try:
-            if res.base_cached:
-                log("WARNING: the cold mount found its base cached")
-            self.check_tree(self.target, tool)
-        finally:
-            disks.unmount(self.target)
-        settle(cache, time.perf_counter())
-        remove(cache)
-        remove(self.target)
+        with self.cold_root() as root:
+            cache, target = root / "cache", root / "restore"
+            target.mkdir()
+            os.environ["STICKYCI_CACHE_DIR"] = str(cache)
+            drop_caches()
+            before, cpu = req.now(), req.cpu()
+            start = WATCH.begin()
+            res = disks.mount(KEY, target, strategy="overlay", store=self.url)
+            seconds = WATCH.end() - start
+            requests, cpu = req.now() - before, req.cpu() - cpu
+            try:
+                if res.base_cached:
+                    log("WARNING: the cold mount found its base cached")
+                self.check_tree(target, tool)
+            finally:
+                disks.unmount(target)
+            settle(cache, time.perf_counter())
         self.record(MOUNT, tool, seconds, requests, cpu)
+
+    def cold_root(self) -> contextlib.AbstractContextManager[Path]:
+        """Where a cold mount or restore writes: a new filesystem where one can be made
+        (``harness.fs.restore_root``)."""
+        return restore_root(self.run_dir, 2 * self.ds.stats.bytes + 2**30,
+                            fresh=can_make_filesystems())
 
     def per_chunk_layout(self) -> None:
         """Requests a store with one object per chunk would make: a PUT (commit) or a GET
@@ -319,16 +328,15 @@ class S3Bench(TreeBench[Row]):
 
     def restic_restore(self, server: Seaweed, req: Requests) -> None:
         """``restic restore latest`` with an empty restic cache and a dropped page cache."""
-        remove(self.restic_cache)
-        remove(self.target)
-        drop_caches()
-        before, cpu = req.now(), req.cpu()
-        seconds = timed(["restic", "restore", "latest", "-q", "--target",
-                              str(self.target)], env=self.restic_env(server))
-        requests, cpu = req.now() - before, req.cpu() - cpu
-        # restic restores under the absolute path it backed up.
-        self.check_tree(self.target / self.tree.relative_to("/"), RESTIC_RESTORE)
-        remove(self.target)
+        with self.cold_root() as root:
+            env = {**self.restic_env(server), "RESTIC_CACHE_DIR": str(root / "restic-cache")}
+            drop_caches()
+            before, cpu = req.now(), req.cpu()
+            seconds = timed(["restic", "restore", "latest", "-q", "--target",
+                             str(root / "restore")], env=env)
+            requests, cpu = req.now() - before, req.cpu() - cpu
+            # restic restores under the absolute path it backed up.
+            self.check_tree(root / "restore" / self.tree.relative_to("/"), RESTIC_RESTORE)
         self.record(MOUNT, RESTIC_RESTORE, seconds, requests, cpu)
 
     # -- the runs --------------------------------------------------------------------------
@@ -484,7 +492,9 @@ def report(bench: S3Bench, command: str, started: str, revision: str) -> str:
         "cache; restic backs the same tree (in the page cache) up to "
         "`s3:http://127.0.0.1:PORT/BUCKET/restic-N` and restores it with an empty cache (N: a "
         "new prefix for every attempt). The page "
-        "cache is dropped before each cold mount and restore, the server's files included. "
+        "cache is dropped before each cold mount and restore, the server's files included"
+        + ("; each writes to a new ext4 filesystem (a loop device, the work dir's journal "
+           "setting)" if can_make_filesystems() else "") + ". "
         "**Requests** are the server's own count of S3 requests to the bucket "
         "(`SeaweedFS_s3_request_total` from `weed server -metricsPort`), the same for both "
         "tools; **one object per chunk** is what a store without packs would need: one request "
