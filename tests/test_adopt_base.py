@@ -4,6 +4,7 @@ racing the commit does."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from helpers import Env
 
 from stickyci.digest import Digest
-from stickyci.disks import api, basecache, mounts
+from stickyci.disks import api, basecache, holders, mounts
 from stickyci.disks.strategies import overlay
 from stickyci.disks.strategies.overlay import apply_upper
 from stickyci.snapshot import (
@@ -415,16 +416,65 @@ def test_a_clone_entered_as_its_commit_seals_it_is_read_in_place(env: Env) -> No
     holder = subprocess.Popen(["sleep", "infinity"], cwd=ws / "src")
     try:
         state = mounts.load(ws.resolve())
-        assert api._seal(state, ws) is None
+        assert api._seal(state, ws)[0] is None
         assert exact(ws) == before and not (state.dir / api.SEALED).exists()
         holder.kill()
         holder.wait()
-        assert api._seal(state, ws) is True
+        assert api._seal(state, ws)[0] is True
         assert list(ws.iterdir()) == [] and exact(state.dir / api.SEALED_TREE) == before
         assert api._unseal(state, ws) and exact(ws) == before
     finally:
         holder.kill()
         holder.wait()
+
+
+def fds_on(dev: int) -> list[int]:
+    """This process's fds of files on the filesystem ``dev``."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.stat(f"/proc/self/fd/{fd}").st_dev == dev:
+                out.append(int(fd))
+        except OSError:  # the fd listdir itself used
+            continue
+    return out
+
+
+@pytest.mark.root
+def test_an_unmounted_overlay_is_freed_by_a_child_process_and_by_the_wait(env: Env) -> None:
+    """The commit's unmount leaves freeing the overlay (a dentry and an inode for every path
+    the job looked at) to a child process: until ``start`` a detached clone of the mount,
+    held here, keeps the overlay alive and out of every mount table; ``start`` hands it over
+    (no fd of this process is left on it, or a worker forked later would hold it); after
+    ``wait`` no process holds it."""
+    ws = env.root / "ws"
+    mounted_with(env, ws, based=True)
+    plain_tree(ws)
+    exact(ws)  # looked at through the overlay, as a build does
+    dev = os.stat(ws).st_dev
+    held = overlay.detach(ws)
+    try:
+        assert not os.path.ismount(ws)
+        assert fds_on(dev)
+        held.start()
+        assert fds_on(dev) == []
+    finally:
+        held.wait()
+    assert holders.device_in_use(dev) is None
+
+
+@pytest.mark.root
+def test_an_overlay_a_process_holds_is_not_detached(env: Env) -> None:
+    """A file held open on the mount makes the unmount fail (EBUSY: the commit then reads the
+    tree in place); the clone taken before it is let go of, the mount stays."""
+    ws = env.root / "ws"
+    mounted_with(env, ws, based=True)
+    dev = os.stat(ws).st_dev
+    with open(ws / "before", "rb"):
+        with pytest.raises(OSError) as failed:
+            overlay.detach(ws)
+        assert failed.value.errno == errno.EBUSY
+        assert os.path.ismount(ws) and len(fds_on(dev)) == 1  # the file opened above
 
 
 @pytest.mark.root

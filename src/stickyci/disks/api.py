@@ -49,7 +49,7 @@ from ..snapshot import (
 from ..store import Backend, ObjectStore, as_backend, decode_index, open_backend
 from . import basecache, holders, mounts, policy, refs, strategies
 from .refs import DiskRef, Generation
-from .strategies.overlay import Overlay, apply_upper
+from .strategies.overlay import Overlay, Teardown, apply_upper, detach
 
 log = logging.getLogger("stickyci")
 COMMIT_MODES = ("on-change", "always", "if-missing")
@@ -505,17 +505,20 @@ CLONES = ("copy", "reflink")
 
 @contextlib.contextmanager
 def _sealed(state: mounts.MountState, path: Path) -> Iterator[bool | None]:
-    """:func:`_seal` the mount for the block, and mount it again if the block fails."""
-    sealed = _seal(state, path)
+    """:func:`_seal` the mount for the block, and mount it again if the block fails; an
+    unmounted overlay is freed while the block runs, and by its end."""
+    sealed, teardown = _seal(state, path)
     try:
         yield sealed
     except BaseException:
+        teardown.wait()  # a remount over the same upper dir finds it in no mount's use
         if sealed is not None:
             _unseal(state, path)
         raise
+    teardown.wait()
 
 
-def _seal(state: mounts.MountState, path: Path) -> bool | None:
+def _seal(state: mounts.MountState, path: Path) -> tuple[bool | None, Teardown]:
     """Put the tree a commit is about to read out of every process's reach, so that the
     commit reads it once: what it reads is then what becomes the snapshot's base here.
 
@@ -527,28 +530,34 @@ def _seal(state: mounts.MountState, path: Path) -> bool | None:
     mount in another namespace, a file held open on it, a process in the upper dir itself):
     it is moved into the base cache as it is, or its files into the new base. True if sealed;
     False if the overlay is unmounted but still in use (its files are then copied, checked);
-    None if the commit reads the tree in place (a lazy mount, or a busy one).
+    None if the commit reads the tree in place (a lazy mount, or a busy one). With it, the
+    unmounted overlay's :class:`Teardown`, started (``Teardown(None)`` for the others).
     """
     if state.strategy in CLONES:
-        return _seal_clone(state, path)
+        return _seal_clone(state, path), Teardown(None)
     if state.strategy != "overlay":
-        return None
+        return None, Teardown(None)
     dev = os.stat(path).st_dev
     marker = state.dir / SEALED
     marker.touch()  # first: a commit killed from here on leaves the overlay to be remounted
     try:
-        strategies.get(state.strategy).unmount(path, state.dir)
+        teardown = detach(path)
     except OSError as exc:
         marker.unlink()
         if exc.errno == errno.EBUSY:
-            return None
+            return None, Teardown(None)
         raise
-    live = holders.device_in_use(dev) or "; ".join(
-        str(h) for h in holders.find(state.dir / "upper"))
+    try:
+        # This process's clone of the mount is in no mount table, and its own fds are not
+        # looked at: only others' use counts.
+        live = holders.device_in_use(dev) or "; ".join(
+            str(h) for h in holders.find(state.dir / "upper"))
+    finally:
+        teardown.start()
     if live:
         log.info("the committed tree of %s is copied into the base cache, not moved: the "
                  "overlay is still in use (%s)", state.key, live)
-    return not live
+    return not live, teardown
 
 
 def _seal_clone(state: mounts.MountState, path: Path) -> bool | None:

@@ -45,6 +45,12 @@ _VOLATILE = ",volatile"
 _OPAQUE = "trusted.overlay.opaque"
 
 
+_libc.syscall.restype = ctypes.c_long
+# open_tree(2) (Linux 5.2; its number is the same on every architecture since 5.x's unified
+# table): a detached clone of a mount, held by an fd.
+_OPEN_TREE, _AT_FDCWD, _OPEN_TREE_CLONE = 428, -100, 1
+
+
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
@@ -132,6 +138,64 @@ class Overlay:
         scan.manifest = Manifest.patched(base, changes)
         scan.touched = set(changes)
         return scan, upper
+
+
+class Teardown:
+    """An overlay unmounted from its path and kept alive by a detached clone of its mount, so
+    that freeing what it cached (a dentry and an inode per path a job looked at: 80 ms for the
+    38k paths of the 1 GB benchmark tree, in ``umount`` itself) can run beside the commit:
+    :meth:`start` hands the last reference to a child process, whose exit frees it all."""
+
+    def __init__(self, clone: int | None) -> None:
+        self._clone = clone  # None: the kernel has no open_tree, the umount freed it all
+        self._child: int | None = None
+
+    def start(self) -> None:
+        """Let a child process free the overlay; return at once."""
+        clone, self._clone = self._clone, None
+        if clone is None:
+            return
+        try:
+            ready, go = os.pipe()
+        except OSError:
+            os.close(clone)
+            raise
+        try:
+            self._child = os.fork()
+        except OSError:
+            self._child = None
+        if self._child == 0:
+            try:  # holding the clone until this process's last reference is the only one
+                os.close(go)
+                os.read(ready, 1)
+            finally:
+                os._exit(0)
+        os.close(ready)
+        os.close(clone)  # first: the child's copy must be the last one
+        os.close(go)
+
+    def wait(self) -> None:
+        """Wait until the overlay is freed (its upper dir is then in no mount's use)."""
+        if self._clone is not None:
+            os.close(self._clone)
+            self._clone = None
+        child, self._child = self._child, None
+        if child is not None:
+            os.waitpid(child, 0)
+
+
+def detach(path: Path) -> Teardown:
+    """Unmount the overlay at ``path`` (``OSError`` EBUSY if a process holds it) and return
+    its :class:`Teardown`, not yet started."""
+    target = str(path).encode()
+    clone = _libc.syscall(_OPEN_TREE, _AT_FDCWD, target, _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    held = Teardown(int(clone) if clone >= 0 else None)
+    try:
+        _check(_libc.umount2(target, 0), str(path))
+    except BaseException:
+        held.wait()  # the mount is still there: dropping the clone frees nothing
+        raise
+    return held
 
 
 def _is_opaque(found: Found) -> bool:
