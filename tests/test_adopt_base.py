@@ -441,12 +441,16 @@ def fds_on(dev: int) -> list[int]:
 
 
 @pytest.mark.root
-def test_an_unmounted_overlay_is_freed_by_a_child_process_and_by_the_wait(env: Env) -> None:
+@pytest.mark.parametrize("child", [True, False], ids=["spawned", "no-cat-on-path"])
+def test_an_unmounted_overlay_is_freed_by_a_child_process_and_by_the_wait(
+        env: Env, child: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The commit's unmount leaves freeing the overlay (a dentry and an inode for every path
     the job looked at) to a child process: until ``start`` a detached clone of the mount,
     held here, keeps the overlay alive and out of every mount table; ``start`` hands it over
     (no fd of this process is left on it, or a worker forked later would hold it); after
-    ``wait`` no process holds it."""
+    ``wait`` no process holds it. Where no child can be spawned, ``start`` frees it here."""
+    if not child:
+        monkeypatch.setenv("PATH", str(env.root / "nothing-here"))
     ws = env.root / "ws"
     mounted_with(env, ws, based=True)
     plain_tree(ws)
@@ -458,6 +462,8 @@ def test_an_unmounted_overlay_is_freed_by_a_child_process_and_by_the_wait(env: E
         assert fds_on(dev)
         held.start()
         assert fds_on(dev) == []
+        if not child:
+            assert holders.device_in_use(dev) is None
     finally:
         held.wait()
     assert holders.device_in_use(dev) is None

@@ -155,21 +155,22 @@ class Teardown:
         clone, self._clone = self._clone, None
         if clone is None:
             return
-        ready, go = os.pipe()
+        pipe: tuple[int, int] | tuple[()] = ()
         try:
+            pipe = os.pipe()
             # Spawned (vfork and exec), not forked: a fork copies this process's page
             # tables, 25-35 ms for a process of 900 MB. ``cat`` holds the clone as fd 3 until
             # its stdin ends, which is once the copy here is closed: its exit frees it.
             self._child = os.posix_spawnp("cat", ["cat"], os.environ, file_actions=[
-                (os.POSIX_SPAWN_DUP2, ready, 0), (os.POSIX_SPAWN_DUP2, clone, 3),
+                (os.POSIX_SPAWN_DUP2, pipe[0], 0), (os.POSIX_SPAWN_DUP2, clone, 3),
                 (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
         except OSError:
             self._child = None  # freed here then, as an umount would
         finally:
-            os.close(ready)
-            os.close(clone)  # first: the child's copy must be the last one
-            os.close(go)
+            os.close(clone)  # before the pipe: the child's copy must be the last one
+            for fd in pipe:
+                os.close(fd)
 
     def wait(self) -> None:
         """Wait until the overlay is freed (its upper dir is then in no mount's use)."""
