@@ -656,7 +656,7 @@ def targets(bench: Bench, sizes: list[tuple[str, int]]) -> list[Target]:
                scaled(med(RESTORE, TAR_RESTORE), 0.9), "s"),
         Target("cold mount (copy) <= tar+zstd extraction", med(RESTORE, ST_MOUNT_COPY),
                med(RESTORE, TAR_RESTORE), "s"),
-        Target("incremental commit (overlay) <= 0.5 s", med(INCR, ST_INC_OVL), 0.5, "s"),
+        Target("incremental commit (overlay) <= 0.3 s", med(INCR, ST_INC_OVL), 0.3, "s"),
         Target("incremental commit (copy) <= 1.5 s", med(INCR, ST_INC_COPY), 1.5, "s"),
         Target("incremental stored <= 1.2x changed bytes (zstd -3)",
                None if stored is None else stored / MB, scaled(new_zst, 1.2 / MB), "MB"),
