@@ -129,6 +129,34 @@ def test_workers_start_while_the_scan_is_still_handing_files_over(
             for e in entries} == files
 
 
+def test_workers_start_only_with_enough_content_beside_the_largest_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker reads a file however big it is: the workers are forked only once there is
+    ``PARALLEL_MIN_BYTES`` of content to read beside the largest file, not for one big file
+    and a few small ones (read here, without the forks' cost)."""
+    monkeypatch.setattr(build, "PARALLEL_MIN_BYTES", 256 * KiB)
+    monkeypatch.setattr(build, "_BATCH_BYTES", 64 * KiB)  # every file a task: handed out at once
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"big": os.urandom(1024 * KiB)} | {f"s{i}": os.urandom(100 * KiB) for i in range(3)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    entries = scan_tree(str(src)).todo
+    assert [e.path for e in entries] == list(files)
+    store = ObjectStore(LocalBackend(tmp_path / "store"))
+    with ContentFill(store) as fill:
+        fill.read_from(Tree.at(src))
+        for e in entries[:3]:  # 1 MiB, and 200 KiB beside it
+            fill.add(e)
+        assert not multiprocessing.active_children()
+        fill.add(entries[3])  # 300 KiB beside it
+        assert multiprocessing.active_children()
+        fill.finish()
+    again = Content(ObjectStore(LocalBackend(tmp_path / "store")))
+    assert {e.path: b"".join(again.read(ref, e.path) for ref in e.chunks)
+            for e in entries} == files
+
+
 def _faults_of_a_reused_buffer(size: int) -> int:
     """Page faults of filling a ``size``-byte buffer four times, freeing it in between."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -174,10 +174,13 @@ Done = tuple[int, list[tuple[int, list[ChunkRef]]], int, int, Packs]  # what a b
 class ContentFill:
     """Stores the content of file entries as a scan hands them over, hardlinked content once.
 
-    Below ``PARALLEL_MIN_BYTES`` in all, the content is read here at :meth:`finish`. Past it,
-    forked workers start on runs of neighbouring files while the scan goes on, so the walk
-    overlaps the compression (a full commit of the 1 GB benchmark tree, 4 alternated runs:
-    2.65-3.20 s with the walk first, 2.51-2.62 s overlapped). Work waits here rather than in
+    Until there is ``PARALLEL_MIN_BYTES`` of content beside the largest file (one worker
+    reads a file, however big), the content is read here at :meth:`finish`: forked workers
+    cost more than they save (the benchmark's incremental change, a 50 MiB file and 13 MB of
+    small ones: 0.27 s read here, 0.28-0.42 s forked). Past it, forked workers start on runs
+    of neighbouring files while the scan goes on, so the walk overlaps the compression (a
+    full commit of the 1 GB benchmark tree, 4 alternated runs: 2.65-3.20 s with the walk
+    first, 2.51-2.62 s overlapped). Work waits here rather than in
     the pool's queue, so that a worker that frees up takes the largest task known by then:
     the longest-processing-time rule, as far as the scan has got. A big task handed out last
     would leave one worker compressing it while the others have nothing left to do; small
@@ -194,6 +197,7 @@ class ContentFill:
         self._followers: list[Entry] = []
         self._early: list[Entry] = []  # before the workers start
         self._early_bytes = 0
+        self._early_largest = 0
         self._tasks = _Tasks(_BATCH_BYTES)
         self._pool: ForkedPool[tuple[int, list[str]], Done] | None = None
 
@@ -227,7 +231,8 @@ class ContentFill:
         if self._pool is None:
             self._early.append(e)
             self._early_bytes += e.size
-            if self._early_bytes >= PARALLEL_MIN_BYTES:
+            self._early_largest = max(self._early_largest, e.size)
+            if self._early_bytes - self._early_largest >= PARALLEL_MIN_BYTES:
                 self._start()
         else:
             self._queue(e)
