@@ -467,21 +467,32 @@ def test_bad_executor_settings_are_one_line_errors(env: Env, cluster: Cluster) -
     p = write(env, f"jobs:\n  a: {{steps: [{{run: 'touch {marker}'}}]}}\n")
     cases: list[tuple[tuple[str, ...], str]] = [
         (("--scheduler", cluster.address), "--scheduler is for the Dask executor"),
+        (("--connect-timeout", "30s"), "--connect-timeout is for the Dask executor"),
         (("--executor", "dask"), "needs its scheduler"),
+        ((*dask_args(cluster), "--connect-timeout", "0s"),
+         "--connect-timeout '0s': must be a positive duration"),
+        ((*dask_args(cluster), "--connect-timeout", "5"),
+         "--connect-timeout '5': use a number and one of"),
     ]
     for args, message in cases:
         proc = env.run("run", str(p), *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
+    # The timeout the command line gives, else the file's, is how long the client tries.
     with socket_nobody_listens_on() as port:
         address = f"tcp://127.0.0.1:{port}"
         proc = env.run("run", str(p), "--executor", "dask", "--scheduler", address,
-                       check=False)
+                       "--connect-timeout", "1s", check=False)
+        in_file = write(env, f"executor: dask\nscheduler: {address}\nconnect_timeout: 2\n"
+                             f"jobs:\n  a: {{steps: [{{run: 'touch {marker}'}}]}}\n", "ct.yml")
+        from_file = env.run("run", str(in_file), check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"stickyci: error: cannot reach the Dask scheduler at "
                                   f"{address}")
     assert "dask scheduler" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "after 1 s" in proc.stderr, proc.stderr
+    assert from_file.returncode == 2 and "after 2 s" in from_file.stderr, from_file.stderr
 
     gpu = write(env, f"jobs:\n  a:\n    resources: {{gpu: 1}}\n"
                      f"    steps: [{{run: 'touch {marker}'}}]\n", "gpu.yml")
@@ -489,6 +500,21 @@ def test_bad_executor_settings_are_one_line_errors(env: Env, cluster: Cluster) -
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("stickyci: error:")]
     assert len(lines) == 1 and "jobs.a.resources: no worker offers gpu=1" in lines[0]
+    assert not marker.exists()
+
+
+def test_a_scheduler_without_workers_fails_once_the_connect_timeout_is_over(env: Env) -> None:
+    marker = env.root / "ran"
+    p = write(env, f"jobs:\n  a: {{steps: [{{run: 'touch {marker}'}}]}}\n")
+    with distributed.LocalCluster(n_workers=0, processes=False, protocol="tcp://",
+                                  dashboard_address=":0", silence_logs=logging.CRITICAL) as empty:
+        address = empty.scheduler_address
+        proc = env.run("run", str(p), "--executor", "dask", "--scheduler", address,
+                       "--connect-timeout", "1s", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"stickyci: error: the Dask scheduler at {address} has no workers after 1s; start "
+        f"some with `dask worker {address}`, or wait longer with --connect-timeout")
     assert not marker.exists()
 
 

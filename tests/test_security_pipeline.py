@@ -315,7 +315,7 @@ def test_a_run_its_executor_gives_up_on_is_closed_as_failed_in_history(env: Env)
     # Before: the error escaped the executor and the run stayed `running` in history forever.
     p = write(env, "jobs:\n  a: {steps: [{run: 'true'}]}\n")
     proc = env.run("run", str(p), "--executor", "dask", "--scheduler", "tcp://127.0.0.1:1",
-                   check=False)
+                   "--connect-timeout", "1s", check=False)
     assert proc.returncode == 2 and "cannot reach the Dask scheduler" in proc.stderr
     (row,) = env.json("runs", "ls")
     assert (row["state"], row["failed"]) == ("failure", 1)

@@ -20,6 +20,19 @@ def parse_duration(text: str, *, bare_seconds: bool = False) -> float:
     return float(m.group(1)) * _UNITS.get(m.group(2), 1)
 
 
+def option_duration(option: str, text: str, at_least: float = 0.0) -> float:
+    """``--OPTION TEXT`` as seconds, refused unless over zero and at least ``at_least``."""
+    try:
+        seconds = parse_duration(text)
+    except UsageError:
+        raise UsageError(f"--{option} {text!r}: use a number and one of s, m, h, d, w "
+                         "(e.g. 1h)") from None
+    if seconds <= 0 or seconds < at_least:
+        least = f"at least {at_least:g}s" if at_least else "a positive duration"
+        raise UsageError(f"--{option} {text!r}: must be {least} (e.g. 1h)")
+    return seconds
+
+
 def parse_size(text: str) -> int:
     """``500M``, ``20G``, ``1024`` → bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())

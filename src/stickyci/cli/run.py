@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import click
 
@@ -44,6 +44,7 @@ from ..runs import (
     write_reports,
 )
 from ..store import default_store_url, open_backend
+from ..units import option_duration
 from .progress import Lines, LiveTable
 
 EXIT_CODES = {SUCCESS: 0, FAILURE: 1, CANCELLED: 130}
@@ -77,44 +78,54 @@ def parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _scheduler(spec: spec_.PipelineSpec, executor: str | None,
-               scheduler: str | None) -> str | None:
-    """The Dask scheduler to run on, or None to run locally; arguments win over the file."""
+class Cluster(NamedTuple):
+    """The Dask scheduler a run goes to, and how long to wait for it and a first worker."""
+
+    address: str
+    timeout: float
+
+
+def _cluster(spec: spec_.PipelineSpec, executor: str | None, scheduler: str | None,
+             connect_timeout: float | None) -> Cluster | None:
+    """The Dask cluster to run on, or None to run locally; arguments win over the file."""
     if (executor or spec.executor) == "local":
-        if scheduler:
-            raise UsageError("--scheduler is for the Dask executor: add --executor dask (or "
-                             "executor: dask in the pipeline file)")
+        for given, option in ((scheduler, "--scheduler"), (connect_timeout, "--connect-timeout")):
+            if given is not None:
+                raise UsageError(f"{option} is for the Dask executor: add --executor dask (or "
+                                 "executor: dask in the pipeline file)")
         return None
     address = scheduler or spec.scheduler
     if not address:
         raise UsageError("the Dask executor needs its scheduler: pass --scheduler "
                          "tcp://HOST:8786 (or set scheduler: in the pipeline file)")
-    return address
+    return Cluster(address, connect_timeout or spec.connect_timeout)
 
 
-def _executor(plan: Plan, run: RunRecord, opts: Options, scheduler: str | None) -> Executor:
-    if scheduler is None:
+def _executor(plan: Plan, run: RunRecord, opts: Options, cluster: Cluster | None) -> Executor:
+    if cluster is None:
         return LocalExecutor(plan, run, opts)
     from ..pipeline.executors.dask import DaskExecutor  # distributed: only for Dask runs
 
-    return DaskExecutor(plan, run, opts, scheduler=scheduler, store=default_store_url())
+    return DaskExecutor(plan, run, opts, scheduler=cluster.address, store=default_store_url(),
+                        connect_timeout=cluster.timeout)
 
 
 def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None = None,
             only: str | None = None, cold: bool = False, max_parallel: int | None = None,
-            show: str = "auto", executor: str | None = None,
-            scheduler: str | None = None) -> RunRecord:
+            show: str = "auto", executor: str | None = None, scheduler: str | None = None,
+            connect_timeout: float | None = None) -> RunRecord:
     """Plan and run a pipeline; write its reports and record it in the history.
 
-    It runs on this machine, or on the Dask cluster of ``scheduler`` with ``executor="dask"``
-    (either may also come from the pipeline file; arguments win). ``show`` is what stderr
+    It runs on this machine, or on the Dask cluster of ``scheduler`` with ``executor="dask"``,
+    waiting ``connect_timeout`` seconds at most for the scheduler and a first worker (each may
+    also come from the pipeline file; arguments win). ``show`` is what stderr
     gets as it runs: ``auto`` (a live table on a terminal, else ``lines``), ``lines`` (job
     and step events and every line of output, prefixed with its job), ``quiet`` (job starts
     and ends) or ``none``.
     """
     spec = spec_.load(file)
-    address = _scheduler(spec, executor, scheduler)
-    if address is None and any(job.disks for job in spec.jobs.values()):
+    cluster = _cluster(spec, executor, scheduler, connect_timeout)
+    if cluster is None and any(job.disks for job in spec.jobs.values()):
         diskclient.prestart()  # the CLI has (see cli/main.py); another caller may not have
     plan = plan_.build(spec, file, sha=sha or git_sha(file.resolve().parent), overrides=sets,
                        only=only)
@@ -139,7 +150,7 @@ def execute(file: Path, *, sha: str | None = None, sets: dict[str, str] | None =
     opts = Options(run_dir, cold=cold, max_parallel=max_parallel, progress=progress)
     try:
         with LiveTable(run) if live else contextlib.nullcontext():
-            asyncio.run(_executor(plan, run, opts, address).execute())
+            asyncio.run(_executor(plan, run, opts, cluster).execute())
     except BaseException as exc:
         _abandon(run, exc, run_masker(plan.secrets))
         raise
@@ -168,7 +179,14 @@ F = TypeVar("F", bound=Callable[..., Any])  # a click command function
 
 
 def executor_options(f: F) -> F:
-    """``--executor local|dask`` and ``--scheduler ADDRESS``."""
+    """``--executor local|dask``, ``--scheduler ADDRESS`` and ``--connect-timeout DURATION``
+    (passed on as seconds)."""
+    f = click.option("--connect-timeout", metavar="DURATION",
+                     callback=lambda _ctx, _param, text: None if text is None
+                     else option_duration("connect-timeout", text),
+                     help="How long to wait for the Dask scheduler and for a first worker "
+                          "(default: connect_timeout: in the file, else 10s); longer for a "
+                          "cluster that starts its workers on demand.")(f)
     f = click.option("--scheduler", metavar="ADDRESS",
                      help="The Dask scheduler, e.g. tcp://HOST:8786 (--executor dask).")(f)
     return click.option("--executor", type=click.Choice(["local", "dask"]),
@@ -195,7 +213,7 @@ def executor_options(f: F) -> F:
 @executor_options
 def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None, cold: bool,
         max_parallel: int | None, quiet: bool, as_json: bool, store_url: str | None,
-        executor: str | None, scheduler: str | None) -> None:
+        executor: str | None, scheduler: str | None, connect_timeout: float | None) -> None:
     """Run a pipeline; exit 0 only if every job that had to run succeeded.
 
     On a terminal a live table shows every job; piped (a CI log), each step's output is
@@ -205,7 +223,7 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
     record = execute(pipeline, sha=sha, sets=parse_sets(sets), only=only, cold=cold,
                      max_parallel=max_parallel,
                      show="none" if as_json else "quiet" if quiet else "auto",
-                     executor=executor, scheduler=scheduler)
+                     executor=executor, scheduler=scheduler, connect_timeout=connect_timeout)
     if as_json:
         click.echo(json.dumps(record.to_dict(), indent=2))
     else:
@@ -234,7 +252,7 @@ def run(pipeline: Path, sha: str | None, sets: tuple[str, ...], only: str | None
 @executor_options
 def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
           chart_path: Path | None, as_json: bool, store_url: str | None, executor: str | None,
-          scheduler: str | None) -> None:
+          scheduler: str | None, connect_timeout: float | None) -> None:
     """Alternate cold and warm runs of a pipeline; compare per-job medians.
 
     A warm-up run comes first and is not counted: it commits the disks, so that the first
@@ -245,7 +263,8 @@ def bench(pipeline: Path, runs: int, sha: str | None, sets: tuple[str, ...],
     name = safe(spec_.load(pipeline).name or pipeline.stem)
     out = chart_path or Path.cwd() / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}.png"
     once = functools.partial(execute, pipeline, sha=sha, sets=overrides, show="quiet",
-                             executor=executor, scheduler=scheduler)
+                             executor=executor, scheduler=scheduler,
+                             connect_timeout=connect_timeout)
     cold: list[RunRecord] = []
     warm: list[RunRecord] = []
     say = functools.partial(click.echo, err=True)

@@ -19,7 +19,7 @@ from .. import procs
 from ..errors import BusyError, StickyError, UsageError
 from ..paths import cache_home
 from ..store import default_store_url
-from ..units import parse_duration, parse_size
+from ..units import option_duration, parse_duration, parse_size
 from .output import emit, json_option
 
 if TYPE_CHECKING:
@@ -41,15 +41,6 @@ def state_option(f: click.decorators.FC) -> click.decorators.FC:
 
 MIN_EVICT_EVERY = 1.0
 """Shortest interval between scheduled eviction passes: each one lists every ref and runs gc."""
-
-
-def _duration(option: str, text: str, at_least: float = 0.0) -> float:
-    """``--OPTION TEXT`` as seconds, refused unless over zero and at least ``at_least``."""
-    seconds = parse_duration(text)
-    if seconds <= 0 or seconds < at_least:
-        least = f"at least {at_least:g}s" if at_least else "a positive duration"
-        raise UsageError(f"--{option} {text!r}: must be {least} (e.g. 1h)")
-    return seconds
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -97,8 +88,8 @@ def serve(store_url: str | None, listen: str, state_dir: Path | None, max_size: 
         store_url=url, state_dir=state_dir or default_state_dir(),
         max_size=parse_size(max_size) if max_size else None, max_body=parse_size(max_body),
         anonymous_read=anonymous_read,
-        evict_after=None if evict_after is None else _duration("evict-after", evict_after),
-        evict_every=_duration("evict-every", evict_every, MIN_EVICT_EVERY),
+        evict_after=None if evict_after is None else option_duration("evict-after", evict_after),
+        evict_every=option_duration("evict-every", evict_every, MIN_EVICT_EVERY),
         gc_grace=parse_duration(gc_grace))
     check_workers(workers)
     if workers > 1:
@@ -233,7 +224,7 @@ def token_create(state_dir: Path | None, name: str, read: tuple[str, ...],
 
     secret, tok = TokenStore(state_dir or default_state_dir()).create(
         name=name, read=list(read), write=list(write), delete=list(delete), admin=admin,
-        ttl=None if expires is None else _duration("expires", expires))
+        ttl=None if expires is None else option_duration("expires", expires))
     if as_json:
         click.echo(json.dumps({"token": secret, **tok.public()}, indent=2))
     else:

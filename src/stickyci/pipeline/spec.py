@@ -96,6 +96,8 @@ class PipelineSpec(_Model):
     name: StrictStr = "pipeline"
     executor: Literal["local", "dask"] = "local"  # `stickyci run --executor` wins
     scheduler: StrictStr | None = None  # the Dask scheduler; `--scheduler` wins
+    # How long to wait for the scheduler and for a first worker; `--connect-timeout` wins.
+    connect_timeout: Annotated[Duration, Field(gt=0)] = 10.0
     env: dict[str, StrictStr] = {}
     vars: dict[str, Any] = {}
     secrets: list[StrictStr] = []

@@ -55,8 +55,6 @@ from .dask_worker import Hidden, Ticket, cancel_run, run_job
 from .probes import held, probe
 
 log = logging.getLogger("stickyci")
-# How long to try to reach the scheduler, and to wait for a first worker to join it.
-CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +89,11 @@ class DaskExecutor(Executor):
     """Runs a plan on a Dask cluster; reports, history and exit code are the local ones."""
 
     def __init__(self, plan: Plan, run: RunRecord, opts: Options, *, scheduler: str,
-                 store: str) -> None:
+                 store: str, connect_timeout: float) -> None:
+        """``connect_timeout``: seconds to wait for the scheduler, then for a first worker."""
         super().__init__(plan, run, opts)
         self.address, self.store = scheduler, store
+        self.connect_timeout = connect_timeout
         self.token = os.environ.get("STICKYCI_TOKEN") or None
         self.topic = f"stickyci-{run.id}"
         self.client: Client | None = None
@@ -122,7 +122,7 @@ class DaskExecutor(Executor):
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[Client]:
         try:
-            client = await Client(self.address, asynchronous=True, timeout=CONNECT_TIMEOUT,
+            client = await Client(self.address, asynchronous=True, timeout=self.connect_timeout,
                                   name=f"stickyci-{self.run.id}")
         except (OSError, TimeoutError, ValueError) as exc:
             why = " ".join(str(exc).split())[:200] or type(exc).__name__
@@ -138,10 +138,12 @@ class DaskExecutor(Executor):
         """Fail before anything runs when no worker can: none at all, no stickyci, resources."""
         try:
             # Typed for the synchronous client; an asynchronous one returns a coroutine.
-            await cast(Awaitable[None], client.wait_for_workers(1, timeout=CONNECT_TIMEOUT))
+            await cast(Awaitable[None],
+                       client.wait_for_workers(1, timeout=self.connect_timeout))
         except TimeoutError:
-            raise UsageError(f"the Dask scheduler at {self.address} has no workers; start "
-                             f"some with `dask worker {self.address}`") from None
+            raise UsageError(f"the Dask scheduler at {self.address} has no workers after "
+                             f"{self.connect_timeout:g}s; start some with `dask worker "
+                             f"{self.address}`, or wait longer with --connect-timeout") from None
         found = await client.run(probe, str(self.plan.base_dir), on_error="return")
         for addr, got in sorted(found.items()):
             if isinstance(got, BaseException):
