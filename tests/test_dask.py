@@ -482,10 +482,9 @@ def test_bad_executor_settings_are_one_line_errors(env: Env, cluster: Cluster) -
     # The timeout the command line gives, else the file's, is how long the client tries.
     with socket_nobody_listens_on() as port:
         address = f"tcp://127.0.0.1:{port}"
-        proc = env.run("run", str(p), "--executor", "dask", "--scheduler", address,
-                       "--connect-timeout", "1s", check=False)
         in_file = write(env, f"executor: dask\nscheduler: {address}\nconnect_timeout: 2\n"
                              f"jobs:\n  a: {{steps: [{{run: 'touch {marker}'}}]}}\n", "ct.yml")
+        proc = env.run("run", str(in_file), "--connect-timeout", "1s", check=False)
         from_file = env.run("run", str(in_file), check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"stickyci: error: cannot reach the Dask scheduler at "
